@@ -1,0 +1,28 @@
+"""danon: long-sequence attention for PyTorch (exact, MSRA, DALA, UCSA), as a library and a torch.compile backend.
+
+Example:
+    >>> import torch, danon
+    >>> q = torch.randn(1, 4, 1024, 32)
+    >>> danon.msra_attention(q, q, q, causal=True, window=128).shape
+    torch.Size([1, 4, 1024, 32])
+"""
+from danon import ops  # registers the danon::attention op  # noqa: F401
+from danon.attention import Plan, alibi_slopes
+from danon.functional import (KINDS, attention, attention_plan, dala_attention, exact_attention, msra_attention,
+                              plan_coverage, ucsa_attention)
+
+__version__ = "0.1.0"
+
+__all__ = ["KINDS", "Plan", "alibi_slopes", "attention", "attention_plan", "dala_attention", "exact_attention",
+           "msra_attention", "plan_coverage", "ucsa_attention"]
+
+try:  # configs, modules and model factories
+    from danon.config import DALAConfig, DenseConfig, MSRAConfig, SuperHybridConfig, UCSAConfig
+    from danon.models import (DanonLanguageModel, create_dala_model, create_dense_model, create_msra_model,
+                              create_super_hybrid_model, create_ucsa_model)
+    from danon import nn  # noqa: F401
+    __all__ += ["DALAConfig", "DenseConfig", "MSRAConfig", "SuperHybridConfig", "UCSAConfig", "DanonLanguageModel",
+                "create_dala_model", "create_dense_model", "create_msra_model", "create_super_hybrid_model",
+                "create_ucsa_model", "nn"]
+except ImportError:  # TEMP while the modules are being written
+    pass

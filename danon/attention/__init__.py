@@ -1,0 +1,8 @@
+"""The attention families as plan builders (DESIGN.md section 3)."""
+from .dala import alibi_slopes, dala_plan
+from .exact import exact_plan
+from .msra import auto_levels, msra_plan
+from .plan import Plan, plan_coverage
+from .ucsa import ucsa_plan
+
+__all__ = ["Plan", "plan_coverage", "exact_plan", "ucsa_plan", "msra_plan", "dala_plan", "alibi_slopes", "auto_levels"]

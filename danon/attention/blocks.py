@@ -1,0 +1,95 @@
+"""Block-level building pieces shared by the plan builders (ordinary, vectorised torch ops).
+
+Everything here is O(N/b) work per query block and free of data-dependent shapes, so that
+Inductor and the ONNX exporter can compile plan building together with the model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def num_blocks(n: int, b: int) -> int:
+    return -(-n // b)
+
+
+def window_blocks(window: int, b: int) -> int:
+    """A window of w tokens rounded up to W = ceil(w / b) blocks."""
+    return -(-window // b)
+
+
+def summary_dtype(x: Tensor) -> torch.dtype:
+    """Means and scores are accumulated in fp32 (fp64 for fp64 inputs)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def key_visibility(kpm: Optional[Tensor], batch: int, nk: int, b: int, device) -> Tensor:
+    """Float [B, Tk*b]: 1 for a real, visible key, 0 for padding or positions past Nk."""
+    tk = num_blocks(nk, b)
+    if kpm is None:
+        vis = torch.ones(batch, nk, device=device)
+    else:
+        vis = kpm.to(torch.float32)
+    return F.pad(vis, (0, tk * b - nk))
+
+
+def block_counts(visible: Tensor, b: int) -> Tensor:
+    """Visible keys per block: [B, Tk*b] -> [B, Tk]."""
+    return visible.view(visible.shape[0], -1, b).sum(-1)
+
+
+def block_sums(x: Tensor, visible: Tensor, b: int, masked: bool = True) -> Tensor:
+    """Sum of the visible rows of x per block: x [B, Hkv, N, D] -> [B, Hkv, Tk, D] in fp32/fp64.
+
+    masked=False skips the padding multiply when every key is visible (positions past N are zero-padded).
+    """
+    B, Hkv, n, D = x.shape
+    tk = visible.shape[-1] // b
+    xs = x.to(summary_dtype(x))
+    if tk * b != n:
+        xs = F.pad(xs, (0, 0, 0, tk * b - n))
+    if masked:
+        xs = xs * visible[:, None, :, None].to(xs.dtype)
+    return xs.reshape(B, Hkv, tk, b, D).sum(-2)
+
+
+def near_blocks(tq: int, tk: int, w_blocks: int, causal: bool, device) -> Tensor:
+    """Bool [Tq, Tk]: key block t is near query block t_q (|t - t_q| <= W; causal t_q - W <= t <= t_q)."""
+    return near_spans(torch.arange(tq, device=device), tk, w_blocks, causal)
+
+
+def near_spans(uq: Tensor, num_spans: int, w_blocks: int, causal: bool) -> Tensor:
+    """Bool [len(uq), num_spans]: span u is near the query's span uq at one level."""
+    u = torch.arange(num_spans, device=uq.device)
+    d = uq[:, None] - u[None, :]
+    if causal:
+        return (d >= 0) & (d <= w_blocks)
+    return d.abs() <= w_blocks
+
+
+def strictly_past(uq: Tensor, num_spans: int) -> Tensor:
+    """Bool [len(uq), num_spans]: span u lies strictly before the query's span."""
+    u = torch.arange(num_spans, device=uq.device)
+    return u[None, :] < uq[:, None]
+
+
+def compact(mask: Tensor, capacity: int) -> Tensor:
+    """Indices of the True entries along the last dim, ascending, padded with -1 to `capacity`.
+
+    `capacity` is a static bound on the number of True entries (the caller proves it), so the
+    result's shape never depends on the data.
+    """
+    n = mask.shape[-1]
+    capacity = min(capacity, n)
+    pos = torch.arange(n, device=mask.device)
+    key = torch.where(mask, pos, pos + n)
+    key = torch.topk(key, capacity, dim=-1, largest=False, sorted=True).values
+    return torch.where(key < n, key, torch.full_like(key, -1)).to(torch.int32)
+
+
+def means(sums: Tensor, counts: Tensor) -> Tensor:
+    """Count-weighted means; a span with no visible token gets 0 (it is never referenced)."""
+    return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)

@@ -1,0 +1,154 @@
+"""DALA: near blocks and routed important tokens exactly, the rest as one summary, ALiBi decay."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blocks import block_counts, block_sums, key_visibility, near_blocks, num_blocks, summary_dtype, window_blocks
+from .plan import Plan
+
+
+def alibi_slopes(num_heads: int, device=None) -> Tensor:
+    """ALiBi's geometric slopes: lambda_h = 2^(-8 (h + 1) / H).
+
+    Example:
+        >>> alibi_slopes(2)
+        tensor([0.0625, 0.0039])
+    """
+    h = torch.arange(num_heads, dtype=torch.float32, device=device)
+    return torch.exp2(-8.0 * (h + 1) / num_heads)
+
+
+def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, Hkv, N, D], idx [B, Hkv, Tq, M] (valid, >= 0) -> [B, Hkv, Tq, M, D] without an index per element."""
+    B, Hkv, n, D = x.shape
+    base = (torch.arange(B * Hkv, device=x.device) * n).view(B, Hkv, 1, 1)
+    return x.reshape(B * Hkv * n, D).index_select(0, (idx + base).reshape(-1)).view(*idx.shape, D)
+
+
+def _topk_tree(values: Tensor, ids: Tensor, m: int) -> list:
+    """Top-m (value, token id) lists of dyadic runs of blocks: level l node u covers blocks [u 2^l, (u+1) 2^l).
+
+    values, ids: [B, Hkv, P, b] with P a power of two. Level 0 is each block's own top-m.
+    """
+    width = min(m, values.shape[-1])
+    top_val, pos = torch.topk(values, width, dim=-1)
+    top_ids = torch.gather(ids, -1, pos)
+    if width < m:   # keep one list width at every level
+        top_val = F.pad(top_val, (0, m - width), value=float("-inf"))
+        top_ids = F.pad(top_ids, (0, m - width), value=-1)
+    levels = [(top_val, top_ids)]
+    while top_val.shape[2] > 1:
+        pairs_val = top_val.reshape(*top_val.shape[:2], -1, 2 * m)
+        pairs_ids = top_ids.reshape(*top_ids.shape[:2], -1, 2 * m)
+        top_val, pos = torch.topk(pairs_val, m, dim=-1)
+        top_ids = torch.gather(pairs_ids, -1, pos)
+        levels.append((top_val, top_ids))
+    return levels
+
+
+def _prefix_lists(levels: list, length: Tensor) -> tuple:
+    """The tree's lists that exactly cover blocks [0, length) for each query block: [B, Hkv, Tq, levels*m]."""
+    vals, ids = [], []
+    for level, (v, i) in enumerate(levels):
+        present = ((length >> level) & 1).bool()
+        node = ((length >> level) - 1).clamp(min=0)
+        vals.append(v[:, :, node].masked_fill(~present[:, None], float("-inf")))
+        ids.append(i[:, :, node])
+    return torch.cat(vals, -1), torch.cat(ids, -1)
+
+
+def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tensor:
+    """int32 [B, Hkv, Tq, m]: per query block, the m visible tokens outside the near blocks with the highest score.
+
+    The candidates of query block t are the blocks [0, t - W) (and, without causal masking, [t + W + 1, Tk)).
+    A dyadic tree of per-run top-m lists answers every block's query from O(log Tk) lists instead of
+    scanning all N tokens per query block (which would cost O(N^2 / b)).
+    """
+    B, Hkv, nk = scores.shape
+    tk = num_blocks(nk, b)
+    P = 1 << max(0, (tk - 1).bit_length())
+    vals = F.pad(scores, (0, P * b - nk), value=float("-inf")).view(B, Hkv, P, b)
+    ids = torch.arange(P * b, device=scores.device).view(1, 1, P, b).expand(B, Hkv, P, b)
+    t = torch.arange(tk, device=scores.device)
+    lists_val, lists_ids = _prefix_lists(_topk_tree(vals, ids, m), (t - w).clamp(min=0))
+    if not causal:   # the suffix [t + W + 1, P) is a prefix of the reversed block order
+        rev_val, rev_ids = _prefix_lists(_topk_tree(vals.flip(2), ids.flip(2), m), (P - t - w - 1).clamp(min=0))
+        lists_val, lists_ids = torch.cat([lists_val, rev_val], -1), torch.cat([lists_ids, rev_ids], -1)
+    top_val, pos = torch.topk(lists_val, m, dim=-1)
+    top_ids = torch.gather(lists_ids, -1, pos)
+    return torch.where(top_val > float("-inf"), top_ids, torch.full_like(top_ids, -1)).to(torch.int32)
+
+
+def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+              block_size: int = 64, window: int = 256, memory_size: int = 64, importance: Optional[Tensor] = None,
+              decay: str = "alibi", slopes: Optional[Tensor] = None, compress_rest: bool = True) -> Plan:
+    """Build the DALA plan (DESIGN.md section 3).
+
+    Exact: near blocks plus the `memory_size` visible tokens outside them with the highest
+    importance (causal: only before the first near block). compress_rest adds one summary per
+    query block holding every remaining candidate, so no visible token is dropped.
+
+    Example:
+        >>> import torch
+        >>> from danon.attention import dala_plan
+        >>> q = torch.randn(1, 2, 256, 16)
+        >>> p = dala_plan(q, q, q, causal=True, block_size=16, window=16, memory_size=8)
+        >>> p.token_idx.shape, p.summary_idx.shape  # the near blocks are the plan's window
+        (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16, 1]))
+    """
+    B, H, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    b = block_size
+    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    w = window_blocks(window, b)
+    dev = q.device
+    acc = summary_dtype(k)
+
+    visible = key_visibility(key_padding_mask, B, nk, b, dev)          # [B, Tk*b]
+    counts = block_counts(visible, b)                                  # [B, Tk]
+    near = near_blocks(tq, tk, w, causal, dev)                         # [Tq, Tk]
+    candidate_blocks = ~near
+    if causal:
+        candidate_blocks = candidate_blocks & (torch.arange(tk, device=dev)[None, :] < torch.arange(tq, device=dev)[:, None])
+
+    plan = Plan("dala", b, causal, nq, nk, window=w, key_block_counts=counts)
+    if decay == "alibi":
+        plan.slopes = alibi_slopes(H, dev) if slopes is None else slopes
+
+    routed = min(memory_size, nk)
+    if routed > 0:
+        if importance is None:
+            importance = k.to(acc).norm(dim=-1)                        # [B, Hkv, Nk]
+        scores = importance.detach().to(acc).masked_fill(visible[:, None, :nk] == 0, float("-inf"))
+        plan.token_idx = _routed_tokens(scores, b, routed, w, causal)
+
+    if compress_rest:
+        cb = candidate_blocks.to(acc)[None, None]                       # [1, 1, Tq, Tk]
+        positions = torch.arange(tk * b, device=dev, dtype=acc)
+        pos_sums = (visible.to(acc) * positions).view(B, tk, b).sum(-1)  # [B, Tk]
+        k_rest = cb @ block_sums(k, visible, b, key_padding_mask is not None)                        # [B, Hkv, Tq, D]
+        v_rest = cb @ block_sums(v, visible, b, key_padding_mask is not None)
+        n_rest = (cb @ counts.to(acc)[:, None, :, None])[..., 0]       # [B, 1, Tq]
+        pos_rest = (cb @ pos_sums[:, None, :, None])[..., 0]
+        if plan.token_idx is not None:
+            valid = plan.token_idx >= 0
+            idx = plan.token_idx.long().clamp(min=0)
+            n_empty = (~valid).sum(-1, keepdim=True).to(acc)           # -1 slots gathered row 0: take it back out
+            k_acc, v_acc = k.to(acc), v.to(acc)
+            k_rest = k_rest - _gather_rows(k_acc, idx).sum(-2) + n_empty * k_acc[:, :, :1]
+            v_rest = v_rest - _gather_rows(v_acc, idx).sum(-2) + n_empty * v_acc[:, :, :1]
+            n_rest = n_rest - valid.sum(-1).to(acc)
+            pos_rest = pos_rest - (idx.to(acc) * valid).sum(-1)
+        n_rest = n_rest.expand(B, Hkv, tq)
+        has = n_rest > 0.5
+        denom = n_rest.clamp(min=1)
+        plan.summary_k = k_rest / denom[..., None]
+        plan.summary_v = v_rest / denom[..., None]
+        plan.summary_count = n_rest
+        plan.summary_pos = pos_rest.expand(B, Hkv, tq) / denom
+        plan.summary_idx = torch.where(has, torch.arange(tq, device=dev), -1).to(torch.int32)[..., None]
+    return plan

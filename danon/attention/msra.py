@@ -1,0 +1,94 @@
+"""MSRA: a multi-resolution partition of the keys, like the far field of a fast multipole method."""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_blocks, near_spans, num_blocks,
+                     strictly_past, window_blocks)
+from .plan import Plan
+
+
+def auto_levels(num_key_blocks: int, w_blocks: int, factor: int) -> int:
+    """The smallest L >= 1 for which ceil(num_key_blocks / c^L) <= 2W + 1."""
+    levels = 1
+    while num_blocks(num_key_blocks, factor ** levels) > 2 * w_blocks + 1:
+        levels += 1
+    return levels
+
+
+def _coarsen(x: Tensor, factor: int) -> Tensor:
+    """Sum groups of `factor` consecutive spans along dim 2 (spans past the end count as empty)."""
+    s = x.shape[2]
+    pad = num_blocks(s, factor) * factor - s
+    x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.view(*x.shape[:2], -1, factor, *x.shape[3:]).sum(3)
+
+
+def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask=None, block_size: int = 64,
+              window: int = 256, num_levels: Union[int, str] = 3, compression_factor: int = 4) -> Plan:
+    """Build the MSRA plan (DESIGN.md section 3).
+
+    Level-l spans are c^l consecutive blocks. Exact: the near blocks at level 0 (the plan's window). Summaries at
+    level l < L: spans not near at l whose parent is near at l + 1; at level L: every visible span
+    that is not near. Each visible key lands in exactly one exact block or one summary.
+
+    Example:
+        >>> import torch
+        >>> from danon.attention import msra_plan
+        >>> q = torch.randn(1, 2, 512, 16)
+        >>> p = msra_plan(q, q, q, causal=True, block_size=16, window=16, num_levels=2, compression_factor=2)
+        >>> p.summary_k.shape  # levels 0, 1, 2 hold 32 + 16 + 8 spans
+        torch.Size([1, 2, 56, 16])
+    """
+    B, _, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    b, c = block_size, compression_factor
+    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    w = window_blocks(window, b)
+    levels = auto_levels(tk, w, c) if num_levels == "auto" else int(num_levels)
+    dev = q.device
+    near_width = w + 1 if causal else 2 * w + 1
+
+    visible = key_visibility(key_padding_mask, B, nk, b, dev)
+    counts = [block_counts(visible, b)[:, None, :, None]]              # [B, 1, S_l, 1]
+    k_sums = [block_sums(k, visible, b, key_padding_mask is not None)]                               # [B, Hkv, S_l, D]
+    v_sums = [block_sums(v, visible, b, key_padding_mask is not None)]
+    for _ in range(levels):
+        counts.append(_coarsen(counts[-1], c))
+        k_sums.append(_coarsen(k_sums[-1], c))
+        v_sums.append(_coarsen(v_sums[-1], c))
+
+    t_q = torch.arange(tq, device=dev)
+    near = [near_spans(t_q // c ** l, counts[l].shape[2], w, causal) for l in range(levels + 1)]
+
+    summary_idx, offset = [], 0
+    for l in range(levels + 1):
+        spans = counts[l].shape[2]
+        cand = ~near[l]
+        if l < levels:
+            parent = torch.arange(spans, device=dev) // c
+            cand = cand & near[l + 1][:, parent]
+            capacity = near_width * c
+        else:
+            capacity = spans
+        if causal:
+            cand = cand & strictly_past(t_q // c ** l, spans)
+        cand = cand[None, None] & (counts[l][:, :, None, :, 0] > 0)     # [B, 1, Tq, S_l]
+        idx = compact(cand, capacity)
+        summary_idx.append(torch.where(idx >= 0, idx + offset, idx))
+        offset += spans
+
+    all_counts = torch.cat(counts, 2)[..., 0]                          # [B, 1, S]
+    return Plan(
+        "msra", b, causal, nq, nk,
+        window=w,
+        summary_idx=torch.cat(summary_idx, -1).expand(B, Hkv, -1, -1),
+        summary_k=means(torch.cat(k_sums, 2), all_counts),
+        summary_v=means(torch.cat(v_sums, 2), all_counts),
+        summary_count=all_counts.expand(B, Hkv, -1).to(k_sums[0].dtype),
+        key_block_counts=counts[0][:, 0, :, 0],
+    )

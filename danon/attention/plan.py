@@ -1,0 +1,155 @@
+"""The attention plan: which keys each query block sees exactly and through summaries.
+
+A plan is the one data structure every executor consumes (CPU, Triton, ONNX): per
+(batch, kv head, query block) it lists exact key blocks, exact extra tokens and summary
+indices, each an int32 tensor padded with -1 (DESIGN.md section 3).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclasses.dataclass
+class Plan:
+    """Which keys each query block attends to, for one attention call.
+
+    Attributes:
+        kind: the family that built it ("exact", "ucsa", "msra", "dala").
+        block_size: b, the block length in tokens.
+        causal: whether the causal mask applies token by token inside exact blocks.
+        seq_len_q, seq_len_k: Nq and Nk.
+        window: W in blocks, or None. The near blocks (|t - t_q| <= W; causal t_q - W <= t <= t_q)
+            are exact for every query block, without being listed (executors read them as one
+            contiguous range).
+        block_idx: int32 [B, Hkv, Tq, Kb] further exact key blocks (never near ones), -1 padded.
+            With window, block_idx, token_idx and summary_idx all None the plan is dense (exact).
+        token_idx: int32 [B, Hkv, Tq, Kt] exact extra tokens (DALA's routed tokens), or None.
+        summary_idx: int32 [B, Hkv, Tq, Ks] rows of the summary table, or None.
+        summary_k, summary_v: [B, Hkv, S, D] summary keys and values (means of their span;
+            differentiable with respect to k and v).
+        summary_count: [B, Hkv, S] float, n_s (the number of visible tokens each summary holds).
+        summary_pos: [B, Hkv, S] float, mean position of a summary's tokens (used by ALiBi), or None.
+        slopes: [H] per query head ALiBi slopes (bias -slope_h * |i - j|), or None.
+        key_block_counts: [B, Tk] visible keys per key block (padding excluded), for coverage stats.
+
+    Example:
+        >>> import torch, danon
+        >>> q = torch.randn(1, 2, 256, 16); k = torch.randn(1, 2, 256, 16)
+        >>> plan = danon.attention_plan(q, k, kind="msra", block_size=16, window=32, num_levels=2)
+        >>> plan.window, plan.summary_idx.shape[:3]
+        (2, torch.Size([1, 2, 16]))
+    """
+
+    kind: str
+    block_size: int
+    causal: bool
+    seq_len_q: int
+    seq_len_k: int
+    window: Optional[int] = None
+    block_idx: Optional[Tensor] = None
+    token_idx: Optional[Tensor] = None
+    summary_idx: Optional[Tensor] = None
+    summary_k: Optional[Tensor] = None
+    summary_v: Optional[Tensor] = None
+    summary_count: Optional[Tensor] = None
+    summary_pos: Optional[Tensor] = None
+    slopes: Optional[Tensor] = None
+    key_block_counts: Optional[Tensor] = None
+
+    @property
+    def is_dense(self) -> bool:
+        """True for the exact plan that sees every key (no lists to gather)."""
+        return self.window is None and self.block_idx is None and self.token_idx is None and self.summary_idx is None
+
+    @property
+    def num_query_blocks(self) -> int:
+        return -(-self.seq_len_q // self.block_size)
+
+    @property
+    def num_key_blocks(self) -> int:
+        return -(-self.seq_len_k // self.block_size)
+
+    def counts(self) -> dict:
+        """Number of valid entries per query block: {"blocks", "tokens", "summaries"} int tensors."""
+        out = {}
+        for name, idx in (("blocks", self.block_idx), ("tokens", self.token_idx), ("summaries", self.summary_idx)):
+            out[name] = None if idx is None else (idx >= 0).sum(-1)
+        return out
+
+    def keys_per_query(self) -> int:
+        """Keys each query row is computed against (list capacity: exact block tokens + tokens + summaries)."""
+        if self.is_dense:
+            return self.seq_len_k
+        n = 0
+        if self.window is not None:
+            n += min(self.num_key_blocks, (1 if self.causal else 2) * self.window + 1) * self.block_size
+        if self.block_idx is not None:
+            n += self.block_idx.shape[-1] * self.block_size
+        if self.token_idx is not None:
+            n += self.token_idx.shape[-1]
+        if self.summary_idx is not None:
+            n += self.summary_idx.shape[-1]
+        return n
+
+
+def plan_coverage(plan: Plan) -> dict:
+    """Share of the visible keys a plan's queries see exactly, through summaries, or not at all.
+
+    Measured per (batch, kv head, query block) for the block's last query row (under causal
+    masking it sees the most keys), weighted by the number of keys visible to that row.
+
+    Example:
+        >>> import torch, danon
+        >>> q = torch.randn(1, 1, 512, 16)
+        >>> plan = danon.attention_plan(q, q, kind="ucsa", block_size=16, local_window_size=32,
+        ...                             global_tokens=16, top_k_blocks=2)
+        >>> cov = danon.plan_coverage(plan)
+        >>> round(cov["exact"] + cov["summary"] + cov["skipped"], 6)
+        1.0
+    """
+    if plan.is_dense:
+        return {"exact": 1.0, "summary": 0.0, "skipped": 0.0}
+    counts = plan.key_block_counts  # [B, Tk]
+    b = plan.block_size
+    Tq = plan.num_query_blocks
+    counts_f = counts.to(torch.float64)
+    if plan.causal:
+        # keys visible to the last row of query block t: all visible keys in blocks <= t
+        # (rows past Nk see every key)
+        prefix = counts_f.cumsum(-1)  # [B, Tk]
+        t = torch.arange(Tq, device=counts.device).clamp(max=counts.shape[-1] - 1)
+        visible = prefix[:, t]  # [B, Tq]
+    else:
+        visible = counts_f.sum(-1, keepdim=True).expand(-1, Tq)
+    visible = visible[:, None, :]  # [B, 1, Tq]
+
+    exact = torch.zeros_like(visible)
+    if plan.window is not None:
+        t_q = torch.arange(Tq, device=counts.device)[:, None]
+        d = t_q - torch.arange(counts.shape[-1], device=counts.device)[None, :]
+        near = ((d >= 0) & (d <= plan.window)) if plan.causal else (d.abs() <= plan.window)
+        exact = exact + (counts_f @ near.to(torch.float64).T)[:, None, :]
+    if plan.block_idx is not None:
+        idx = plan.block_idx.long()
+        c = counts_f[:, None, None, :].expand(-1, idx.shape[1], idx.shape[2], -1)
+        got = torch.gather(c, -1, idx.clamp(min=0)) * (idx >= 0)
+        exact = exact + got.sum(-1)
+    if plan.token_idx is not None:
+        exact = exact + (plan.token_idx >= 0).sum(-1)
+    summary = torch.zeros_like(exact)
+    if plan.summary_idx is not None:
+        idx = plan.summary_idx.long()
+        n = plan.summary_count.to(torch.float64)
+        got = torch.gather(n[:, :, None, :].expand(-1, -1, idx.shape[2], -1), -1, idx.clamp(min=0)) * (idx >= 0)
+        summary = got.sum(-1)
+    visible = visible.expand_as(exact)
+    exact = torch.minimum(exact, visible)
+    total = visible.sum().clamp(min=1.0)
+    e = float(exact.sum() / total)
+    s = float(summary.sum() / total)
+    s = min(s, 1.0 - e)
+    return {"exact": e, "summary": s, "skipped": max(0.0, 1.0 - e - s)}

@@ -1,0 +1,76 @@
+"""UCSA: near + global + top-k selected blocks exactly, every other visible block as its mean."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_blocks, num_blocks,
+                     summary_dtype, window_blocks)
+from .plan import Plan
+
+
+def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+              block_size: int = 64, local_window_size: int = 512, global_tokens: int = 64, top_k_blocks: int = 16,
+              sparsity_factor: Optional[float] = None, compress: bool = True) -> Plan:
+    """Build the UCSA plan (DESIGN.md section 3).
+
+    Selection score r(t_q, t) = sum over the kv group's query heads of qbar . kbar_t, qbar the
+    mean query of block t_q, kbar_t the mean visible key of block t.
+
+    Example:
+        >>> import torch
+        >>> from danon.attention import ucsa_plan
+        >>> q = torch.randn(1, 4, 256, 16); k = torch.randn(1, 2, 256, 16)
+        >>> p = ucsa_plan(q, k, k, block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2)
+        >>> p.window, p.block_idx.shape  # near blocks: the window; listed: global 1 + top-k 2
+        (1, torch.Size([1, 2, 16, 3]))
+    """
+    B, H, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    b = block_size
+    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    w = window_blocks(local_window_size, b)
+    g = min(num_blocks(global_tokens, b), tk)
+    top_k = math.ceil(sparsity_factor * tk) if sparsity_factor is not None else top_k_blocks
+    top_k = max(0, min(top_k, tk))
+    dev = q.device
+
+    visible = key_visibility(key_padding_mask, B, nk, b, dev)
+    counts = block_counts(visible, b)                                  # [B, Tk]
+    has_keys = (counts > 0)[:, None, None, :]                          # [B, 1, 1, Tk]
+    near = near_blocks(tq, tk, w, causal, dev)                         # [Tq, Tk]
+    t_q = torch.arange(tq, device=dev)[:, None]
+    t_k = torch.arange(tk, device=dev)[None, :]
+    is_global = (t_k < g).expand(tq, tk)
+    if causal:
+        is_global = is_global & (t_k <= t_q)      # a global block in the future holds no visible key
+        past = t_k < t_q
+    else:
+        past = torch.ones(tq, tk, dtype=torch.bool, device=dev)
+    fixed = (is_global & ~near)[None, None] & has_keys                  # [B, 1, Tq, Tk]
+    eligible = (~near & ~is_global & past)[None, None] & has_keys      # [B, 1, Tq, Tk]
+
+    k_sums = block_sums(k, visible, b, key_padding_mask is not None)                                 # [B, Hkv, Tk, D]
+    kbar = means(k_sums, counts[:, None, :])
+    exact = fixed.expand(B, Hkv, tq, tk)                               # listed blocks (the near ones are the window)
+    if top_k > 0:
+        q_sum = F.pad(q.to(summary_dtype(q)), (0, 0, 0, tq * b - nq)).view(B, H, tq, b, D).sum(-2)
+        q_rows = torch.clamp(nq - torch.arange(tq, device=dev) * b, max=b).to(q_sum.dtype)
+        qbar = (q_sum / q_rows[:, None]).view(B, Hkv, H // Hkv, tq, D).sum(2)   # summed over the group
+        score = qbar @ kbar.transpose(-1, -2)                          # [B, Hkv, Tq, Tk]
+        score = score.masked_fill(~eligible, float("-inf"))
+        top_val, top_idx = torch.topk(score, top_k, dim=-1)
+        chosen = torch.zeros_like(exact).scatter(-1, top_idx, top_val > float("-inf"))
+        exact = exact | chosen
+    plan = Plan("ucsa", b, causal, nq, nk, window=w, block_idx=compact(exact, g + top_k), key_block_counts=counts)
+    if compress:
+        rest = ~exact & ~near[None, None] & past[None, None] & has_keys
+        plan.summary_idx = compact(rest, tk)
+        plan.summary_k = kbar
+        plan.summary_v = means(block_sums(v, visible, b, key_padding_mask is not None), counts[:, None, :])
+        plan.summary_count = counts[:, None, :].expand(B, Hkv, tk).to(kbar.dtype)
+    return plan

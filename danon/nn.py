@@ -1,0 +1,812 @@
+"""Attention layers (``torch.nn.Module``) built on danon's attention op.
+
+Every layer takes hidden states ``[B, N, hidden_size]`` and an optional
+``attention_mask [B, N]`` (1 / True = a real token that may be attended, 0 /
+False = padding), projects them with ``q_proj``, ``k_proj``, ``v_proj`` (grouped
+query attention: ``num_kv_heads`` key/value heads shared by
+``num_heads // num_kv_heads`` query heads each), runs one attention family, and
+projects back with ``o_proj``. ``attention_dropout`` is dropout on the layer's
+output: the attention op has no dropout inside the softmax.
+
+==================  =======================================================
+``SelfAttention``   dense exact attention (``F.scaled_dot_product_attention``)
+``MSRAAttention``   Multi-Scale Recursive Attention
+``DALAAttention``   Dynamic Adaptive Long-range Attention (router + ALiBi)
+``UCSAAttention``   Unified Compressed Sparse Attention
+``HybridAttention`` per-head softmax gate over MSRA, DALA and UCSA
+==================  =======================================================
+
+Each layer can be built from keywords or from its config
+(``MSRAAttention.from_config(MSRAConfig(...))``).
+
+Example:
+    >>> import torch
+    >>> from danon.nn import MSRAAttention
+    >>> layer = MSRAAttention(64, 4, num_kv_heads=2, window=32, block_size=16, causal=True)
+    >>> x = torch.randn(2, 100, 64)
+    >>> layer(x).shape
+    torch.Size([2, 100, 64])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from danon.config import (
+    BaseConfig,
+    DALAConfig,
+    DenseConfig,
+    MSRAConfig,
+    SuperHybridConfig,
+    UCSAConfig,
+)
+
+__all__ = [
+    "SelfAttention",
+    "MSRAAttention",
+    "DALAAttention",
+    "UCSAAttention",
+    "HybridAttention",
+    "alibi_slopes",
+    "attention_class_for",
+]
+
+_FAMILIES = ("msra", "dala", "ucsa")
+
+
+def _functional():
+    # Imported lazily so that danon.config / danon.nn import even while the op is being built.
+    import danon.functional as fn
+
+    return fn
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's geometric slopes ``2^(-8 (h + 1) / H)`` for ``h = 0 .. H - 1`` (float32 [H]).
+
+    Example:
+        >>> from danon.nn import alibi_slopes
+        >>> alibi_slopes(4)
+        tensor([0.2500, 0.0625, 0.0156, 0.0039])
+    """
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    h = torch.arange(1, num_heads + 1, dtype=torch.float64)
+    return torch.pow(2.0, -8.0 * h / num_heads).to(torch.float32)
+
+
+def _validated(owner: str, config_cls: type, **fields) -> BaseConfig:
+    """Check layer keywords with the config's rules; re-word the message for the layer."""
+    try:
+        return config_cls(**fields)
+    except ValueError as err:
+        msg = str(err).replace(f"{config_cls.__name__}.", f"{owner}: ")
+        raise ValueError(msg) from None
+
+
+def _key_padding_mask(attention_mask: Optional[torch.Tensor], batch: int, seq: int, device) -> Optional[torch.Tensor]:
+    """[B, N] mask (1 / True = attend) -> bool key-padding mask on ``device``."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor of shape [B, N] or None, got {type(attention_mask).__name__}"
+        )
+    if tuple(attention_mask.shape) != (batch, seq):
+        raise ValueError(
+            f"attention_mask must have shape [B, N] = [{batch}, {seq}] (1/True = attend), "
+            f"got {list(attention_mask.shape)}"
+        )
+    mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    return mask.to(device)
+
+
+class _AttentionBase(nn.Module):
+    """Projections, mask handling, monitoring hook; subclasses supply the attention."""
+
+    kind: ClassVar[str] = "base"
+    config_class: ClassVar[type] = BaseConfig
+    # Marks danon attention layers for danon.monitoring.
+    _danon_attention: ClassVar[bool] = True
+
+    def __init__(self, cfg: BaseConfig):
+        super().__init__()
+        self.hidden_size = cfg.hidden_size
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.head_dim
+        self.causal = cfg.causal
+        d, h, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.attention_dropout)
+        # Set by danon.monitoring while a performance monitor is active; only then is the
+        # plan coverage of the forward pass computed (no overhead otherwise).
+        self.record_coverage = False
+        self.last_coverage: Optional[Dict[str, Any]] = None
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def _config_kwargs(cls, config: BaseConfig) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: BaseConfig):
+        """Build the layer from its config (``cls.config_class``).
+
+        Example:
+            >>> from danon.config import MSRAConfig
+            >>> from danon.nn import MSRAAttention
+            >>> layer = MSRAAttention.from_config(MSRAConfig(hidden_size=64, num_heads=4, window=32, block_size=16))
+            >>> (layer.num_heads, layer.causal)
+            (4, True)
+        """
+        if not isinstance(config, cls.config_class):
+            raise TypeError(
+                f"{cls.__name__}.from_config: config must be a {cls.config_class.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        config.validate()
+        return cls(**cls._config_kwargs(config))
+
+    # -- forward ------------------------------------------------------------------
+    def _project(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor [B, N, {self.hidden_size}], got {type(hidden_states).__name__}")
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must have shape [B, N, hidden_size={self.hidden_size}], "
+                f"got {list(hidden_states.shape)}"
+            )
+        b, n, _ = hidden_states.shape
+        kpm = _key_padding_mask(attention_mask, b, n, hidden_states.device)
+        q = self.q_proj(hidden_states).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v, kpm
+
+    def _attend(self, q, k, v, kpm, hidden_states) -> torch.Tensor:  # [B, H, N, D]
+        raise NotImplementedError
+
+    def _coverage(self, q, k, kpm, hidden_states) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attend over ``hidden_states`` [B, N, hidden_size]; ``attention_mask`` [B, N]
+        (1 / True = attend, 0 / False = padding) masks keys. Returns [B, N, hidden_size]."""
+        q, k, v, kpm = self._project(hidden_states, attention_mask)
+        out = self._attend(q, k, v, kpm, hidden_states)
+        if self.record_coverage:
+            with torch.no_grad():
+                self.last_coverage = self._coverage(q.detach(), k.detach(), kpm, hidden_states.detach())
+        b, _, n, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.dropout(self.o_proj(out))
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, causal={self.causal}"
+        )
+
+
+def _coverage_dict(kind: str, cov: Dict[str, float]) -> Dict[str, Any]:
+    return {
+        "kind": kind,
+        "exact": float(cov["exact"]),
+        "summary": float(cov["summary"]),
+        "skipped": float(cov["skipped"]),
+    }
+
+
+class SelfAttention(_AttentionBase):
+    """Dense multi-head self-attention on ``F.scaled_dot_product_attention`` (the baseline).
+
+    Grouped-query attention uses SDPA's ``enable_gqa`` (no repeated k/v heads).
+    A query with no visible key (all keys padded, or causal with padding before
+    it) returns zeros, as danon's op does.
+
+    Args:
+        hidden_size: model width (divisible by ``num_heads``).
+        num_heads: query heads.
+        num_kv_heads: key/value heads (``None``: ``num_heads``); must divide ``num_heads``.
+        causal: query i sees keys j <= i only (default ``False``).
+        bias: bias in the q/k/v/o projections.
+        attention_dropout: dropout probability on the layer's output.
+
+    Example:
+        >>> import torch
+        >>> from danon.nn import SelfAttention
+        >>> layer = SelfAttention(64, 4, num_kv_heads=2, causal=True)
+        >>> x = torch.randn(2, 10, 64)
+        >>> mask = torch.ones(2, 10, dtype=torch.long); mask[1, 7:] = 0
+        >>> layer(x, mask).shape
+        torch.Size([2, 10, 64])
+    """
+
+    kind = "dense"
+    config_class = BaseConfig
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        *,
+        causal: bool = False,
+        bias: bool = False,
+        attention_dropout: float = 0.0,
+    ):
+        cfg = _validated(
+            type(self).__name__, DenseConfig,
+            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            causal=causal, bias=bias, attention_dropout=attention_dropout,
+        )
+        super().__init__(cfg)
+
+    @classmethod
+    def _config_kwargs(cls, c: BaseConfig) -> Dict[str, Any]:
+        return dict(
+            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
+        )
+
+    @classmethod
+    def from_config(cls, config: BaseConfig):
+        """Build from any danon config (only the shared transformer fields are used).
+
+        Example:
+            >>> from danon.config import DenseConfig
+            >>> from danon.nn import SelfAttention
+            >>> SelfAttention.from_config(DenseConfig(hidden_size=64, num_heads=4)).head_dim
+            16
+        """
+        return super().from_config(config)
+
+    def _attend(self, q, k, v, kpm, hidden_states):
+        gqa = self.num_kv_heads != self.num_heads
+        if kpm is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)
+        n = q.shape[-2]
+        mask = kpm[:, None, None, :]  # [B, 1, 1, N]
+        if self.causal:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        has_key = mask.any(dim=-1, keepdim=True)  # [B, 1, N or 1, 1]
+        # Rows without a visible key: attend to everything, then zero them (never NaN).
+        mask = mask | ~has_key
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return out * has_key.to(out.dtype)
+
+    def _coverage(self, q, k, kpm, hidden_states):
+        return {"kind": self.kind, "exact": 1.0, "summary": 0.0, "skipped": 0.0}
+
+
+class MSRAAttention(_AttentionBase):
+    """Multi-Scale Recursive Attention layer (``danon.functional.msra_attention``).
+
+    Keys within ``window`` tokens (rounded up to blocks) are attended exactly;
+    farther keys through count-weighted means over spans that grow by
+    ``compression_factor`` per level, for ``num_levels`` levels. With
+    ``window >= N`` it equals :class:`SelfAttention`.
+
+    Args:
+        hidden_size, num_heads, num_kv_heads, causal, bias, attention_dropout:
+            as in :class:`SelfAttention`.
+        window: near window in tokens (>= 0).
+        num_levels: int >= 1 or ``"auto"``.
+        compression_factor: int >= 2.
+        block_size: power of two >= 16.
+
+    Example:
+        >>> import torch
+        >>> from danon.nn import MSRAAttention
+        >>> layer = MSRAAttention(64, 4, window=16, num_levels=2, block_size=16)
+        >>> layer(torch.randn(1, 200, 64)).shape
+        torch.Size([1, 200, 64])
+    """
+
+    kind = "msra"
+    config_class = MSRAConfig
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        *,
+        window: int = 256,
+        num_levels: Union[int, str] = 3,
+        compression_factor: int = 4,
+        block_size: int = 64,
+        causal: bool = False,
+        bias: bool = False,
+        attention_dropout: float = 0.0,
+    ):
+        cfg = _validated(
+            type(self).__name__, MSRAConfig,
+            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            causal=causal, bias=bias, attention_dropout=attention_dropout,
+            window=window, num_levels=num_levels, compression_factor=compression_factor,
+            block_size=block_size,
+        )
+        super().__init__(cfg)
+        self.window = cfg.window
+        self.num_levels = cfg.num_levels
+        self.compression_factor = cfg.compression_factor
+        self.block_size = cfg.block_size
+
+    @classmethod
+    def _config_kwargs(cls, c) -> Dict[str, Any]:
+        return dict(
+            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
+            window=c.window, num_levels=c.num_levels, compression_factor=c.compression_factor,
+            block_size=c.block_size,
+        )
+
+    def _family_kwargs(self) -> Dict[str, Any]:
+        return dict(
+            block_size=self.block_size, window=self.window, num_levels=self.num_levels,
+            compression_factor=self.compression_factor,
+        )
+
+    def _attend(self, q, k, v, kpm, hidden_states):
+        return _functional().msra_attention(
+            q, k, v, causal=self.causal, key_padding_mask=kpm, **self._family_kwargs()
+        )
+
+    def _coverage(self, q, k, kpm, hidden_states):
+        fn = _functional()
+        plan = fn.attention_plan(q, k, kind="msra", causal=self.causal, key_padding_mask=kpm, **self._family_kwargs())
+        return _coverage_dict(self.kind, fn.plan_coverage(plan))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", window={self.window}, num_levels={self.num_levels!r}, "
+            f"compression_factor={self.compression_factor}, block_size={self.block_size}"
+        )
+
+
+class _Router(nn.Module):
+    """DALA's router: a position-wise MLP hidden -> router_hidden_size -> num_kv_heads."""
+
+    def __init__(self, hidden_size: int, router_hidden_size: int, num_kv_heads: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, router_hidden_size)
+        self.fc2 = nn.Linear(router_hidden_size, num_kv_heads)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # [B, N, hidden] -> [B, Hkv, N]
+        return self.fc2(F.gelu(self.fc1(hidden_states))).transpose(1, 2)
+
+
+class _DALAParts:
+    """Router and slopes shared by DALAAttention and HybridAttention."""
+
+    def _init_dala(self, hidden_size, router_hidden_size, decay, memory_size, window, compress_rest, block_size):
+        self.window = window
+        self.memory_size = memory_size
+        self.decay = decay
+        self.compress_rest = compress_rest
+        self.block_size = block_size
+        width = max(16, hidden_size // 4) if router_hidden_size is None else router_hidden_size
+        self.router_hidden_size = width
+        self.router = _Router(hidden_size, width, self.num_kv_heads)
+        if decay == "alibi":
+            self.slopes = nn.Parameter(alibi_slopes(self.num_heads))
+        else:
+            self.register_parameter("slopes", None)
+
+    def importance(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The router's importance scores [B, num_kv_heads, N] (detached: the top-k
+        routing is not differentiable, so no gradient reaches the router from the output)."""
+        return self.router(hidden_states).detach()
+
+    def _dala_kwargs(self, hidden_states) -> Dict[str, Any]:
+        kw = dict(
+            block_size=self.block_size, window=self.window, memory_size=self.memory_size,
+            importance=self.importance(hidden_states), decay=self.decay,
+            compress_rest=self.compress_rest,
+        )
+        if self.slopes is not None:
+            kw["slopes"] = self.slopes
+        return kw
+
+    def _dala_attend(self, q, k, v, kpm, hidden_states):
+        return _functional().dala_attention(
+            q, k, v, causal=self.causal, key_padding_mask=kpm, **self._dala_kwargs(hidden_states)
+        )
+
+    def _dala_coverage(self, q, k, kpm, hidden_states):
+        fn = _functional()
+        kw = self._dala_kwargs(hidden_states)
+        kw.pop("slopes", None)  # the plan does not depend on the decay slopes
+        kw.pop("decay", None)
+        plan = fn.attention_plan(q, k, kind="dala", causal=self.causal, key_padding_mask=kpm, **kw)
+        return fn.plan_coverage(plan)
+
+
+class DALAAttention(_DALAParts, _AttentionBase):
+    """Dynamic Adaptive Long-range Attention layer (``danon.functional.dala_attention``).
+
+    Keys within ``window`` are attended exactly, plus the ``memory_size`` tokens
+    (per query block and kv head) with the highest *importance*; with
+    ``compress_rest`` every other visible key is attended through one summary.
+    With ``decay="alibi"`` the logits get the bias ``-slope_h * |i - j|``.
+
+    * The router is a position-wise MLP (``router``: hidden -> router_hidden_size
+      -> GELU -> num_kv_heads) giving the importance [B, num_kv_heads, N] from
+      the hidden states.
+    * The slopes (``slopes``, [num_heads]) are learnable and initialised to
+      ALiBi's ``2^(-8 (h+1) / H)``.
+    * Honest caveat: the top-k routing is a selection, which is not
+      differentiable. The router therefore receives **no gradient** from the
+      attention output (its parameters keep their random initialisation unless
+      you train them with a loss of your own on :meth:`importance`).
+
+    With ``window >= N`` and ``decay="none"`` it equals :class:`SelfAttention`.
+
+    Args:
+        hidden_size, num_heads, num_kv_heads, causal, bias, attention_dropout:
+            as in :class:`SelfAttention`.
+        window: near window in tokens (>= 0).
+        memory_size: routed tokens per query block (>= 0).
+        decay: ``"alibi"`` or ``"none"``.
+        compress_rest: summarise the remaining keys (default ``True``).
+        router_hidden_size: router width (``None``: ``max(16, hidden_size // 4)``).
+        block_size: power of two >= 16.
+
+    Example:
+        >>> import torch
+        >>> from danon.nn import DALAAttention
+        >>> layer = DALAAttention(64, 4, window=16, memory_size=16, block_size=16, causal=True)
+        >>> layer.slopes.shape, layer(torch.randn(1, 200, 64)).shape
+        (torch.Size([4]), torch.Size([1, 200, 64]))
+    """
+
+    kind = "dala"
+    config_class = DALAConfig
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        *,
+        window: int = 256,
+        memory_size: int = 64,
+        decay: str = "alibi",
+        compress_rest: bool = True,
+        router_hidden_size: Optional[int] = None,
+        block_size: int = 64,
+        causal: bool = False,
+        bias: bool = False,
+        attention_dropout: float = 0.0,
+    ):
+        cfg = _validated(
+            type(self).__name__, DALAConfig,
+            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            causal=causal, bias=bias, attention_dropout=attention_dropout,
+            window=window, memory_size=memory_size, decay=decay, compress_rest=compress_rest,
+            router_hidden_size=router_hidden_size, block_size=block_size,
+        )
+        _AttentionBase.__init__(self, cfg)
+        self._init_dala(
+            cfg.hidden_size, cfg.router_hidden_size, cfg.decay, cfg.memory_size, cfg.window,
+            cfg.compress_rest, cfg.block_size,
+        )
+
+    @classmethod
+    def _config_kwargs(cls, c) -> Dict[str, Any]:
+        return dict(
+            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
+            window=c.window, memory_size=c.memory_size, decay=c.decay,
+            compress_rest=c.compress_rest, router_hidden_size=c.router_hidden_size,
+            block_size=c.block_size,
+        )
+
+    def _attend(self, q, k, v, kpm, hidden_states):
+        return self._dala_attend(q, k, v, kpm, hidden_states)
+
+    def _coverage(self, q, k, kpm, hidden_states):
+        return _coverage_dict(self.kind, self._dala_coverage(q, k, kpm, hidden_states))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", window={self.window}, memory_size={self.memory_size}, decay={self.decay!r}, "
+            f"compress_rest={self.compress_rest}, block_size={self.block_size}"
+        )
+
+
+class UCSAAttention(_AttentionBase):
+    """Unified Compressed Sparse Attention layer (``danon.functional.ucsa_attention``).
+
+    Per query block, the near blocks (``local_window_size``), the global blocks
+    (first ``global_tokens``) and the ``top_k_blocks`` best-scoring blocks (or
+    ``ceil(sparsity_factor * blocks)``) are attended exactly; with ``compress``
+    every other visible block through its mean. With
+    ``local_window_size >= N`` it equals :class:`SelfAttention`.
+
+    Args:
+        hidden_size, num_heads, num_kv_heads, causal, bias, attention_dropout:
+            as in :class:`SelfAttention`.
+        local_window_size: near window in tokens (>= 0).
+        global_tokens: leading tokens every query sees (>= 0).
+        top_k_blocks: selected blocks per query block (>= 0).
+        sparsity_factor: ``None`` or a fraction in (0, 1] replacing ``top_k_blocks``.
+        compress: attend the remaining blocks through their means.
+        block_size: power of two >= 16.
+
+    Example:
+        >>> import torch
+        >>> from danon.nn import UCSAAttention
+        >>> layer = UCSAAttention(64, 4, local_window_size=32, global_tokens=16, top_k_blocks=2, block_size=16)
+        >>> layer(torch.randn(1, 200, 64)).shape
+        torch.Size([1, 200, 64])
+    """
+
+    kind = "ucsa"
+    config_class = UCSAConfig
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        *,
+        local_window_size: int = 512,
+        global_tokens: int = 64,
+        top_k_blocks: int = 16,
+        sparsity_factor: Optional[float] = None,
+        compress: bool = True,
+        block_size: int = 64,
+        causal: bool = False,
+        bias: bool = False,
+        attention_dropout: float = 0.0,
+    ):
+        cfg = _validated(
+            type(self).__name__, UCSAConfig,
+            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            causal=causal, bias=bias, attention_dropout=attention_dropout,
+            local_window_size=local_window_size, global_tokens=global_tokens,
+            top_k_blocks=top_k_blocks, sparsity_factor=sparsity_factor, compress=compress,
+            block_size=block_size,
+        )
+        super().__init__(cfg)
+        self.local_window_size = cfg.local_window_size
+        self.global_tokens = cfg.global_tokens
+        self.top_k_blocks = cfg.top_k_blocks
+        self.sparsity_factor = cfg.sparsity_factor
+        self.compress = cfg.compress
+        self.block_size = cfg.block_size
+
+    @classmethod
+    def _config_kwargs(cls, c) -> Dict[str, Any]:
+        return dict(
+            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
+            local_window_size=c.local_window_size, global_tokens=c.global_tokens,
+            top_k_blocks=c.top_k_blocks, sparsity_factor=c.sparsity_factor, compress=c.compress,
+            block_size=c.block_size,
+        )
+
+    def _family_kwargs(self) -> Dict[str, Any]:
+        return dict(
+            block_size=self.block_size, local_window_size=self.local_window_size,
+            global_tokens=self.global_tokens, top_k_blocks=self.top_k_blocks,
+            sparsity_factor=self.sparsity_factor, compress=self.compress,
+        )
+
+    def _attend(self, q, k, v, kpm, hidden_states):
+        return _functional().ucsa_attention(
+            q, k, v, causal=self.causal, key_padding_mask=kpm, **self._family_kwargs()
+        )
+
+    def _coverage(self, q, k, kpm, hidden_states):
+        fn = _functional()
+        plan = fn.attention_plan(q, k, kind="ucsa", causal=self.causal, key_padding_mask=kpm, **self._family_kwargs())
+        return _coverage_dict(self.kind, fn.plan_coverage(plan))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (
+            f", local_window_size={self.local_window_size}, global_tokens={self.global_tokens}, "
+            f"top_k_blocks={self.top_k_blocks}, sparsity_factor={self.sparsity_factor}, "
+            f"compress={self.compress}, block_size={self.block_size}"
+        )
+
+
+class HybridAttention(_DALAParts, _AttentionBase):
+    """Per-head softmax gate over MSRA, DALA and UCSA (the ``SuperHybridConfig`` layer).
+
+    The three families run on the same q/k/v projections; query head h mixes them
+    as ``out_h = sum_m softmax(beta_h / T)_m * attn_m,h`` with ``beta`` a learnable
+    [num_heads, 3] parameter (columns: msra, dala, ucsa; initialised to zeros, an
+    even mix) and ``T = router_temperature``. The DALA part has its router and
+    learnable ALiBi slopes as in :class:`DALAAttention` (the router gets no
+    gradient: top-k routing is not differentiable).
+
+    Args:
+        hidden_size, num_heads, num_kv_heads, causal, bias, attention_dropout:
+            as in :class:`SelfAttention`.
+        window: near window of MSRA and DALA (tokens).
+        num_levels, compression_factor: MSRA's.
+        memory_size, decay, compress_rest, router_hidden_size: DALA's.
+        local_window_size, global_tokens, top_k_blocks, sparsity_factor, compress: UCSA's.
+        router_temperature: gate temperature T > 0.
+        block_size: power of two >= 16, shared by the three families.
+
+    Example:
+        >>> import torch
+        >>> from danon.nn import HybridAttention
+        >>> layer = HybridAttention(64, 4, window=16, local_window_size=16, memory_size=16,
+        ...                         global_tokens=16, top_k_blocks=2, block_size=16)
+        >>> layer(torch.randn(1, 128, 64)).shape, layer.gate().shape
+        (torch.Size([1, 128, 64]), torch.Size([4, 3]))
+    """
+
+    kind = "hybrid"
+    config_class = SuperHybridConfig
+    families = _FAMILIES
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: Optional[int] = None,
+        *,
+        window: int = 256,
+        num_levels: Union[int, str] = 3,
+        compression_factor: int = 4,
+        memory_size: int = 64,
+        decay: str = "alibi",
+        compress_rest: bool = True,
+        router_hidden_size: Optional[int] = None,
+        local_window_size: int = 512,
+        global_tokens: int = 64,
+        top_k_blocks: int = 16,
+        sparsity_factor: Optional[float] = None,
+        compress: bool = True,
+        router_temperature: float = 1.0,
+        block_size: int = 64,
+        causal: bool = False,
+        bias: bool = False,
+        attention_dropout: float = 0.0,
+    ):
+        cfg = _validated(
+            type(self).__name__, SuperHybridConfig,
+            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            causal=causal, bias=bias, attention_dropout=attention_dropout,
+            window=window, num_levels=num_levels, compression_factor=compression_factor,
+            memory_size=memory_size, decay=decay, compress_rest=compress_rest,
+            router_hidden_size=router_hidden_size, local_window_size=local_window_size,
+            global_tokens=global_tokens, top_k_blocks=top_k_blocks,
+            sparsity_factor=sparsity_factor, compress=compress,
+            router_temperature=router_temperature, block_size=block_size,
+        )
+        _AttentionBase.__init__(self, cfg)
+        self._init_dala(
+            cfg.hidden_size, cfg.router_hidden_size, cfg.decay, cfg.memory_size, cfg.window,
+            cfg.compress_rest, cfg.block_size,
+        )
+        self.num_levels = cfg.num_levels
+        self.compression_factor = cfg.compression_factor
+        self.local_window_size = cfg.local_window_size
+        self.global_tokens = cfg.global_tokens
+        self.top_k_blocks = cfg.top_k_blocks
+        self.sparsity_factor = cfg.sparsity_factor
+        self.compress = cfg.compress
+        self.router_temperature = float(cfg.router_temperature)
+        self.beta = nn.Parameter(torch.zeros(self.num_heads, len(_FAMILIES)))
+
+    @classmethod
+    def _config_kwargs(cls, c) -> Dict[str, Any]:
+        return dict(
+            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
+            window=c.window, num_levels=c.num_levels, compression_factor=c.compression_factor,
+            memory_size=c.memory_size, decay=c.decay, compress_rest=c.compress_rest,
+            router_hidden_size=c.router_hidden_size, local_window_size=c.local_window_size,
+            global_tokens=c.global_tokens, top_k_blocks=c.top_k_blocks,
+            sparsity_factor=c.sparsity_factor, compress=c.compress,
+            router_temperature=c.router_temperature, block_size=c.block_size,
+        )
+
+    def gate(self) -> torch.Tensor:
+        """The per-head mixing weights ``softmax(beta / T)`` [num_heads, 3] (msra, dala, ucsa).
+
+        Example:
+            >>> from danon.nn import HybridAttention
+            >>> HybridAttention(64, 4, block_size=16).gate()[0]
+            tensor([0.3333, 0.3333, 0.3333], grad_fn=<SelectBackward0>)
+        """
+        return torch.softmax(self.beta / self.router_temperature, dim=-1)
+
+    def _msra_kwargs(self):
+        return dict(
+            block_size=self.block_size, window=self.window, num_levels=self.num_levels,
+            compression_factor=self.compression_factor,
+        )
+
+    def _ucsa_kwargs(self):
+        return dict(
+            block_size=self.block_size, local_window_size=self.local_window_size,
+            global_tokens=self.global_tokens, top_k_blocks=self.top_k_blocks,
+            sparsity_factor=self.sparsity_factor, compress=self.compress,
+        )
+
+    def _attend(self, q, k, v, kpm, hidden_states):
+        fn = _functional()
+        outs = (
+            fn.msra_attention(q, k, v, causal=self.causal, key_padding_mask=kpm, **self._msra_kwargs()),
+            self._dala_attend(q, k, v, kpm, hidden_states),
+            fn.ucsa_attention(q, k, v, causal=self.causal, key_padding_mask=kpm, **self._ucsa_kwargs()),
+        )
+        g = self.gate().to(q.dtype)  # [H, 3]
+        out = outs[0] * g[:, 0].view(1, -1, 1, 1)
+        for m in range(1, len(outs)):
+            out = out + outs[m] * g[:, m].view(1, -1, 1, 1)
+        return out
+
+    def _coverage(self, q, k, kpm, hidden_states):
+        fn = _functional()
+        per_family = {
+            "msra": fn.plan_coverage(
+                fn.attention_plan(q, k, kind="msra", causal=self.causal, key_padding_mask=kpm, **self._msra_kwargs())
+            ),
+            "dala": self._dala_coverage(q, k, kpm, hidden_states),
+            "ucsa": fn.plan_coverage(
+                fn.attention_plan(q, k, kind="ucsa", causal=self.causal, key_padding_mask=kpm, **self._ucsa_kwargs())
+            ),
+        }
+        weights = self.gate().detach().float().mean(dim=0).tolist()  # mean gate over heads
+        mixed = {
+            key: sum(w * float(per_family[f][key]) for w, f in zip(weights, _FAMILIES))
+            for key in ("exact", "summary", "skipped")
+        }
+        out = _coverage_dict(self.kind, mixed)
+        out["families"] = {f: _coverage_dict(f, per_family[f]) for f in _FAMILIES}
+        out["gate"] = dict(zip(_FAMILIES, weights))
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", router_temperature={self.router_temperature}, block_size={self.block_size}"
+
+
+_BY_FAMILY = {
+    "dense": SelfAttention,
+    "msra": MSRAAttention,
+    "dala": DALAAttention,
+    "ucsa": UCSAAttention,
+    "hybrid": HybridAttention,
+}
+
+
+def attention_class_for(config: BaseConfig) -> type:
+    """The attention layer class that a config builds (by its family).
+
+    Example:
+        >>> from danon.config import UCSAConfig
+        >>> from danon.nn import attention_class_for
+        >>> attention_class_for(UCSAConfig()).__name__
+        'UCSAAttention'
+    """
+    if not isinstance(config, BaseConfig):
+        raise TypeError(
+            "config must be a danon config (DenseConfig, MSRAConfig, DALAConfig, UCSAConfig or "
+            f"SuperHybridConfig), got {type(config).__name__}"
+        )
+    try:
+        return _BY_FAMILY[config.family]
+    except KeyError:
+        raise ValueError(
+            f"config of family {config.family!r} has no attention layer; use DenseConfig, MSRAConfig, "
+            "DALAConfig, UCSAConfig or SuperHybridConfig"
+        ) from None

@@ -1,0 +1,411 @@
+"""Fast CPU executor for sparse plans: PyTorch's fused CPU flash kernel over each query block's key set.
+
+Every query block of b rows is one small attention problem. Batched as [Tq, B*H, b, D] (a strided
+view of q, no copy), its keys come in up to three parts, each one flash call, merged by
+log-sum-exp (exactly, as ring attention merges):
+
+- the near window: the plan's `window` blocks around the query block. Consecutive query blocks'
+  windows overlap, so they are one overlapping strided view of the padded keys: nothing is copied;
+- the own block under causal masking: the only keys that need a per-row (triangular) mask;
+- the listed part: exact blocks, routed tokens and summaries, gathered by one index_select from
+  a table of keys and summaries.
+
+Every bias that depends on the key alone (padding, -1 slots, log n_s, ALiBi measured from the
+query block's start) is an additive mask [Tq, B*H, 1, keys] broadcast over the block's rows, so
+no [rows x keys] mask is built except for ALiBi without causal masking. The backward runs the
+flash backward of each part with the merged out and lse, and adds the key gradients back.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# Elements of gathered keys (plus window keys) one chunk may touch: bounds the working memory.
+GATHER_BUDGET = 1 << 23
+NEG_INF = float("-inf")
+
+
+def _pad_rows(x: Tensor, before: int, after: int) -> Tensor:
+    return x if before == 0 and after == 0 else F.pad(x, (0, 0, before, after))
+
+
+class _Part:
+    """One key set shared by the rows of each query block: keys/values getters and an additive mask."""
+
+    def __init__(self, keys, values, mask, row_offset=None, scatter=None):
+        self.keys, self.values, self.mask = keys, values, mask     # callables of (t0, t1)
+        self.row_offset = row_offset                                # callable or None: ALiBi constant per row
+        self.scatter = scatter                                      # callable (t0, t1, dk, dv): add key grads
+
+
+class GatheredPlan:
+    """A plan laid out for the flash kernel: queries [Tq, B*H, b, D] and its key parts."""
+
+    def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
+                 summary_pos, key_padding_mask, slopes, scale: float, causal: bool, block_size: int,
+                 window: Optional[int]):
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.dtype, self.scale, self.causal, self.b = dt, scale, causal, block_size
+        B, H, nq, D = q.shape
+        Hkv, nk = k.shape[1], k.shape[2]
+        b = block_size
+        self.B, self.H, self.Hkv, self.G, self.nq, self.nk, self.D, self.Dv = B, H, Hkv, H // Hkv, nq, nk, D, v.shape[3]
+        self.tq, self.tk = -(-nq // b), -(-nk // b)
+        dev = q.device
+        self.q = _pad_rows(q.to(dt), 0, self.tq * b - nq)
+        self.q_blocks = self.q.view(B * H, self.tq, b, D).transpose(0, 1)                 # [Tq, B*H, b, D] view
+        key_ok = torch.ones(B, nk, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask.bool()
+        self.key_ok = key_ok
+        self.block_start = torch.arange(self.tq, device=dev) * b                           # [Tq]
+        self.slopes = None if slopes is None else slopes.to(dt)                            # [H]
+        self.k_pad = _pad_rows(k.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, D)
+        self.v_pad = _pad_rows(v.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, self.Dv)
+        self.grad_k = self.grad_v = None
+        self.parts = []
+        self.keys_per_block = 0
+        if window is not None:
+            self.parts.append(self._window_part(k, v, window))
+        if causal and (window is not None or block_idx is not None):
+            self.parts.append(self._own_part(block_idx, window))
+        if summary_idx is not None and slopes is None and summary_idx.shape[-1] * 2 >= summary_k.shape[2]:
+            # most of the summary table is in use: attend to all of it, masked, rather than gather it
+            self.parts.append(self._summary_table_part(summary_idx, summary_k, summary_v, summary_count))
+            summary_idx = None
+        if block_idx is not None or token_idx is not None or summary_idx is not None:
+            self.parts.append(self._list_part(block_idx, token_idx, summary_idx, summary_k, summary_v,
+                                              summary_count, summary_pos))
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _per_head(self, x: Tensor) -> Tensor:
+        """[Tq, B, Hkv, ...] -> [Tq, B*H, ...]: the same keys' mask for every query head of a kv group."""
+        x = x.unsqueeze(3).expand(*x.shape[:3], self.G, *x.shape[3:])
+        return x.reshape(x.shape[0], self.B * self.H, *x.shape[4:])
+
+    def _row_offset(self, t0, t1):
+        """The per-row constant -slope*(i - start) that the causal per-key ALiBi bias leaves out: [C, B*H, b]."""
+        r = torch.arange(self.b, device=self.q.device, dtype=self.dtype)
+        off = -self.slopes.view(1, 1, self.H, 1) * r
+        return off.expand(t1 - t0, self.B, self.H, self.b).reshape(t1 - t0, self.B * self.H, self.b)
+
+    def _full_alibi(self, mask: Tensor, key_pos: Tensor, t0, t1) -> Tensor:
+        """Non-causal ALiBi needs |i - j| per row: mask [C, B, Hkv|1, L] + key_pos [C, B|1, Hkv|1, L] -> [C, B*H, b, L]."""
+        i = (self.block_start[t0:t1].view(-1, 1, 1, 1, 1) + torch.arange(self.b, device=mask.device).view(1, 1, 1, -1, 1))
+        dist = (i.to(self.dtype) - key_pos.to(self.dtype).unsqueeze(3)).abs()             # [C, B|1, Hkv|1, b, L]
+        dist = dist.unsqueeze(3).expand(*dist.shape[:3], self.G, *dist.shape[3:])
+        dist = dist.expand(t1 - t0, self.B, self.Hkv, self.G, self.b, dist.shape[-1])
+        bias = mask.unsqueeze(3).unsqueeze(4).expand(t1 - t0, self.B, self.Hkv, self.G, self.b, mask.shape[-1])
+        slopes = self.slopes.view(1, 1, self.Hkv, self.G, 1, 1)
+        return (bias - slopes * dist).reshape(t1 - t0, self.B * self.H, self.b, mask.shape[-1])
+
+    def _finish_mask(self, mask: Tensor, key_pos: Tensor, t0, t1):
+        """mask [C, B, Hkv|1, L] (0 / -inf and log-counts) -> the flash mask [C, B*H, b|1, L] and row offset."""
+        if self.slopes is not None and not self.causal:
+            return self._full_alibi(mask, key_pos, t0, t1), None
+        if self.slopes is not None:
+            m = self._alibi_from_start_chunk(mask, key_pos, t0, t1)
+            m = m.reshape(t1 - t0, self.B * self.H, 1, m.shape[-1])
+            return m.expand(-1, -1, self.b, -1), self._row_offset(t0, t1)
+        m = self._per_head(mask.expand(t1 - t0, self.B, self.Hkv, mask.shape[-1])).unsqueeze(2)
+        return m.expand(-1, -1, self.b, -1), None
+
+    def _alibi_from_start_chunk(self, mask, key_pos, t0, t1):
+        rel = key_pos.to(self.dtype) - self.block_start[t0:t1].to(self.dtype).view(-1, 1, 1, 1)   # [C, B|1, Hkv|1, L]
+        rel = rel.unsqueeze(3)                                                                       # [C, B|1, Hkv|1, 1, L]
+        slopes = self.slopes.view(1, 1, self.Hkv, self.G, 1)
+        return mask.unsqueeze(3) + slopes * rel                                                     # [C, B, Hkv, G, L]
+
+    # --- the near window: an overlapping strided view, no copy ----------------------------------------
+    def _window_part(self, k, v, window: int) -> _Part:
+        b, B, Hkv = self.b, self.B, self.Hkv
+        w = min(window, self.tk)
+        before, after = w, (0 if self.causal else w + 1)
+        width = w if self.causal else 2 * w + 1                       # causal: the own block is its own part
+        front_k = F.pad(self.k_pad, (0, 0, before * b, after * b))    # [B*Hkv, (Tk + before + after) b, D]
+        front_v = F.pad(self.v_pad, (0, 0, before * b, after * b))
+        rows = front_k.shape[1]
+
+        def strided(x):
+            return lambda t0, t1: x.as_strided((t1 - t0, B * Hkv, width * b, x.shape[-1]),
+                                               (b * x.shape[-1], rows * x.shape[-1], x.shape[-1], 1),
+                                               t0 * b * x.shape[-1])
+
+        # key j of query block t's window sits at position (t - w) * b + j
+        def mask(t0, t1):
+            pos = (self.block_start[t0:t1, None] - w * b) + torch.arange(width * b, device=self.q.device)   # [C, L]
+            inside = (pos >= 0) & (pos < self.nk)
+            ok = torch.gather(self.key_ok, 1, pos.clamp(0, self.nk - 1).reshape(1, -1).expand(B, -1))
+            ok = ok.view(B, t1 - t0, -1).transpose(0, 1) & inside[:, None, :]                              # [C, B, L]
+            m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, NEG_INF)[:, :, None]
+            return self._finish_mask(m, pos[:, None, None, :], t0, t1)
+
+        def scatter(t0, t1, dk, dv):
+            # window slot s of query block t is padded row (t - w) * b + s + w * b: add block by block
+            grad_k = self.front_grad("k", front_k)
+            grad_v = self.front_grad("v", front_v)
+            for j in range(width):
+                grad_k[:, (t0 + j) * b:(t1 + j) * b] += dk[:, :, j * b:(j + 1) * b].transpose(0, 1).reshape(B * Hkv, -1, self.D)
+                grad_v[:, (t0 + j) * b:(t1 + j) * b] += dv[:, :, j * b:(j + 1) * b].transpose(0, 1).reshape(B * Hkv, -1, self.Dv)
+
+        self._front = (before, after)
+        self.keys_per_block += width * b
+        return _Part(strided(front_k), strided(front_v), mask, scatter=scatter)
+
+    def front_grad(self, name, like):
+        attr = "_front_grad_" + name
+        if getattr(self, attr, None) is None:
+            setattr(self, attr, torch.zeros_like(like))
+        return getattr(self, attr)
+
+    # --- the own block under causal masking: per-row triangular mask --------------------------------
+    def _own_part(self, block_idx, window) -> _Part:
+        b, B, Hkv = self.b, self.B, self.Hkv
+        n = self.tk * b
+
+        def blocks(x):
+            return lambda t0, t1: x.as_strided((t1 - t0, B * Hkv, b, x.shape[-1]),
+                                               (b * x.shape[-1], n * x.shape[-1], x.shape[-1], 1),
+                                               t0 * b * x.shape[-1])
+
+        key_ok = F.pad(self.key_ok, (0, n - self.nk), value=False)
+        if window is not None:
+            listed = None
+        else:   # a hand-made plan may leave the own block out
+            t = torch.arange(self.tq, device=self.q.device).view(1, 1, -1, 1)
+            listed = (block_idx.long() == t).any(-1).permute(2, 0, 1)                   # [Tq, B, Hkv]
+        tril = torch.ones(b, b, dtype=torch.bool, device=self.q.device).tril()
+
+        def mask(t0, t1):
+            ok = key_ok[:, t0 * b:t1 * b].view(B, t1 - t0, 1, b).transpose(0, 1)        # [C, B, 1, b]
+            ok = ok.expand(t1 - t0, B, Hkv, b)
+            if listed is not None:
+                ok = ok & listed[t0:t1, :, :, None]
+            ok = self._per_head(ok)[:, :, None, :] & tril                                 # [C, B*H, b, b]
+            m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, NEG_INF)
+            if self.slopes is not None:
+                dist = (torch.arange(b, device=ok.device)[:, None] - torch.arange(b, device=ok.device)).to(self.dtype)
+                m = m - self.slopes.repeat(B).view(1, B * self.H, 1, 1) * dist.abs()
+            return m, None
+
+        def scatter(t0, t1, dk, dv):
+            grad_k, grad_v = self.grads()
+            grad_k[:, t0 * b:t1 * b] += dk.transpose(0, 1).reshape(B * Hkv, -1, self.D)
+            grad_v[:, t0 * b:t1 * b] += dv.transpose(0, 1).reshape(B * Hkv, -1, self.Dv)
+
+        self.keys_per_block += b
+        return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=scatter)
+
+    # --- summaries against the whole shared table, masked to the listed ones -------------------------
+    def _summary_table_part(self, summary_idx, summary_k, summary_v, summary_count) -> _Part:
+        B, Hkv, dt = self.B, self.Hkv, self.dtype
+        S = summary_k.shape[2]
+        sk = summary_k.to(dt).reshape(B * Hkv, S, self.D)
+        sv = summary_v.to(dt).reshape(B * Hkv, S, self.Dv)
+        sidx = summary_idx.long()
+        log_n = torch.log(summary_count.to(dt).clamp(min=1)).expand(B, Hkv, S)
+
+        def used(t0, t1) -> int:
+            """Only the table's rows up to the chunk's largest listed index take part (causal: the past)."""
+            return int(sidx[:, :, t0:t1].max()) + 1 if sidx.numel() else 1
+
+        def shared(x):
+            return lambda t0, t1: x[:, :max(used(t0, t1), 1)].unsqueeze(0).expand(t1 - t0, -1, -1, -1)
+
+        def mask(t0, t1):
+            width = max(used(t0, t1), 1)
+            idx = sidx[:, :, t0:t1].permute(2, 0, 1, 3)                                   # [C, B, Hkv, Ks]
+            m = torch.full((t1 - t0, B, Hkv, S + 1), NEG_INF, dtype=dt, device=idx.device)
+            vals = torch.gather(log_n[None].expand(t1 - t0, B, Hkv, S), 3, idx.clamp(min=0))
+            m.scatter_(3, torch.where(idx >= 0, idx, S), vals)                            # -1 slots land in column S
+            return self._finish_mask(m[..., :width], None, t0, t1)
+
+        def scatter(t0, t1, dk, dv):
+            if self.summary_grad is None:
+                self.summary_grad = (torch.zeros_like(sk), torch.zeros_like(sv))
+            width = dk.shape[2]
+            self.summary_grad[0][:, :width].add_(dk.sum(0))
+            self.summary_grad[1][:, :width].add_(dv.sum(0))
+
+        self.summary_grad = None
+        self.keys_per_block += S
+        return _Part(shared(sk), shared(sv), mask, scatter=scatter)
+
+    # --- listed blocks, tokens and summaries: one index_select from a key+summary table -------------
+    def _list_part(self, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos):
+        b, B, Hkv, dt, dev = self.b, self.B, self.Hkv, self.dtype, self.q.device
+        n = self.tk * b
+        num_summaries = 0 if summary_idx is None else summary_k.shape[2]
+        if num_summaries:
+            table_k = torch.cat([self.k_pad, summary_k.to(dt).reshape(B * Hkv, num_summaries, self.D)], 1)
+            table_v = torch.cat([self.v_pad, summary_v.to(dt).reshape(B * Hkv, num_summaries, self.Dv)], 1)
+        else:
+            table_k, table_v = self.k_pad, self.v_pad
+        per_head = table_k.shape[1]
+        key_ok = F.pad(self.key_ok, (0, n - self.nk), value=False)
+        rows, ok, pos, extra = [], [], [], []
+        if block_idx is not None:
+            bidx = block_idx.long()
+            bc = bidx.clamp(min=0)
+            r = (bc[..., None] * b + torch.arange(b, device=dev)).flatten(3)              # [B, Hkv, Tq, Kb*b]
+            rows.append(r)
+            ok.append((bidx >= 0)[..., None].expand(*bidx.shape, b).flatten(3) & self._ok_at(key_ok, r))
+            pos.append(r)
+        if token_idx is not None:
+            tidx = token_idx.long()
+            tc = tidx.clamp(min=0)
+            rows.append(tc)
+            ok.append((tidx >= 0) & self._ok_at(key_ok, tc))
+            pos.append(tc)
+        if self.causal:   # exact keys of the own block (and later) belong to the own-block part
+            start = self.block_start.view(1, 1, -1, 1)
+            ok = [o & (p < start) for o, p in zip(ok, pos)]
+        n_exact = sum(r.shape[-1] for r in rows)
+        if num_summaries:
+            sidx = summary_idx.long()
+            sc = sidx.clamp(min=0)
+            rows.append(sc + n)
+            ok.append(sidx >= 0)
+            count = torch.gather(summary_count.to(dt).expand(B, Hkv, -1), 2, sc.flatten(2)).view(sc.shape)
+            extra.append(torch.log(count.clamp(min=1)))
+            if summary_pos is not None:
+                pos.append(torch.gather(summary_pos.to(dt).expand(B, Hkv, -1), 2, sc.flatten(2)).view(sc.shape))
+            else:
+                pos.append(torch.zeros(sc.shape, dtype=dt, device=dev))
+        base = (torch.arange(B * Hkv, device=dev) * per_head).view(B, Hkv, 1, 1)
+        all_rows = (torch.cat(rows, -1) + base).permute(2, 0, 1, 3)                        # [Tq, B, Hkv, L]
+        ok = torch.cat(ok, -1)
+        bias = torch.zeros(ok.shape, dtype=dt, device=dev)
+        if extra:
+            bias[..., n_exact:] = extra[0]
+        bias = bias.masked_fill(~ok, NEG_INF).permute(2, 0, 1, 3)                          # [Tq, B, Hkv, L]
+        key_pos = torch.cat([p.to(dt) for p in pos], -1).permute(2, 0, 1, 3)
+        width = all_rows.shape[-1]
+        self.keys_per_block += width
+        flat_k, flat_v = table_k.reshape(-1, self.D), table_v.reshape(-1, self.Dv)
+
+        def gathered(flat):
+            return lambda t0, t1: flat.index_select(0, all_rows[t0:t1].reshape(-1)).view(t1 - t0, B * Hkv, width, flat.shape[-1])
+
+        def mask(t0, t1):
+            return self._finish_mask(bias[t0:t1], key_pos[t0:t1], t0, t1)
+
+        def scatter(t0, t1, dk, dv):
+            if self.table_grad is None:
+                self.table_grad = (torch.zeros_like(flat_k), torch.zeros_like(flat_v))
+            idx = all_rows[t0:t1].reshape(-1)
+            self.table_grad[0].index_add_(0, idx, dk.reshape(-1, self.D))
+            self.table_grad[1].index_add_(0, idx, dv.reshape(-1, self.Dv))
+
+        self.table_grad = None
+        self.table_rows = (per_head, num_summaries)
+        return _Part(gathered(flat_k), gathered(flat_v), mask, scatter=scatter)
+
+    def _ok_at(self, key_ok: Tensor, rows: Tensor) -> Tensor:
+        return torch.gather(key_ok, 1, rows.reshape(self.B, -1)).view(rows.shape)
+
+    def grads(self):
+        if self.grad_k is None:
+            self.grad_k = torch.zeros_like(self.k_pad)
+            self.grad_v = torch.zeros_like(self.v_pad)
+        return self.grad_k, self.grad_v
+
+    def chunks(self):
+        per_block = self.B * self.H * self.keys_per_block * max(self.D, self.Dv)
+        step = max(1, GATHER_BUDGET // max(per_block, 1))
+        for t0 in range(0, self.tq, step):
+            yield t0, min(self.tq, t0 + step)
+
+    def rows_layout(self, x: Tensor) -> Tensor:
+        """[B, H, Nq, X] -> [Tq, B*H, b, X] view (padded rows added)."""
+        x = _pad_rows(x.to(self.dtype), 0, self.tq * self.b - x.shape[2])
+        return x.reshape(self.B * self.H, self.tq, self.b, x.shape[-1]).transpose(0, 1)
+
+    def to_output(self, x: Tensor) -> Tensor:
+        """[Tq, B*H, b, X] -> [B, H, Nq, X]."""
+        x = x.transpose(0, 1).reshape(self.B, self.H, self.tq * self.b, x.shape[-1])
+        return x[:, :, :self.nq]
+
+
+def _dead_rows(mask: Tensor, shape) -> Tensor:
+    """Rows whose additive mask is -inf for every key (the flash kernel reports lse 0 for them)."""
+    if mask.stride(2) == 0:   # a mask broadcast over the rows: test one row, not b copies of it
+        mask = mask[:, :, :1]
+    return (~torch.isfinite(mask).any(-1)).expand(shape)
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Combine two softmax parts over disjoint key sets by their log-sum-exp (out_a is overwritten)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    w_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return out_a.mul_(w_a).addcmul_(out_b, w_b), lse
+
+
+def gathered_forward(gp: GatheredPlan):
+    """Returns out [B, H, Nq, Dv] (accumulation dtype) and lse [B, H, Nq]."""
+    out = gp.q.new_full((gp.tq, gp.B * gp.H, gp.b, gp.Dv), float("nan"))    # poisoned until written
+    lse = gp.q.new_full((gp.tq, gp.B * gp.H, gp.b, 1), float("nan"))
+    for t0, t1 in gp.chunks():
+        q = gp.q_blocks[t0:t1]
+        o_acc = l_acc = None
+        for part in gp.parts:
+            mask, offset = part.mask(t0, t1)
+            o, l = _flash(q, part.keys(t0, t1), part.values(t0, t1), 0.0, False, attn_mask=mask, scale=gp.scale)
+            dead = _dead_rows(mask, l.shape)
+            l = l.masked_fill(dead, NEG_INF)
+            o = o.masked_fill(dead[..., None], 0.0)
+            if offset is not None:
+                l = l + offset
+            o_acc, l_acc = (o, l) if o_acc is None else _merge(o_acc, l_acc, o, l)
+        out[t0:t1] = o_acc
+        lse[t0:t1] = l_acc[..., None]
+    return gp.to_output(out), gp.to_output(lse)[..., 0]
+
+
+def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tensor):
+    """Returns dq [B, H, Nq, D], dk, dv [B, Hkv, Nk, D], d_summary_k, d_summary_v (or None)."""
+    go_all = gp.rows_layout(grad_out)
+    o_all = gp.rows_layout(out)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))      # dead rows: every p is 0
+    l_all = gp.rows_layout(lse[..., None])[..., 0]
+    dq = torch.zeros_like(gp.q_blocks)
+    for t0, t1 in gp.chunks():
+        q = gp.q_blocks[t0:t1]
+        go, o, l = go_all[t0:t1].contiguous(), o_all[t0:t1].contiguous(), l_all[t0:t1].contiguous()
+        for part in gp.parts:
+            mask, offset = part.mask(t0, t1)
+            l_part = l if offset is None else (l - offset).contiguous()
+            dq_p, dk_p, dv_p = _flash_backward(go, q, part.keys(t0, t1), part.values(t0, t1), o, l_part, 0.0, False,
+                                               attn_mask=mask, scale=gp.scale)
+            dq[t0:t1] += dq_p
+            part.scatter(t0, t1, dk_p, dv_p)
+    grad_k, grad_v = gp.grads()
+    if getattr(gp, "_front_grad_k", None) is not None:
+        before, after = gp._front
+        end = gp._front_grad_k.shape[1] - after * gp.b
+        grad_k += gp._front_grad_k[:, before * gp.b:end]
+        grad_v += gp._front_grad_v[:, before * gp.b:end]
+    dsk = dsv = None
+    if getattr(gp, "table_grad", None) is not None:
+        per_head, num_summaries = gp.table_rows
+        tk_, tv_ = gp.table_grad
+        tk_ = tk_.view(gp.B * gp.Hkv, per_head, gp.D)
+        tv_ = tv_.view(gp.B * gp.Hkv, per_head, gp.Dv)
+        n = gp.tk * gp.b
+        grad_k += tk_[:, :n]
+        grad_v += tv_[:, :n]
+        if num_summaries:
+            dsk = tk_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.D)
+            dsv = tv_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.Dv)
+    if getattr(gp, "summary_grad", None) is not None:
+        dsk = gp.summary_grad[0].view(gp.B, gp.Hkv, -1, gp.D)
+        dsv = gp.summary_grad[1].view(gp.B, gp.Hkv, -1, gp.Dv)
+    dk = grad_k.view(gp.B, gp.Hkv, -1, gp.D)[:, :, :gp.nk]
+    dv = grad_v.view(gp.B, gp.Hkv, -1, gp.Dv)[:, :, :gp.nk]
+    return gp.to_output(dq), dk, dv, dsk, dsv

@@ -1,0 +1,324 @@
+"""Reference executor of an attention plan: plain torch ops, chunk by chunk, forward and backward.
+
+Per chunk of query blocks it gathers the blocks, tokens and summaries each block sees into a
+dense key set, runs one batched matmul, a masked softmax and one more matmul. Memory is
+O(N x keys per query) for sparse plans; no N x N tensor is built for them. Its backward is the
+flash backward written out (recompute p from the lse, then dV, dP, dS, dQ, dK), including what
+the fast paths lack: softcap, and gradients of ALiBi slopes, of a general mask and of the lse.
+It runs on any device and is what the other executors are tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Elements of the logit tensor one chunk may hold: bounds the executor's working memory.
+LOGIT_BUDGET = 1 << 22
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _with_window(block_idx, window, tq, tk, causal, B, Hkv, device):
+    w = min(window, tk)
+    offsets = torch.arange(-w, 1 if causal else w + 1, device=device)
+    near = torch.arange(tq, device=device)[:, None] + offsets                     # [Tq, width]
+    near = torch.where((near >= 0) & (near < tk), near, -1).to(torch.int32).expand(B, Hkv, tq, -1)
+    return near if block_idx is None else torch.cat([near, block_idx.to(torch.int32)], -1)
+
+
+class Problem:
+    """One attention call, padded to whole blocks and upcast to the accumulation dtype."""
+
+    def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
+                 summary_pos, key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap):
+        self.dtype = _compute_dtype(q.dtype)
+        self.B, self.H, self.nq, self.D = q.shape
+        self.Hkv, self.nk = k.shape[1], k.shape[2]
+        self.Dv = v.shape[3]
+        self.G = self.H // self.Hkv
+        self.b = b = block_size
+        self.tq, self.tk = -(-self.nq // b), -(-self.nk // b)
+        self.scale, self.causal, self.softcap = scale, causal, softcap
+        if window >= 0:   # the near window as explicit blocks, ahead of the listed ones
+            block_idx = _with_window(block_idx, window, self.tq, self.tk, causal, q.shape[0], k.shape[1], q.device)
+        self.dense = block_idx is None and token_idx is None and summary_idx is None
+        self.block_idx, self.token_idx, self.summary_idx = block_idx, token_idx, summary_idx
+        self.summary_count, self.summary_pos = summary_count, summary_pos
+        self.attn_mask = attn_mask
+        # padded inputs in the accumulation dtype
+        self.q = self.pad_rows(q, self.tq * b)
+        self.k = self.pad_rows(k, self.tk * b)
+        self.v = self.pad_rows(v, self.tk * b)
+        self.summary_k = None if summary_k is None else summary_k.to(self.dtype)
+        self.summary_v = None if summary_v is None else summary_v.to(self.dtype)
+        self.slopes = None if slopes is None else slopes.to(self.dtype)
+        key_ok = torch.ones(self.B, self.nk, dtype=torch.bool, device=q.device)
+        if key_padding_mask is not None:
+            key_ok = key_padding_mask.to(torch.bool).expand(self.B, self.nk)
+        self.key_ok = F.pad(key_ok, (0, self.tk * b - self.nk), value=False)       # [B, Tk*b]
+        self.work = self.keys_per_query()
+
+    def pad_rows(self, x: Tensor, rows: int) -> Tensor:
+        x = x.to(self.dtype)
+        return F.pad(x, (0, 0, 0, rows - x.shape[2]))
+
+    def keys_per_query(self) -> int:
+        if self.dense:
+            return self.tk * self.b
+        n = 0
+        for idx, per in ((self.block_idx, self.b), (self.token_idx, 1), (self.summary_idx, 1)):
+            if idx is not None:
+                n += idx.shape[-1] * per
+        return max(n, 1)
+
+    def chunks(self):
+        per_block = self.B * self.H * self.b * self.work
+        step = max(1, LOGIT_BUDGET // max(per_block, 1))
+        for t0 in range(0, self.tq, step):
+            yield t0, min(self.tq, t0 + step)
+
+    # --- layout: rows of a chunk are [B, Hkv, C, G * b] (one key set per query block and kv head)
+    def to_chunk_rows(self, x: Tensor, t0: int, t1: int) -> Tensor:
+        """[B, H, Tq*b, ...] -> [B, Hkv, C, G*b, ...] for query blocks t0..t1."""
+        c, b = t1 - t0, self.b
+        x = x[:, :, t0 * b:t1 * b]
+        tail = x.shape[3:]
+        x = x.reshape(self.B, self.Hkv, self.G, c, b, *tail).transpose(2, 3)
+        return x.reshape(self.B, self.Hkv, c, self.G * b, *tail)
+
+    def from_chunk_rows(self, x: Tensor, t0: int, t1: int) -> Tensor:
+        c, b = t1 - t0, self.b
+        tail = x.shape[4:]
+        x = x.reshape(self.B, self.Hkv, c, self.G, b, *tail).transpose(2, 3)
+        return x.reshape(self.B, self.H, c * b, *tail)
+
+    def _gather_rows(self, table: Tensor, idx: Tensor) -> Tensor:
+        """table [B, Hkv, R, X], idx [B, Hkv, C, K] (>= 0) -> [B, Hkv, C, K, X] by one index_select."""
+        B, Hkv, R, X = table.shape
+        base = (torch.arange(B * Hkv, device=idx.device) * R).view(B, Hkv, 1, 1)
+        flat = (idx + base).reshape(-1)
+        return table.reshape(B * Hkv * R, X).index_select(0, flat).view(*idx.shape, X)
+
+    def _gather_key_ok(self, pos: Tensor) -> Tensor:
+        B = self.B
+        return torch.gather(self.key_ok, 1, pos.reshape(B, -1)).view(pos.shape)
+
+    def key_set(self, t0: int, t1: int) -> dict:
+        """The keys query blocks t0..t1 see: gathered keys/values, validity, positions, summary bias.
+
+        Also returns where each gathered piece came from, so the backward can add its gradient back.
+        """
+        b, k, v = self.b, self.k, self.v
+        if self.dense:
+            kend = min(t1 * b, self.tk * b) if self.causal else self.tk * b
+            pos = torch.arange(kend, device=k.device)
+            return dict(keys=k[:, :, None, :kend], values=v[:, :, None, :kend],
+                        ok=self.key_ok[:, None, None, :kend], pos=pos.view(1, 1, 1, kend),
+                        n_exact=kend, summary_bias=None, summary_pos=None, sources=[("dense", kend)])
+        keys, values, ok, pos, sources = [], [], [], [], []
+        B, Hkv, c = self.B, self.Hkv, t1 - t0
+        if self.block_idx is not None:
+            bidx = self.block_idx[:, :, t0:t1].long()
+            bc = bidx.clamp(min=0)
+            kb = k.view(B, Hkv, self.tk, b * self.D)
+            vb = v.view(B, Hkv, self.tk, b * self.Dv)
+            keys.append(self._gather_rows(kb, bc).view(B, Hkv, c, -1, self.D))
+            values.append(self._gather_rows(vb, bc).view(B, Hkv, c, -1, self.Dv))
+            p = (bc[..., None] * b + torch.arange(b, device=bc.device)).view(B, Hkv, c, -1)
+            pos.append(p)
+            ok.append((bidx >= 0)[..., None].expand(*bidx.shape, b).reshape(B, Hkv, c, -1) & self._gather_key_ok(p))
+            sources.append(("rows", p))
+        if self.token_idx is not None:
+            tidx = self.token_idx[:, :, t0:t1].long()
+            tc = tidx.clamp(min=0)
+            keys.append(self._gather_rows(k, tc))
+            values.append(self._gather_rows(v, tc))
+            pos.append(tc)
+            ok.append((tidx >= 0) & self._gather_key_ok(tc))
+            sources.append(("rows", tc))
+        n_exact = sum(p.shape[-1] for p in pos)
+        summary_bias = summary_pos = None
+        if self.summary_idx is not None:
+            sidx = self.summary_idx[:, :, t0:t1].long()
+            sc = sidx.clamp(min=0)
+            keys.append(self._gather_rows(self.summary_k, sc))
+            values.append(self._gather_rows(self.summary_v, sc))
+            ok.append(sidx >= 0)
+            count = torch.gather(self.summary_count.to(self.dtype).expand(B, Hkv, -1), 2, sc.view(B, Hkv, -1))
+            summary_bias = torch.log(count.clamp(min=1)).view(B, Hkv, c, -1)
+            if self.summary_pos is not None:
+                summary_pos = torch.gather(self.summary_pos.to(self.dtype).expand(B, Hkv, -1), 2,
+                                           sc.view(B, Hkv, -1)).view(B, Hkv, c, -1)
+            sources.append(("summaries", sc))
+        return dict(keys=torch.cat(keys, 3), values=torch.cat(values, 3), ok=torch.cat(ok, 3),
+                    pos=torch.cat(pos, 3) if pos else None, n_exact=n_exact,
+                    summary_bias=summary_bias, summary_pos=summary_pos, sources=sources)
+
+    def logits(self, q_rows: Tensor, ks: dict, t0: int, t1: int):
+        """Masked logits [B, Hkv, C, G*b, L], plus what the backward needs: tanh (softcap), |i - j| (ALiBi)."""
+        b, c = self.b, t1 - t0
+        n_exact = ks["n_exact"]
+        logits = torch.matmul(q_rows, ks["keys"].transpose(-1, -2)) * self.scale
+        tanh = dist = None
+        if self.softcap is not None:
+            tanh = torch.tanh(logits / self.softcap)
+            logits = self.softcap * tanh
+        allowed = ks["ok"][..., None, :]                                               # [B, Hkv|1, C|1, 1, L]
+        # query position of each row: block t0 + c, offset r within the block, for each of G heads
+        q_pos = ((torch.arange(t0, t1, device=q_rows.device) * b)[:, None, None]
+                 + torch.arange(b, device=q_rows.device)).expand(c, self.G, b).reshape(1, 1, c, self.G * b, 1)
+        n_summaries = 0 if ks["summary_bias"] is None else ks["summary_bias"].shape[-1]
+        if self.causal and n_exact:
+            causal_ok = ks["pos"][..., None, :] <= q_pos
+            if n_summaries:        # summaries are strictly in the past by construction
+                causal_ok = F.pad(causal_ok, (0, n_summaries), value=True)
+            allowed = allowed & causal_ok
+        if n_summaries:
+            logits = logits + F.pad(ks["summary_bias"], (n_exact, 0))[..., None, :]
+        if self.slopes is not None:
+            pieces = [] if not n_exact else [ks["pos"].to(self.dtype)]
+            if n_summaries:
+                pieces.append(ks["summary_pos"] if ks["summary_pos"] is not None
+                              else torch.zeros_like(ks["summary_bias"]))
+            dist = (q_pos.to(self.dtype) - torch.cat(pieces, -1)[..., None, :]).abs()
+            logits = logits - self.slope_rows() * dist
+        if self.attn_mask is not None:
+            m = self.mask_rows(self.attn_mask, t0, t1, logits.shape[-1])
+            if m.dtype == torch.bool:
+                allowed = allowed & m
+            else:
+                logits = logits + m
+        return logits.masked_fill(~allowed, float("-inf")), tanh, dist
+
+    def slope_rows(self) -> Tensor:
+        b = self.b
+        return self.slopes.view(self.Hkv, self.G, 1).expand(self.Hkv, self.G, b).reshape(1, self.Hkv, 1, self.G * b, 1)
+
+    def forward_chunk(self, t0: int, t1: int):
+        """Output [B, Hkv, C, G*b, Dv] and lse [B, Hkv, C, G*b] of query blocks t0..t1."""
+        ks = self.key_set(t0, t1)
+        logits, _, _ = self.logits(self.to_chunk_rows(self.q, t0, t1), ks, t0, t1)
+        m = logits.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(logits - m)
+        s = p.sum(-1, keepdim=True)
+        out = torch.matmul(p, ks["values"]) / s.clamp(min=torch.finfo(self.dtype).tiny)
+        lse = torch.where(s > 0, m + torch.log(s.clamp(min=torch.finfo(self.dtype).tiny)),
+                          torch.full_like(s, float("-inf")))
+        return out, lse[..., 0]
+
+    def backward_chunk(self, t0: int, t1: int, go: Tensor, o: Tensor, lse: Tensor, glse: Optional[Tensor], grads: dict):
+        """Add the gradients of query blocks t0..t1 into `grads`; returns dq rows (hand-written flash backward)."""
+        q_rows = self.to_chunk_rows(self.q, t0, t1)
+        ks = self.key_set(t0, t1)
+        logits, tanh, dist = self.logits(q_rows, ks, t0, t1)
+        p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+        go_rows = self.to_chunk_rows(go, t0, t1)
+        d_values = torch.matmul(p.transpose(-1, -2), go_rows)                          # [B, Hkv, C|1, L, Dv]
+        dp = torch.matmul(go_rows, ks["values"].transpose(-1, -2))
+        delta = (go_rows * self.to_chunk_rows(o, t0, t1)).sum(-1, keepdim=True)
+        ds = p * (dp - delta)                                                           # d loss / d logit
+        if glse is not None:
+            ds = ds + p * self.to_chunk_rows(glse, t0, t1)[..., None]
+        if "mask" in grads:
+            grads["mask"][:, :, t0 * self.b:t1 * self.b, :ds.shape[-1]] += self.from_chunk_rows(ds, t0, t1)
+        if "slopes" in grads:
+            per_row = -(ds * dist).sum(-1)                                              # [B, Hkv, C, G*b]
+            grads["slopes"] += per_row.reshape(self.B, self.Hkv, -1, self.G, self.b).sum((0, 2, 4)).reshape(-1)
+        if tanh is not None:
+            ds = ds * (1 - tanh * tanh)
+        ds = ds * self.scale
+        dq_rows = torch.matmul(ds, ks["keys"])
+        d_keys = torch.matmul(ds.transpose(-1, -2), q_rows)                            # [B, Hkv, C|1, L, D]
+        self.add_key_grads(ks, d_keys, d_values, grads)
+        return dq_rows
+
+    def add_key_grads(self, ks: dict, d_keys: Tensor, d_values: Tensor, grads: dict) -> None:
+        start = 0
+        for kind, where in ks["sources"]:
+            if kind == "dense":
+                grads["k"][:, :, :where] += d_keys.sum(2)
+                grads["v"][:, :, :where] += d_values.sum(2)
+                continue
+            width = where.shape[-1]
+            dk, dv = d_keys[:, :, :, start:start + width], d_values[:, :, :, start:start + width]
+            start += width
+            if kind == "rows":
+                targets = ("k", "v")
+            elif "sk" in grads:
+                targets = ("sk", "sv")
+            else:
+                continue
+            for name, g in zip(targets, (dk, dv)):
+                table = grads[name]
+                base = (torch.arange(self.B * self.Hkv, device=where.device) * table.shape[2]).view(self.B, self.Hkv, 1, 1)
+                table.view(-1, table.shape[-1]).index_add_(0, (where + base).reshape(-1), g.reshape(-1, g.shape[-1]))
+
+    def mask_rows(self, attn_mask: Tensor, t0: int, t1: int, kend: int) -> Tensor:
+        """The general mask's rows for query blocks t0..t1 in chunk layout [B, Hkv, C, G*b, kend]."""
+        b = self.b
+        m = attn_mask.expand(self.B, self.H, self.nq, self.nk)[:, :, t0 * b:min(t1 * b, self.nq), :min(kend, self.nk)]
+        rows, cols = (t1 - t0) * b - m.shape[2], kend - m.shape[3]
+        if m.dtype == torch.bool:
+            m = F.pad(m, (0, cols, 0, rows), value=False)
+        else:
+            m = F.pad(m.to(self.dtype), (0, cols, 0, rows))
+        return self.to_chunk_rows(m, 0, t1 - t0)
+
+
+def reference_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+                      key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap):
+    """out [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] in the accumulation dtype."""
+    prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap)
+    B, H, b = prob.B, prob.H, prob.b
+    out = q.new_full((B, H, prob.tq * b, prob.Dv), float("nan"), dtype=prob.dtype)   # poisoned until written
+    lse = q.new_full((B, H, prob.tq * b), float("nan"), dtype=prob.dtype)
+    for t0, t1 in prob.chunks():
+        o, l = prob.forward_chunk(t0, t1)
+        out[:, :, t0 * b:t1 * b] = prob.from_chunk_rows(o, t0, t1)
+        lse[:, :, t0 * b:t1 * b] = prob.from_chunk_rows(l, t0, t1)
+    return out[:, :, :prob.nq].to(q.dtype), lse[:, :, :prob.nq]
+
+
+def reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
+                       summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal,
+                       block_size, window, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse):
+    """(dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes); grads not asked for are empty.
+
+    Written out by hand (no autograd inside: a custom op's kernel runs below the autograd key).
+    """
+    empty = q.new_empty(0)
+    prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap)
+    b, rows = prob.b, prob.tq * prob.b
+    grads = {"k": torch.zeros_like(prob.k), "v": torch.zeros_like(prob.v)}
+    if need_summary_grad and prob.summary_k is not None:
+        grads["sk"], grads["sv"] = torch.zeros_like(prob.summary_k), torch.zeros_like(prob.summary_v)
+    if need_mask_grad and attn_mask is not None:
+        grads["mask"] = torch.zeros(prob.B, prob.H, rows, prob.tk * b, dtype=prob.dtype, device=q.device)
+    if need_slopes_grad and prob.slopes is not None:
+        grads["slopes"] = torch.zeros_like(prob.slopes)
+    go = prob.pad_rows(grad_out, rows)
+    o = prob.pad_rows(out, rows)
+    l = F.pad(lse.to(prob.dtype), (0, rows - prob.nq))
+    gl = F.pad(grad_lse.to(prob.dtype), (0, rows - prob.nq)) if use_lse else None
+    dq = torch.zeros_like(prob.q)
+    for t0, t1 in prob.chunks():
+        dq_rows = prob.backward_chunk(t0, t1, go, o, prob.to_chunk_rows(l, t0, t1), gl, grads)
+        dq[:, :, t0 * b:t1 * b] = prob.from_chunk_rows(dq_rows, t0, t1)
+
+    def grad_of(name, like):
+        return grads[name].to(like.dtype) if name in grads else empty
+
+    d_mask = empty
+    if "mask" in grads:   # reduce over the dimensions the mask was broadcast along
+        full = grads["mask"][:, :, :prob.nq, :prob.nk]
+        d_mask = full.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    return (dq[:, :, :prob.nq].to(q.dtype), grad_of("k", k)[:, :, :prob.nk], grad_of("v", v)[:, :, :prob.nk],
+            grad_of("sk", summary_k), grad_of("sv", summary_v), d_mask, grad_of("slopes", slopes))

@@ -1,0 +1,142 @@
+"""The executors agree: the fast CPU paths (flash on gathered key sets) against the reference executor.
+
+The reference is itself checked against the float64 oracle (test_oracle_families.py) and by
+gradcheck here, so agreement carries that correctness over to the paths users actually run.
+"""
+import itertools
+
+import pytest
+import torch
+
+import danon
+from danon.kernels import cpu, reference
+
+FAMILY_KW = {
+    "msra": dict(window=16, num_levels=2, compression_factor=2),
+    "ucsa": dict(local_window_size=16, top_k_blocks=2, global_tokens=16),
+    "dala": dict(window=16, memory_size=8),
+}
+
+
+def _inputs(H, Hkv, N, D=8, dtype=torch.float64, seed=0, pad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, N, D, dtype=dtype, generator=g)
+    k = torch.randn(2, Hkv, N, D, dtype=dtype, generator=g)
+    v = torch.randn(2, Hkv, N, D, dtype=dtype, generator=g)
+    kpm = None
+    if pad:
+        kpm = torch.rand(2, N, generator=g) > 0.3
+        kpm[1, :20] = False   # left padding: early causal queries see no key
+    return q, k, v, kpm
+
+
+def _op_args(plan, q, k, v, kpm, scale=0.3):
+    return (q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k, plan.summary_v,
+            plan.summary_count, plan.summary_pos, kpm, None, plan.slopes)
+
+
+@pytest.mark.parametrize("kind,causal,pad,Hkv", list(itertools.product(["msra", "ucsa", "dala"], [False, True],
+                                                                       [False, True], [4, 1])))
+def test_fast_path_equals_reference(kind, causal, pad, Hkv):
+    q, k, v, kpm = _inputs(4, Hkv, 150, pad=pad)
+    plan = danon.attention_plan(q, k, v, kind=kind, causal=causal, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW[kind])
+    args = _op_args(plan, q, k, v, kpm)
+    window = -1 if plan.window is None else plan.window
+    out, lse = cpu.attention_forward(*args, 0.3, causal, 16, window, None)
+    ref_out, ref_lse = reference.reference_forward(*args, 0.3, causal, 16, window, None)
+    assert not out.isnan().any()
+    assert torch.allclose(out, ref_out, atol=1e-12, rtol=0)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12, rtol=0)
+
+    grad_out = torch.randn_like(out)
+    fast = cpu.attention_backward(grad_out, torch.zeros_like(lse), *args, out, lse, 0.3, causal, 16, window, None,
+                                  True, False, False)
+    slow = reference.reference_backward(grad_out, None, *args, out, lse, 0.3, causal, 16, window, None,
+                                        True, False, False, False)
+    for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
+
+
+def _gradcheck(fn, *inputs):
+    return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _leaf(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+def test_gradcheck_learnable_alibi_slopes():
+    q, k, v = _leaf(1, 4, 40, 8), _leaf(1, 2, 40, 8), _leaf(1, 2, 40, 8)
+    slopes = torch.tensor([0.1, 0.2, 0.3, 0.05], dtype=torch.float64, requires_grad=True)
+    for causal in (False, True):
+        assert _gradcheck(lambda q, k, v, s: danon.dala_attention(q, k, v, causal=causal, block_size=16, window=16,
+                                                                  memory_size=4, slopes=s), q, k, v, slopes)
+
+
+def test_gradcheck_softcap_and_general_masks():
+    q, k, v = _leaf(1, 4, 40, 8), _leaf(1, 2, 40, 8), _leaf(1, 2, 40, 8)
+    assert _gradcheck(lambda q, k, v: danon.exact_attention(q, k, v, causal=True, softcap=2.0), q, k, v)
+    bias4 = _leaf(1, 1, 40, 40)
+    assert _gradcheck(lambda q, k, v, m: danon.exact_attention(q, k, v, attn_mask=m), q, k, v, bias4)
+    bias2 = _leaf(40, 40)
+    assert _gradcheck(lambda q, k, v, m: danon.exact_attention(q, k, v, attn_mask=m, causal=True), q, k, v, bias2)
+
+
+def test_gradcheck_through_lse():
+    q, k, v = _leaf(1, 4, 40, 8), _leaf(1, 2, 40, 8), _leaf(1, 2, 40, 8)
+
+    def out_plus_lse(q, k, v):
+        out, lse = torch.ops.danon.attention(q, k, v, None, None, None, None, None, None, None, None, None, None,
+                                             0.3, True, 16, -1, None)
+        return out.sum() + lse.sum()
+
+    assert _gradcheck(out_plus_lse, q, k, v)
+
+
+def test_opcheck_attention_op():
+    q, k, v, _ = _inputs(4, 2, 100, dtype=torch.float32)
+    plan = danon.attention_plan(q, k, v, kind="dala", causal=True, block_size=16, window=32, memory_size=8)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), plan.block_idx, plan.token_idx,
+            plan.summary_idx, plan.summary_k.detach().requires_grad_(), plan.summary_v.detach().requires_grad_(),
+            plan.summary_count, plan.summary_pos, None, None, plan.slopes, 0.25, True, 16, plan.window, None)
+    result = torch.library.opcheck(torch.ops.danon.attention.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize("kind", ["exact", "msra", "ucsa", "dala"])
+def test_compiles_fullgraph_with_inductor(kind):
+    q, k, v, _ = _inputs(4, 2, 300, D=16, dtype=torch.float32)
+    kw = {"exact": {}, **{name: dict(block_size=16, **kw) for name, kw in FAMILY_KW.items()}}[kind]
+
+    def fn(q, k, v):
+        return danon.attention(q, k, v, kind=kind, causal=True, **kw)
+
+    expected = fn(q, k, v)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    assert torch.allclose(compiled(q, k, v), expected, atol=1e-6, rtol=0)
+
+
+def test_flop_counter_sees_sparse_savings():
+    from torch.utils.flop_counter import FlopCounterMode
+    q, k, v, _ = _inputs(1, 1, 1024, D=16, dtype=torch.float32)
+    counts = {}
+    for kind, kw in [("exact", {}), ("msra", dict(window=64, block_size=16))]:
+        with FlopCounterMode(display=False) as counter:
+            danon.attention(q, k, v, kind=kind, causal=True, **kw)
+        counts[kind] = counter.get_total_flops()
+    # exact causal: 2 matmuls over ~N/2 keys per query
+    assert counts["exact"] == 2 * 2 * 1024 * 512 * (16 + 16)   # B = 2, causal: N/2 keys per query
+    assert 0 < counts["msra"] < counts["exact"] / 2
+
+
+def test_attn_mask_with_a_sparse_plan_is_refused():
+    q, k, v, _ = _inputs(2, 2, 64, dtype=torch.float32)
+    plan = danon.attention_plan(q, k, v, kind="msra", block_size=16, window=16)
+    with pytest.raises(ValueError, match="attn_mask"):
+        cpu.attention_forward(q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k,
+                              plan.summary_v, plan.summary_count, plan.summary_pos, None,
+                              torch.zeros(64, 64), None, 0.3, False, 16, plan.window, None)
