@@ -67,6 +67,9 @@ class GatheredPlan:
         self.k_pad = _pad_rows(k.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, D)
         self.v_pad = _pad_rows(v.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, self.Dv)
         self.grad_k = self.grad_v = None
+        # an empty list (capacity 0) is no part at all: the flash kernel cannot take zero keys
+        block_idx, token_idx, summary_idx = (None if x is None or x.shape[-1] == 0 else x
+                                             for x in (block_idx, token_idx, summary_idx))
         self.parts = []
         self.keys_per_block = 0
         if window is not None:
@@ -363,6 +366,8 @@ def gathered_forward(gp: GatheredPlan):
             if offset is not None:
                 l = l + offset
             o_acc, l_acc = (o, l) if o_acc is None else _merge(o_acc, l_acc, o, l)
+        if o_acc is None:   # a plan that lists no key at all
+            o_acc, l_acc = torch.zeros_like(out[t0:t1]), torch.full_like(lse[t0:t1, ..., 0], NEG_INF)
         out[t0:t1] = o_acc
         lse[t0:t1] = l_acc[..., None]
     return gp.to_output(out), gp.to_output(lse)[..., 0]

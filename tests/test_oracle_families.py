@@ -182,6 +182,8 @@ def test_family_custom_scale(kind):
     ("ucsa", dict(local_window_size=32, global_tokens=16, top_k_blocks=2, compress=False)),
     ("ucsa", dict(local_window_size=1, global_tokens=32, top_k_blocks=1)),
     ("ucsa", dict(local_window_size=48, global_tokens=0, top_k_blocks=3)),
+    ("ucsa", dict(local_window_size=16, global_tokens=16, top_k_blocks=0)),
+    ("ucsa", dict(local_window_size=16, global_tokens=0, top_k_blocks=0)),
     ("msra", dict(window=32, num_levels="auto", compression_factor=2)),
     ("msra", dict(window=16, num_levels=1, compression_factor=3)),
     ("msra", dict(window=16, num_levels=3, compression_factor=2)),

@@ -66,7 +66,8 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         top_val, top_idx = torch.topk(score, top_k, dim=-1)
         chosen = torch.zeros_like(exact).scatter(-1, top_idx, top_val > float("-inf"))
         exact = exact | chosen
-    plan = Plan("ucsa", b, causal, nq, nk, window=w, block_idx=compact(exact, g + top_k), key_block_counts=counts)
+    listed = compact(exact, g + top_k) if g + top_k > 0 else None
+    plan = Plan("ucsa", b, causal, nq, nk, window=w, block_idx=listed, key_block_counts=counts)
     if compress:
         rest = ~exact & ~near[None, None] & past[None, None] & has_keys
         plan.summary_idx = compact(rest, tk)
