@@ -10,11 +10,15 @@ from danon import ops  # registers the danon::attention op  # noqa: F401
 from danon.attention import Plan, alibi_slopes
 from danon.functional import (KINDS, attention, attention_plan, dala_attention, exact_attention, msra_attention,
                               plan_coverage, ucsa_attention)
+from danon.compile_config import DanonConfig
+from danon.report import CompileReport, SiteReport
+from danon.backend import danon_backend, explain
 
 __version__ = "0.1.0"
 
 __all__ = ["KINDS", "Plan", "alibi_slopes", "attention", "attention_plan", "dala_attention", "exact_attention",
-           "msra_attention", "plan_coverage", "ucsa_attention"]
+           "msra_attention", "plan_coverage", "ucsa_attention", "DanonConfig", "CompileReport", "SiteReport",
+           "danon_backend", "explain"]
 
 try:  # configs, modules and model factories
     from danon.config import DALAConfig, DenseConfig, MSRAConfig, SuperHybridConfig, UCSAConfig

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from danon import _checks as checks
 from danon.attention import Plan, dala_plan, exact_plan, msra_plan, plan_coverage, ucsa_plan
 from danon.ops import run_plan
 
-__all__ = ["exact_attention", "ucsa_attention", "msra_attention", "dala_attention", "attention", "attention_plan",
+__all__ = ["check_family_options", "exact_attention", "ucsa_attention", "msra_attention", "dala_attention", "attention", "attention_plan",
            "plan_coverage", "KINDS"]
 
 KINDS = ("exact", "ucsa", "msra", "dala")
@@ -67,6 +68,19 @@ def _dala_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_si
 
 _PLANNERS = {"exact": _exact_plan_checked, "ucsa": _ucsa_plan_checked, "msra": _msra_plan_checked,
              "dala": _dala_plan_checked}
+
+
+def check_family_options(kind: str, options: dict) -> None:
+    """Raise the functional op's own error for a bad family keyword, without real inputs.
+
+    Example:
+        >>> check_family_options("msra", {"window": -1})
+        Traceback (most recent call last):
+        ...
+        ValueError: window must be an integer >= 0, got -1
+    """
+    probe = torch.ones(1, 1, 16, 8)
+    attention_plan(probe, probe, kind=kind, **options)
 
 
 def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: str = "exact", **family_keywords) -> Plan:

@@ -1,0 +1,191 @@
+"""The danon torch.compile backend on SDPA sites: replaced, reported, and equal to eager."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import danon
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles the same forward many times: start from an empty Dynamo cache."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+class SDPA(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v, mask=None):
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, **self.kw)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.kw)
+
+
+def _qkv(H=4, Hkv=4, N=64, D=16, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(2, h, N, D, generator=g) for h in (H, Hkv, Hkv)]
+    return [x.requires_grad_(grad) for x in t]
+
+
+CASES = {
+    "causal": (dict(is_causal=True), None, 4),
+    "no mask": (dict(), None, 4),
+    "bool mask": (dict(), "bool", 4),
+    "float mask": (dict(), "float", 4),
+    "scale": (dict(is_causal=True, scale=0.3), None, 4),
+    "gqa": (dict(is_causal=True, enable_gqa=True), None, 2),
+    "dropout 0": (dict(dropout_p=0.0, is_causal=True), None, 4),
+}
+
+
+def _mask(kind, N=64):
+    g = torch.Generator().manual_seed(1)
+    if kind == "bool":
+        m = torch.rand(2, 1, N, N, generator=g) > 0.3
+        m[..., 0] = True
+        return m
+    if kind == "float":
+        return torch.randn(1, 4, N, N, generator=g)
+    return None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sdpa_sites_run_exact_and_equal_eager(case):
+    kw, mask_kind, Hkv = CASES[case]
+    module = SDPA(**kw)
+    q, k, v = _qkv(Hkv=Hkv, grad=True)
+    mask = _mask(mask_kind)
+    args = (q, k, v) if mask is None else (q, k, v, mask)
+    expected = module(*args)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    report = danon.explain(module, *args, target="eager")
+    assert [s.replaced for s in report.sites] == [True], str(report)
+    assert report.sites[0].family == "exact"
+    assert report.sites[0].mask == ("causal" if kw.get("is_causal") else "none" if mask is None else "general")
+    compiled = torch.compile(module, backend="danon", options={"target": "eager"})
+    out = compiled(*args)
+    assert _rel(out, expected) < 1e-5
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for g, e in zip(grads, expected_grads):
+        assert _rel(g, e) < 1e-5
+
+
+def test_inductor_target_compiles_the_rewritten_graph():
+    module = SDPA(is_causal=True, enable_gqa=True)
+    q, k, v = _qkv(Hkv=2)
+    out = torch.compile(module, backend="danon")(q, k, v)
+    assert _rel(out, module(q, k, v)) < 1e-5
+
+
+def test_sparse_family_applies_and_equals_the_functional_op():
+    module = SDPA(is_causal=True)
+    q, k, v = _qkv(N=512)
+    options = dict(attention="msra", window=64, block_size=16, num_levels=2, min_seq_len=0, target="eager")
+    report = danon.explain(module, q, k, v, **options)
+    assert report.sites[0].family == "msra" and report.sites[0].replaced
+    assert report.sites[0].flops_after < report.sites[0].flops_before / 2
+    out = torch.compile(module, backend="danon", options=options)(q, k, v)
+    expected = danon.msra_attention(q, k, v, causal=True, window=64, block_size=16, num_levels=2)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert _rel(out, module(q, k, v)) > 1e-3      # genuinely sparse, not exact
+
+
+def test_short_sequences_stay_exact_below_min_seq_len():
+    module = SDPA(is_causal=True)
+    q, k, v = _qkv(N=128)
+    options = dict(attention="dala", target="eager")           # min_seq_len defaults to 2048
+    report = danon.explain(module, q, k, v, **options)
+    assert "min_seq_len" in report.sites[0].reason
+    out = torch.compile(module, backend="danon", options=options)(q, k, v)
+    assert _rel(out, module(q, k, v)) < 1e-5
+
+
+def test_general_mask_with_a_sparse_family_runs_exact():
+    module = SDPA()
+    q, k, v = _qkv()
+    report = danon.explain(module, q, k, v, _mask("float"), attention="ucsa", min_seq_len=0, target="eager")
+    assert report.sites[0].family == "exact" and "mask" in report.sites[0].reason
+
+
+def test_kept_sites_say_why():
+    q, k, v = _qkv()
+    report = danon.explain(SDPA(dropout_p=0.1, is_causal=True), q, k, v, target="eager")
+    assert not report.sites[0].replaced and "dropout" in report.sites[0].reason
+    report = danon.explain(SDPA(is_causal=True), q, k, v, attention="keep", target="eager")
+    assert not report.sites[0].replaced and "keep" in report.sites[0].reason
+    text = str(report)
+    assert "kept" in text and "0 of 1" in text
+    assert report.to_dict()["sites"][0]["source"] == "sdpa"
+
+
+def test_bad_options_fail_at_compile_time_naming_the_key():
+    q, k, v = _qkv()
+    with pytest.raises(Exception, match="atention"):
+        torch.compile(SDPA(), backend="danon", options={"atention": "msra"})(q, k, v)
+    with pytest.raises(Exception, match="attention"):
+        torch.compile(SDPA(), backend="danon", options={"attention": "sparse"})(q, k, v)
+    with pytest.raises(Exception, match="window"):
+        torch.compile(SDPA(), backend="danon", options={"attention": "msra", "window": -3})(q, k, v)
+    with pytest.raises(Exception, match="local_window_size"):
+        torch.compile(SDPA(), backend="danon", options={"attention": "msra", "local_window_size": 64})(q, k, v)
+
+
+def test_dynamic_sequence_length_compiles_once():
+    module = SDPA(is_causal=True)
+    compiled_graphs = []
+
+    def backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return danon.danon_backend(gm, example_inputs, {"target": "eager"})
+
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    for n in (64, 80, 100):
+        q, k, v = _qkv(N=n)
+        assert _rel(compiled(q, k, v), module(q, k, v)) < 1e-5
+    assert len(compiled_graphs) == 1
+
+
+def test_explain_says_when_nothing_was_compiled(monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    module = SDPA(is_causal=True)
+    q, k, v = _qkv()
+    danon.explain(module, q, k, v, target="eager")
+    with pytest.raises(RuntimeError, match="reset"):
+        danon.explain(module, q, k, v, attention="keep", target="eager")
+
+
+def test_backend_by_name_in_a_fresh_interpreter():
+    code = ("import torch, torch.nn.functional as F, sys\n"
+            "f = lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True)\n"
+            "q = torch.randn(1, 2, 64, 8)\n"
+            "out = torch.compile(f, backend='danon', options={'target': 'eager'})(q)\n"
+            "assert 'danon' not in sys.modules or torch.allclose(out, f(q), atol=1e-6)\n"
+            "print('ok', torch.allclose(out, f(q), atol=1e-6))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok True"
+
+
+def test_a_danon_dense_model_compiles_with_a_sparse_family():
+    torch.manual_seed(0)
+    model = danon.create_dense_model(hidden_size=64, num_heads=4, num_layers=2, vocab_size=100).eval()
+    ids = torch.randint(0, 100, (1, 256))
+    options = dict(attention="msra", window=32, block_size=16, num_levels=2, min_seq_len=0, target="eager")
+    with torch.no_grad():
+        report = danon.explain(model, ids, **options)
+        assert len(report.sites) == 2 and all(s.family == "msra" for s in report.sites), str(report)
+        out = torch.compile(model, backend="danon", options=options)(ids)
+        exact = torch.compile(model, backend="danon", options={"target": "eager"})(ids)
+    assert _rel(exact, model(ids)) < 1e-5
+    assert _rel(out, model(ids)) > 1e-4
