@@ -1,32 +1,33 @@
 """The attention pass: find each attention site in a Dynamo FX graph and replace it with danon's.
 
-GraphModule in, GraphModule out, plus one report row per site. A site is replaced only when the
-replacement is provably the same function (or the user asked for a sparse family and the site
-qualifies); every site kept says why.
-
-Recognised today: calls of `F.scaled_dot_product_attention` (masks: none, causal, and any other
-bool or float mask as a general mask for the exact family). Hand-written matmul-softmax-matmul
-chains, `nn.MultiheadAttention` and mask provenance (key padding, sliding window) are the next
-steps of this pass.
+GraphModule in, GraphModule out, plus one report row per site. Recognisers (passes/sdpa.py, and
+the next ones: hand-written chains, module calls) turn graph patterns into `Site`s; mask
+classification (passes/masks.py, when present) says what each mask is; this driver decides the
+family and replaces the site's output with a call of `danon.sites.attention_site`. A site is
+replaced only when the replacement is the same function (or the user asked for a sparse family
+and the site qualifies); every site kept says why.
 """
 from __future__ import annotations
 
-import numbers
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from danon.compile_config import DanonConfig
 from danon.functional import attention_plan
 from danon.report import SiteReport
 from danon.sites import attention_site
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+from .inputs import normalize_kv
+from .manual import find_manual_sites
+from .masks import classify_mask
+from .modules import expand_module_calls
+from .sdpa import find_sdpa_sites
+from .sites import Site
+
 SPARSE = ("ucsa", "msra", "dala")
+SPARSE_MASKS = ("none", "causal", "key_padding", "causal+key_padding")
 
 
 def _hint(x) -> int:
@@ -34,10 +35,6 @@ def _hint(x) -> int:
     if isinstance(x, torch.SymInt):
         return x.node.hint if x.node.hint is not None else -1
     return int(x)
-
-
-def _value(node) -> Optional[torch.Tensor]:
-    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
 def _location(node: fx.Node) -> str:
@@ -54,74 +51,88 @@ def _location(node: fx.Node) -> str:
         return last
 
 
-def _sdpa_arguments(node: fx.Node) -> dict:
-    args = dict(SDPA_DEFAULTS)
-    args.update(zip(SDPA_PARAMS, node.args))
-    args.update(node.kwargs)
-    return args
+def find_sites(gm: fx.GraphModule) -> List[Site]:
+    """Every attention site the recognisers find, with k/v normalised and masks classified."""
+    kept_modules = expand_module_calls(gm)          # module calls become projections + SDPA
+    sites = find_sdpa_sites(gm) + find_manual_sites(gm)
+    for site in sites:
+        if site.kept is None:
+            normalize_kv(gm, site)
+            classify_mask(gm, site)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    return sorted(sites + kept_modules, key=lambda s: order.get(s.node, -1))
 
 
-def _decide(args: dict, config: DanonConfig):
-    """(family or None, mask class, reason) for one SDPA site."""
-    q, k, v, mask = (_value(args[n]) for n in ("query", "key", "value", "attn_mask"))
-    if isinstance(args["is_causal"], fx.Node) or not isinstance(args["is_causal"], bool):
-        return None, "unknown", "is_causal is computed at run time"
-    mask_class = "causal" if args["is_causal"] else "none"
-    if args["attn_mask"] is not None:
-        if mask is None:
-            return None, "unknown", "attn_mask has no traced value"
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            return None, "general", f"a mask of dtype {mask.dtype} (integer masks are not attention masks)"
-        if args["is_causal"]:
-            return None, "general", "attn_mask together with is_causal (SDPA itself rejects it)"
-        mask_class = "general"
+def decide(site: Site, config: DanonConfig) -> Tuple[Optional[str], Optional[str]]:
+    """(family or None when kept, reason) for one site."""
+    if site.kept:
+        return None, site.kept
     if config.attention == "keep":
-        return None, mask_class, "attention='keep'"
-    dropout = args["dropout_p"]
-    if isinstance(dropout, fx.Node) or not isinstance(dropout, numbers.Real):
-        return None, mask_class, "dropout_p is computed at run time"
-    if dropout > 0:
-        return None, mask_class, f"dropout inside attention (p={dropout}) is not part of the op yet"
-    if args["scale"] is not None and (isinstance(args["scale"], fx.Node) or not isinstance(args["scale"], numbers.Real)):
-        return None, mask_class, "scale is a tensor"
+        return None, "attention='keep'"
+    q, k, v = site.value("q"), site.value("k"), site.value("v")
     if any(x is None for x in (q, k, v)) or any(x.dim() != 4 for x in (q, k, v)):
-        return None, mask_class, "q, k, v are not all 4-D [B, H, N, D] tensors"
+        return None, "q, k, v are not all 4-D [B, H, N, D] tensors"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return None, mask_class, f"dtype {q.dtype} is not supported"
-    H, Hkv = _hint(q.shape[1]), _hint(k.shape[1])
-    if H != Hkv and (not args["enable_gqa"] or H % Hkv):
-        return None, mask_class, f"{H} query heads and {Hkv} kv heads without enable_gqa"
+        return None, f"dtype {q.dtype} is not supported"
     if config.attention in SPARSE:
-        if mask_class not in ("none", "causal"):
-            return "exact", mask_class, f"{config.attention} needs no mask or a causal one; runs exact"
+        if site.mask_class not in SPARSE_MASKS or site.mask is not None or site.softcap is not None:
+            return "exact", f"{config.attention} applies to no / causal / key-padding masks without softcap; runs exact"
         if _hint(q.shape[2]) != _hint(k.shape[2]):
-            return "exact", mask_class, f"{config.attention} needs self-attention (Nq = Nk); runs exact"
+            return "exact", f"{config.attention} needs self-attention (Nq = Nk); runs exact"
         if _hint(k.shape[2]) < config.min_seq_len:
-            return config.attention, mask_class, f"key length {_hint(k.shape[2])} < min_seq_len: runs exact"
-        return config.attention, mask_class, None
-    return "exact", mask_class, None
+            return config.attention, f"key length {_hint(k.shape[2])} < min_seq_len: runs exact"
+        return config.attention, None
+    return "exact", None
 
 
-def _cost(args: dict, family: Optional[str], mask_class: str, config: DanonConfig):
+def _cost(site: Site, family: Optional[str], config: DanonConfig):
     """(keys per query, FLOPs before, FLOPs after) from the traced shapes."""
-    q, k = _value(args["query"]), _value(args["key"])
+    q, k = site.value("q"), site.value("k")
     if q is None or k is None or q.dim() != 4:
         return None, None, None
     B, H, nq, D = (_hint(s) for s in q.shape)
     nk = _hint(k.shape[2])
-    causal = mask_class == "causal"
-    dense_keys = nk / 2 if causal else nk
+    dense_keys = nk / 2 if site.causal else nk
     before = 4.0 * B * H * nq * dense_keys * D
     if family in SPARSE and nk >= config.min_seq_len:
         meta_q = torch.empty(B, H, nq, D, device="meta")
         meta_k = torch.empty(B, _hint(k.shape[1]), nk, D, device="meta")
         try:
-            keys = float(attention_plan(meta_q, meta_k, kind=family, causal=causal,
+            keys = float(attention_plan(meta_q, meta_k, kind=family, causal=site.causal,
                                         **config.family_options).keys_per_query())
         except Exception:   # a plan that cannot be built on meta tensors: no estimate rather than a wrong one
             return None, before, None
         return keys, before, 4.0 * B * H * nq * min(keys, nk) * D
     return dense_keys, before, before
+
+
+def _report_row(site: Site, family, reason, config) -> SiteReport:
+    q, k = site.value("q"), site.value("k")
+    keys, before, after = _cost(site, family, config)
+    return SiteReport(
+        location=_location(site.node), source=site.source, mask=site.mask_class, family=family,
+        replaced=family is not None, reason=reason,
+        q_shape=tuple(_hint(s) for s in q.shape) if q is not None else (),
+        k_shape=tuple(_hint(s) for s in k.shape) if k is not None else (),
+        dtype=str(q.dtype).replace("torch.", "") if q is not None else "", keys_per_query=keys,
+        flops_before=before, flops_after=after if family is not None else before)
+
+
+def _replace(gm: fx.GraphModule, site: Site, family: str, config: DanonConfig) -> None:
+    kwargs = {"family": family, "causal": site.causal, "attn_mask": site.mask, "scale": site.scale,
+              "min_seq_len": config.min_seq_len}
+    if site.key_padding is not None:
+        kwargs["key_padding_mask"] = site.key_padding
+    if site.window is not None:
+        kwargs["sliding_window"] = site.window
+    if site.softcap is not None:
+        kwargs["softcap"] = site.softcap
+    if family in SPARSE:
+        kwargs.update(config.family_options)
+    with gm.graph.inserting_before(site.node):
+        new = gm.graph.call_function(attention_site, (site.q, site.k, site.v), kwargs)
+    new.meta = dict(site.node.meta)
+    site.node.replace_all_uses_with(new)
 
 
 def rewrite_attention(gm: fx.GraphModule, config: DanonConfig):
@@ -130,7 +141,6 @@ def rewrite_attention(gm: fx.GraphModule, config: DanonConfig):
     Example:
         >>> import torch, torch.nn.functional as F
         >>> from danon.compile_config import DanonConfig
-from danon.functional import attention_plan
         >>> class Attn(torch.nn.Module):
         ...     def forward(self, q, k, v):
         ...         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -145,34 +155,15 @@ from danon.functional import attention_plan
         (True, 'causal', 'exact')
     """
     rows = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in SDPA_TARGETS:
-            continue
-        args = _sdpa_arguments(node)
-        family, mask_class, reason = _decide(args, config)
-        q, k = _value(args["query"]), _value(args["key"])
-        keys, before, after = _cost(args, family, mask_class, config)
-        rows.append(SiteReport(
-            location=_location(node), source="sdpa", mask=mask_class, family=family, replaced=family is not None,
-            reason=reason, q_shape=tuple(_hint(s) for s in q.shape) if q is not None else (),
-            k_shape=tuple(_hint(s) for s in k.shape) if k is not None else (),
-            dtype=str(q.dtype).replace("torch.", "") if q is not None else "", keys_per_query=keys,
-            flops_before=before, flops_after=after if family is not None else before))
-        if family is None:
-            continue
-        kwargs = {"family": family, "causal": mask_class == "causal", "attn_mask": args["attn_mask"],
-                  "scale": None if args["scale"] is None else float(args["scale"]),
-                  "min_seq_len": config.min_seq_len}
-        if family in SPARSE:
-            kwargs.update(config.family_options)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(attention_site, (args["query"], args["key"], args["value"]), kwargs)
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+    for site in find_sites(gm):
+        family, reason = decide(site, config)
+        rows.append(_report_row(site, family, reason, config))
+        if family is not None:
+            _replace(gm, site, family, config)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return gm, rows
 
 
-__all__ = ["rewrite_attention", "SDPA_TARGETS"]
+__all__ = ["rewrite_attention", "find_sites", "decide"]

@@ -1,0 +1,48 @@
+"""What the recognisers hand the attention pass: one `Site` per attention computation found in a graph."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+
+@dataclasses.dataclass
+class Site:
+    """An attention computation in a Dynamo FX graph, proven equal to softmax attention.
+
+    out = softmax(scale * q k^T [softcapped] + mask) v, with q [B, H, Nq, D] and k, v [B, Hkv, Nk, D].
+
+    node: the node whose value is the attention output [B, H, Nq, Dv]; the pass replaces its uses.
+    q, k, v: nodes of the 4-D inputs. When the graph repeats kv heads (repeat_kv), k and v are the
+        nodes before the repeat (Hkv heads), so no repeated heads are materialised.
+    causal: the causal mask (top-left aligned, j <= i) applies.
+    key_padding: a node of a bool [B, Nk] mask (True = attend), or None.
+    mask: a node of any other mask, bool (True = attend) or additive float, broadcastable to
+        [B, H, Nq, Nk]; or None.
+    mask_class: "none" | "causal" | "key_padding" | "causal+key_padding" | "sliding_window" | "general".
+    window: for sliding_window, w such that query i sees keys i - w < j <= i.
+    scale: a Python float, or None for 1/sqrt(D).
+    softcap: c for logits c * tanh(logits / c), or None.
+    kept: None when the site can be replaced; else the reason it must stay as it is.
+    """
+
+    node: fx.Node
+    source: str                                  # "sdpa" | "manual" | "module"
+    q: Optional[fx.Node] = None
+    k: Optional[fx.Node] = None
+    v: Optional[fx.Node] = None
+    causal: bool = False
+    key_padding: Optional[fx.Node] = None
+    mask: Optional[fx.Node] = None
+    mask_class: str = "none"
+    window: Optional[int] = None
+    scale: Optional[float] = None
+    softcap: Optional[float] = None
+    kept: Optional[str] = None
+
+    def value(self, name: str) -> Optional[torch.Tensor]:
+        """The traced example value of q, k, v or mask (Dynamo's node.meta['example_value'])."""
+        node = getattr(self, name)
+        return node.meta.get("example_value") if isinstance(node, fx.Node) else None
