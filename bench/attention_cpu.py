@@ -13,28 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine, reset_peak, run_cell, status_kib  # noqa: E402
+
 FAMILIES = ["sdpa", "msra", "dala", "ucsa"]
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    """Reset VmHWM to the current resident size (Linux: write 5 to /proc/self/clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def worker(family: str, n: int, repeats: int) -> dict:
@@ -56,10 +43,10 @@ def worker(family: str, n: int, repeats: int) -> dict:
         F.scaled_dot_product_attention(*small, is_causal=True)
     else:
         danon.attention(*small, kind=family, causal=True)
-    _reset_peak()
-    base = _status_kib("VmRSS")
+    reset_peak()
+    base = status_kib("VmRSS")
     out = run()
-    peak = (_status_kib("VmHWM") - base) * 1024
+    peak = (status_kib("VmHWM") - base) * 1024
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -90,24 +77,6 @@ def _dense_alibi(q, k, v, slopes, rows: int = 512):
         bias = bias.masked_fill(dist < 0, float("-inf"))
         out[:, :, r0:r0 + len(i)] = F.scaled_dot_product_attention(q[:, :, i], k, v, attn_mask=bias)
     return out
-
-
-def run_cell(family: str, n: int, repeats: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", family, str(n), "--repeats", str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
 
 
 def report(cells: list, seq_lens: list, command: str) -> str:
@@ -172,7 +141,7 @@ def main(argv=None) -> None:
     cells = []
     jobs = [(fam, n) for n in args.seq_lens for fam in FAMILIES]
     for fam, n in tqdm(jobs, desc="attention_cpu"):
-        cells.append(run_cell(fam, n, args.repeats))
+        cells.append(run_cell(__file__, [fam, n, "--repeats", args.repeats]))
     command = "python bench/attention_cpu.py " + " ".join(sys.argv[1:])
     text = report(cells, args.seq_lens, command.strip())
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

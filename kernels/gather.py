@@ -59,7 +59,7 @@ class GatheredPlan:
         self.tq, self.tk = -(-nq // b), -(-nk // b)
         dev = q.device
         self.q = _pad_rows(q.to(dt), 0, self.tq * b - nq)
-        self.q_blocks = self.q.view(B * H, self.tq, b, D).transpose(0, 1)                 # [Tq, B*H, b, D] view
+        self.q_blocks = self.q.reshape(B * H, self.tq, b, D).transpose(0, 1)              # [Tq, B*H, b, D]
         key_ok = torch.ones(B, nk, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask.bool()
         self.key_ok = key_ok
         self.block_start = torch.arange(self.tq, device=dev) * b                           # [Tq]

@@ -140,3 +140,18 @@ def test_attn_mask_with_a_sparse_plan_is_refused():
         cpu.attention_forward(q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k,
                               plan.summary_v, plan.summary_count, plan.summary_pos, None,
                               torch.zeros(64, 64), None, 0.3, False, 16, plan.window, None)
+
+
+@pytest.mark.parametrize("kind", ["exact", "msra", "ucsa", "dala"])
+def test_non_contiguous_and_shared_inputs(kind):
+    """The usual [B, N, H, D] -> transpose(1, 2) layout, and q, k, v being one tensor, forward and backward."""
+    kw = {"exact": {}, **{name: dict(block_size=16, **kw) for name, kw in FAMILY_KW.items()}}[kind]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 128, 4, 8, generator=g).transpose(1, 2).requires_grad_()       # N multiple of the block
+    assert not x.is_contiguous()
+    out = danon.attention(x, x, x, kind=kind, causal=True, **kw)
+    ref = danon.attention(x.detach().contiguous(), x.detach().contiguous(), x.detach().contiguous(), kind=kind,
+                          causal=True, **kw)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

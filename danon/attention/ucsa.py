@@ -58,7 +58,7 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     kbar = means(k_sums, counts[:, None, :])
     exact = fixed.expand(B, Hkv, tq, tk)                               # listed blocks (the near ones are the window)
     if top_k > 0:
-        q_sum = F.pad(q.to(summary_dtype(q)), (0, 0, 0, tq * b - nq)).view(B, H, tq, b, D).sum(-2)
+        q_sum = F.pad(q.to(summary_dtype(q)), (0, 0, 0, tq * b - nq)).reshape(B, H, tq, b, D).sum(-2)
         q_rows = torch.clamp(nq - torch.arange(tq, device=dev) * b, max=b).to(q_sum.dtype)
         qbar = (q_sum / q_rows[:, None]).view(B, Hkv, H // Hkv, tq, D).sum(2)   # summed over the group
         score = qbar @ kbar.transpose(-1, -2)                          # [B, Hkv, Tq, Tk]
