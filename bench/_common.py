@@ -42,3 +42,36 @@ def run_cell(script: str, args: list) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"benchmark cell {args} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_main(script: str, doc: str, columns: tuple, default_seq_lens: list, worker, report, argv=None) -> None:
+    """The command line both benchmarks share: run every (column, N) cell in a subprocess, write .md and .json.
+
+    `worker(name, n, repeats) -> dict` measures one cell; `report(cells, seq_lens, command) -> str` formats them.
+    """
+    import argparse
+    name = os.path.splitext(os.path.basename(script))[0]
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=default_seq_lens)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(script)), "results", name + ".md"))
+    parser.add_argument("--worker", nargs=2, metavar=("NAME", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats)))
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:   # progress bar only with the bench extra
+        def tqdm(x, **_):
+            return x
+    jobs = [(c, n) for n in args.seq_lens for c in columns]
+    cells = [run_cell(script, [c, n, "--repeats", args.repeats]) for c, n in tqdm(jobs, desc=name)]
+    command = (f"python bench/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    text = report(cells, args.seq_lens, command)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"machine": machine(), "command": command, "cells": cells}, f, indent=1)
+    print(text)

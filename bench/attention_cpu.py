@@ -10,8 +10,6 @@ Error is ||out - exact|| / ||exact|| against SDPA on the same inputs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -19,7 +17,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, reset_peak, run_cell, status_kib  # noqa: E402
+from _common import bench_main, machine, reset_peak, status_kib  # noqa: E402
 
 FAMILIES = ["sdpa", "msra", "dala", "ucsa"]
 
@@ -123,33 +121,7 @@ def report(cells: list, seq_lens: list, command: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "attention_cpu.md"))
-    parser.add_argument("--worker", nargs=2, metavar=("FAMILY", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats)))
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:   # progress bar only with the bench extra
-        def tqdm(x, **_):
-            return x
-    cells = []
-    jobs = [(fam, n) for n in args.seq_lens for fam in FAMILIES]
-    for fam, n in tqdm(jobs, desc="attention_cpu"):
-        cells.append(run_cell(__file__, [fam, n, "--repeats", args.repeats]))
-    command = "python bench/attention_cpu.py " + " ".join(sys.argv[1:])
-    text = report(cells, args.seq_lens, command.strip())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": command, "cells": cells}, f, indent=1)
-    print(text)
+    bench_main(__file__, __doc__, FAMILIES, [1024, 4096, 8192, 16384, 32768], worker, report, argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ float64 on the same weights).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,7 +18,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, reset_peak, run_cell, status_kib  # noqa: E402
+from _common import bench_main, machine, reset_peak, status_kib  # noqa: E402
 
 BACKENDS = ["eager", "inductor", "danon-exact", "danon-msra", "danon-dala", "danon-ucsa"]
 MODEL = dict(hidden_size=256, num_heads=8, num_layers=4, vocab_size=1000)
@@ -94,31 +92,7 @@ def report(cells: list, seq_lens: list, command: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                      "backends_cpu.md"))
-    parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.repeats)))
-        return
-    try:
-        from tqdm import tqdm
-    except ImportError:   # progress bar only with the bench extra
-        def tqdm(x, **_):
-            return x
-    jobs = [(b, n) for n in args.seq_lens for b in BACKENDS]
-    cells = [run_cell(__file__, [b, n, "--repeats", args.repeats]) for b, n in tqdm(jobs, desc="backends_cpu")]
-    command = ("python bench/backends_cpu.py " + " ".join(sys.argv[1:])).strip()
-    text = report(cells, args.seq_lens, command)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": command, "cells": cells}, f, indent=1)
-    print(text)
+    bench_main(__file__, __doc__, BACKENDS, [1024, 4096, 16384], worker, report, argv)
 
 
 if __name__ == "__main__":

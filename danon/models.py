@@ -25,11 +25,9 @@ Factories take a config object or keywords (or a config plus keyword overrides):
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

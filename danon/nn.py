@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch

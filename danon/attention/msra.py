@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_blocks, near_spans, num_blocks,
+from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_spans, num_blocks,
                      strictly_past, window_blocks)
 from .plan import Plan
 

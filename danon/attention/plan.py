@@ -114,7 +114,6 @@ def plan_coverage(plan: Plan) -> dict:
     if plan.is_dense:
         return {"exact": 1.0, "summary": 0.0, "skipped": 0.0}
     counts = plan.key_block_counts  # [B, Tk]
-    b = plan.block_size
     Tq = plan.num_query_blocks
     counts_f = counts.to(torch.float64)
     if plan.causal:
