@@ -93,8 +93,8 @@ def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: st
         >>> import torch, danon
         >>> q = torch.randn(1, 2, 512, 16)
         >>> plan = danon.attention_plan(q, q, kind="msra", causal=True, block_size=16, window=32)
-        >>> plan.kind, plan.block_idx.shape
-        ('msra', torch.Size([1, 2, 32, 3]))
+        >>> plan.kind, plan.window, plan.summary_idx.shape[:3]
+        ('msra', 2, torch.Size([1, 2, 32]))
     """
     checks.check_choice("kind", kind, KINDS)
     family_keywords.pop("scale", None)
