@@ -20,11 +20,15 @@ __all__ = ["check_family_options", "exact_attention", "ucsa_attention", "msra_at
 KINDS = ("exact", "ucsa", "msra", "dala")
 
 
-def _exact_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_size=64):
+def _exact_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, sliding_window=None):
     checks.check_qkv(q, k, v, self_attention=False)
     checks.check_block_size(block_size)
     kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
-    return exact_plan(q, k, causal=bool(causal), key_padding_mask=kpm, block_size=block_size)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window must be an integer >= 1 or None, got {sliding_window!r}")
+    return exact_plan(q, k, causal=bool(causal), key_padding_mask=kpm, block_size=block_size,
+                      sliding_window=sliding_window)
 
 
 def _ucsa_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, local_window_size=512,
@@ -103,11 +107,14 @@ def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: st
 
 def exact_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
                     key_padding_mask: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                    scale: Optional[float] = None, softcap: Optional[float] = None) -> Tensor:
+                    scale: Optional[float] = None, softcap: Optional[float] = None,
+                    sliding_window: Optional[int] = None, block_size: int = 64) -> Tensor:
     """Exact softmax attention; equals F.scaled_dot_product_attention (GQA native, no repeated heads).
 
     attn_mask: bool (True = attend) or additive float, broadcastable to [B, H, Nq, Nk].
     softcap: logits become softcap * tanh(logits / softcap) before masking (Gemma-style).
+    sliding_window: w such that query i sees key j only if |i - j| < w (and j <= i with causal), as
+    Mistral's sliding window; runs banded in O(N w), not as an N x N mask. Not with attn_mask.
     Causal masking is top-left aligned like SDPA's is_causal. A query that sees no key returns 0.
 
     Example:
@@ -116,8 +123,11 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         >>> danon.exact_attention(q, k, v, causal=True).shape
         torch.Size([2, 4, 100, 32])
     """
-    plan = _exact_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    plan = _exact_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
+                               sliding_window=sliding_window)
     attn_mask = checks.check_attn_mask(attn_mask, q, k)
+    if attn_mask is not None and sliding_window is not None:
+        raise ValueError("exact_attention takes attn_mask or sliding_window, not both: fold the window into the mask")
     return run_plan(q, k, v, plan, scale=checks.check_scale(scale, q.shape[-1]), key_padding_mask=key_padding_mask,
                     attn_mask=attn_mask, softcap=checks.check_softcap(softcap))
 

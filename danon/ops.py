@@ -26,30 +26,32 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Optional[Tensor], t
                  summary_idx: Optional[Tensor], summary_k: Optional[Tensor], summary_v: Optional[Tensor],
                  summary_count: Optional[Tensor], summary_pos: Optional[Tensor],
                  key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], slopes: Optional[Tensor],
-                 scale: float, causal: bool, block_size: int, window: int,
+                 scale: float, causal: bool, block_size: int, window: int, band: int,
                  softcap: Optional[float]) -> tuple[Tensor, Tensor]:
     """Attention over a plan: returns (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] fp32/fp64).
 
     window >= 0 adds the near blocks (|t - t_q| <= window; causal t_q - window <= t <= t_q) to the
     exact blocks of every query block; -1 means none. With no lists and window -1 the plan is dense.
+    band >= 1 limits exact keys to a sliding window of tokens: query i sees key j only if i - j < band
+    (and j - i < band without causal masking); -1 means none.
 
     Example:
         >>> import torch, danon
         >>> q = torch.randn(1, 2, 32, 8)
         >>> out, lse = torch.ops.danon.attention(q, q, q, None, None, None, None, None, None, None,
-        ...                                      None, None, None, 8 ** -0.5, True, 16, -1, None)
+        ...                                      None, None, None, 8 ** -0.5, True, 16, -1, -1, None)
         >>> out.shape
         torch.Size([1, 2, 32, 8])
     """
     out, lse = cpu_kernel.attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
                                             summary_count, summary_pos, key_padding_mask, attn_mask, slopes,
-                                            scale, causal, block_size, window, softcap)
+                                            scale, causal, block_size, window, band, softcap)
     return out.contiguous(), lse.contiguous()   # the layout the fake impl promises
 
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                    key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap):
+                    key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap):
     out = q.new_empty(*q.shape[:3], v.shape[3])
     return out, q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
@@ -61,7 +63,7 @@ def attention_backward_op(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tens
                           summary_count: Optional[Tensor], summary_pos: Optional[Tensor],
                           key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                           slopes: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, causal: bool,
-                          block_size: int, window: int, softcap: Optional[float], need_summary_grad: bool,
+                          block_size: int, window: int, band: int, softcap: Optional[float], need_summary_grad: bool,
                           need_mask_grad: bool, need_slopes_grad: bool
                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of `danon::attention`: (dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes).
@@ -70,7 +72,7 @@ def attention_backward_op(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tens
     """
     grads = cpu_kernel.attention_backward(
         grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-        summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal, block_size, window, softcap,
+        summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal, block_size, window, band, softcap,
         need_summary_grad, need_mask_grad, need_slopes_grad)
     # contiguous, as the fake impl promises; and a custom op's outputs may not alias its inputs
     grads = [g.contiguous() if g.numel() else q.new_empty(0) for g in grads]   # each empty a tensor of its own
@@ -81,7 +83,7 @@ def attention_backward_op(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tens
 @attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
                              summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale,
-                             causal, block_size, window, softcap, need_summary_grad, need_mask_grad, need_slopes_grad):
+                             causal, block_size, window, band, softcap, need_summary_grad, need_mask_grad, need_slopes_grad):
     empty = q.new_empty(0)
 
     def like(x, needed):
@@ -94,11 +96,11 @@ def _attention_backward_fake(grad_out, grad_lse, q, k, v, block_idx, token_idx, 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-     key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap) = inputs
+     key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                           summary_pos, key_padding_mask, attn_mask, slopes, out, lse)
-    ctx.options = (scale, causal, block_size, window, softcap)
+    ctx.options = (scale, causal, block_size, window, band, softcap)
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -116,15 +118,17 @@ def _backward(ctx, grad_out, grad_lse):
         need_slopes)
     return (dq, dk, dv, None, None, None, dsk if need_summary else None, dsv if need_summary else None,
             None, None, None, dmask if need_mask else None, dslopes if need_slopes else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size,
-                    window) -> float:
+                    window, band=-1) -> float:
     nk = k_shape[2]
+    if band >= 1 and block_idx_shape is None and token_idx_shape is None and summary_idx_shape is None:
+        return min(nk, band if causal else 2 * band - 1)
     if block_idx_shape is None and token_idx_shape is None and summary_idx_shape is None and window < 0:
         return nk / 2 if causal else nk
     n = 0 if window < 0 else min(nk, ((window + 1) if causal else (2 * window + 1)) * block_size)
@@ -149,7 +153,9 @@ def _attention_flops(q_shape, k_shape, v_shape, block_idx_shape=None, token_idx_
     causal = _option(args, kwargs, 8, "causal", False)
     block_size = _option(args, kwargs, 9, "block_size", 64)
     window = _option(args, kwargs, 10, "window", -1)
-    keys = _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size, window)
+    band = _option(args, kwargs, 11, "band", -1)
+    keys = _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size, window,
+                           band)
     B, H, nq, D = q_shape
     return int(2 * B * H * nq * keys * (D + v_shape[3]))
 
@@ -161,7 +167,9 @@ def _attention_backward_flops(grad_out_shape, grad_lse_shape, q_shape, k_shape, 
     causal = _option(args, kwargs, 11, "causal", False)
     block_size = _option(args, kwargs, 12, "block_size", 64)
     window = _option(args, kwargs, 13, "window", -1)
-    keys = _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size, window)
+    band = _option(args, kwargs, 14, "band", -1)
+    keys = _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size, window,
+                           band)
     B, H, nq, D = q_shape
     return int(3 * 2 * B * H * nq * keys * (D + v_shape[3]))
 
@@ -182,5 +190,5 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: float, key_padding
         q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k, plan.summary_v,
         plan.summary_count, plan.summary_pos, key_padding_mask, attn_mask, plan.slopes, float(scale),
         bool(plan.causal), int(plan.block_size), -1 if plan.window is None else int(plan.window),
-        None if softcap is None else float(softcap))
+        -1 if plan.band is None else int(plan.band), None if softcap is None else float(softcap))
     return out

@@ -20,9 +20,9 @@ def attention_site(q: Tensor, k: Tensor, v: Tensor, *, family: str, causal: bool
                    min_seq_len: int = 0, **family_options) -> Tensor:
     """Run one attention site as `family`, or exactly when its key length is below `min_seq_len`.
 
-    sliding_window: w such that query i sees keys i - w < j <= i (with causal), applied as a bool
-    mask for now (the banded O(N w) exact plan is still to come). Family keywords such as MSRA's
-    `window` pass through `family_options`.
+    sliding_window: w such that query i sees keys i - w < j <= i (with causal): the banded exact plan,
+    O(N w); folded into the mask when a general mask is present too. Family keywords such as
+    MSRA's `window` pass through `family_options`.
 
     Example:
         >>> q = torch.randn(1, 2, 64, 8)
@@ -34,6 +34,9 @@ def attention_site(q: Tensor, k: Tensor, v: Tensor, *, family: str, causal: bool
     if family != "exact" and k.shape[2] >= min_seq_len:
         return functional.attention(q, k, v, kind=family, causal=causal, key_padding_mask=key_padding_mask,
                                     scale=scale, **family_options)
+    if sliding_window is not None and attn_mask is None:
+        return functional.exact_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                          softcap=softcap, sliding_window=sliding_window)
     if sliding_window is not None:
         i = torch.arange(q.shape[2], device=q.device)[:, None]
         j = torch.arange(k.shape[2], device=q.device)[None, :]

@@ -76,13 +76,15 @@ def _flash_ok(q: Tensor, dense: bool, slopes, softcap) -> bool:
     return dense and slopes is None and softcap is None and q.device.type == "cpu"
 
 
-def _gather_ok(q: Tensor, dense: bool, softcap) -> bool:
-    return not dense and softcap is None and q.device.type == "cpu"
+def _gather_ok(q: Tensor, dense: bool, softcap, band: int, token_idx, block_idx) -> bool:
+    # the band (sliding window) is applied in the window and own-block parts only
+    banded_lists = band >= 0 and (token_idx is not None or block_idx is not None)
+    return not dense and softcap is None and not banded_lists and q.device.type == "cpu"
 
 
 def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
                       key_padding_mask, attn_mask, slopes, scale: float, causal: bool, block_size: int,
-                      window: int, softcap: Optional[float]):
+                      window: int, band: int, softcap: Optional[float]):
     """Execute a plan: returns out [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] in fp32 (fp64).
 
     Example:
@@ -90,31 +92,34 @@ def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, sum
         >>> from kernels.cpu import attention_forward  # installed as danon.kernels.cpu
         >>> q = torch.randn(1, 2, 40, 8)
         >>> out, lse = attention_forward(q, q, q, *[None] * 10, scale=8 ** -0.5, causal=True,
-        ...                              block_size=16, window=-1, softcap=None)
+        ...                              block_size=16, window=-1, band=-1, softcap=None)
         >>> out.shape, lse.shape
         (torch.Size([1, 2, 40, 8]), torch.Size([1, 2, 40]))
     """
     dense = block_idx is None and token_idx is None and summary_idx is None and window < 0
+    if band >= 0 and window < 0:
+        raise ValueError("band (a sliding window of tokens) needs the plan's block window (window >= 0)")
     if attn_mask is not None and not dense:
         raise ValueError("attn_mask (a general mask) is supported by the dense exact plan only; sparse plans take "
                          "causal and key_padding_mask")
     if _flash_ok(q, dense, slopes, softcap):
         return _flash_forward(q, k, v, key_padding_mask, attn_mask, scale, causal)
-    if _gather_ok(q, dense, softcap):
+    if _gather_ok(q, dense, softcap, band, token_idx, block_idx):
         gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                           summary_pos, key_padding_mask, slopes, scale, causal, block_size,
-                          None if window < 0 else window)
+                          None if window < 0 else window, None if band < 0 else band)
         out, lse = gathered_forward(gp)
         return out.to(q.dtype), lse
     return reference_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                              summary_pos, key_padding_mask, attn_mask, slopes, scale, causal, block_size, window,
-                             softcap)
+                             band, softcap)
 
 
 def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
                        summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse,
                        scale: float, causal: bool, block_size: int, window: int,
-                       softcap: Optional[float], need_summary_grad: bool, need_mask_grad: bool, need_slopes_grad: bool):
+                       band: int, softcap: Optional[float], need_summary_grad: bool, need_mask_grad: bool,
+                       need_slopes_grad: bool):
     """Gradients of the executor: (dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes).
 
     Grads that are not needed come back as empty tensors. Each path recomputes what it needs chunk
@@ -126,17 +131,17 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
     if _flash_ok(q, dense, slopes, softcap) and not use_lse and not need_mask_grad:
         return _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal) + (empty,) * 4
 
-    if _gather_ok(q, dense, softcap) and not use_lse and not need_slopes_grad:
+    if _gather_ok(q, dense, softcap, band, token_idx, block_idx) and not use_lse and not need_slopes_grad:
         gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                           summary_pos, key_padding_mask, slopes, scale, causal, block_size,
-                          None if window < 0 else window)
+                          None if window < 0 else window, None if band < 0 else band)
         dq, dk, dv, dsk, dsv = gathered_backward(gp, grad_out, out, lse)
         dsk = dsk.to(summary_k.dtype) if (dsk is not None and need_summary_grad) else empty
         dsv = dsv.to(summary_v.dtype) if (dsv is not None and need_summary_grad) else empty
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsk, dsv, empty, empty
     return reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
                               summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal,
-                              block_size, window, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse)
+                              block_size, window, band, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse)
 
 
 def _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal):

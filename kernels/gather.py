@@ -49,9 +49,10 @@ class GatheredPlan:
 
     def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                  summary_pos, key_padding_mask, slopes, scale: float, causal: bool, block_size: int,
-                 window: Optional[int]):
+                 window: Optional[int], band: Optional[int] = None):
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.dtype, self.scale, self.causal, self.b = dt, scale, causal, block_size
+        self.band = band
         B, H, nq, D = q.shape
         Hkv, nk = k.shape[1], k.shape[2]
         b = block_size
@@ -72,7 +73,7 @@ class GatheredPlan:
                                              for x in (block_idx, token_idx, summary_idx))
         self.parts = []
         self.keys_per_block = 0
-        if window is not None:
+        if window is not None and (window > 0 or not causal):   # causal with W = 0: the own block is all
             self.parts.append(self._window_part(k, v, window))
         if causal and (window is not None or block_idx is not None):
             self.parts.append(self._own_part(block_idx, window))
@@ -145,7 +146,13 @@ class GatheredPlan:
             ok = torch.gather(self.key_ok, 1, pos.clamp(0, self.nk - 1).reshape(1, -1).expand(B, -1))
             ok = ok.view(B, t1 - t0, -1).transpose(0, 1) & inside[:, None, :]                              # [C, B, L]
             m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, NEG_INF)[:, :, None]
-            return self._finish_mask(m, pos[:, None, None, :], t0, t1)
+            m, offset = self._finish_mask(m, pos[:, None, None, :], t0, t1)
+            if self.band is not None:   # a sliding window of tokens: the one per-row mask of this part
+                i = self.block_start[t0:t1, None, None] + torch.arange(b, device=pos.device)[None, :, None]
+                d = i - pos[:, None, :]                                                   # [C, b, L]: i - j
+                outside = (d >= self.band) | (-d >= self.band)
+                m = m.masked_fill(outside[:, None], NEG_INF)
+            return m, offset
 
         def scatter(t0, t1, dk, dv):
             # window slot s of query block t is padded row (t - w) * b + s + w * b: add block by block
@@ -182,6 +189,8 @@ class GatheredPlan:
             t = torch.arange(self.tq, device=self.q.device).view(1, 1, -1, 1)
             listed = (block_idx.long() == t).any(-1).permute(2, 0, 1)                   # [Tq, B, Hkv]
         tril = torch.ones(b, b, dtype=torch.bool, device=self.q.device).tril()
+        r = torch.arange(b, device=self.q.device)
+        band = (r[:, None] - r[None, :]) < (self.band if self.band is not None else b)
 
         def mask(t0, t1):
             ok = key_ok[:, t0 * b:t1 * b].view(B, t1 - t0, 1, b).transpose(0, 1)        # [C, B, 1, b]
@@ -189,6 +198,8 @@ class GatheredPlan:
             if listed is not None:
                 ok = ok & listed[t0:t1, :, :, None]
             ok = self._per_head(ok)[:, :, None, :] & tril                                 # [C, B*H, b, b]
+            if self.band is not None:
+                ok = ok & band
             m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, NEG_INF)
             if self.slopes is not None:
                 dist = (torch.arange(b, device=ok.device)[:, None] - torch.arange(b, device=ok.device)).to(self.dtype)

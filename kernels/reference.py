@@ -35,7 +35,8 @@ class Problem:
     """One attention call, padded to whole blocks and upcast to the accumulation dtype."""
 
     def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                 summary_pos, key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap):
+                 summary_pos, key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band,
+                 softcap):
         self.dtype = _compute_dtype(q.dtype)
         self.B, self.H, self.nq, self.D = q.shape
         self.Hkv, self.nk = k.shape[1], k.shape[2]
@@ -44,6 +45,7 @@ class Problem:
         self.b = b = block_size
         self.tq, self.tk = -(-self.nq // b), -(-self.nk // b)
         self.scale, self.causal, self.softcap = scale, causal, softcap
+        self.band = band if band >= 0 else None
         if window >= 0:   # the near window as explicit blocks, ahead of the listed ones
             block_idx = _with_window(block_idx, window, self.tq, self.tk, causal, q.shape[0], k.shape[1], q.device)
         self.dense = block_idx is None and token_idx is None and summary_idx is None
@@ -173,11 +175,16 @@ class Problem:
         q_pos = ((torch.arange(t0, t1, device=q_rows.device) * b)[:, None, None]
                  + torch.arange(b, device=q_rows.device)).expand(c, self.G, b).reshape(1, 1, c, self.G * b, 1)
         n_summaries = 0 if ks["summary_bias"] is None else ks["summary_bias"].shape[-1]
-        if self.causal and n_exact:
-            causal_ok = ks["pos"][..., None, :] <= q_pos
+        if (self.causal or self.band is not None) and n_exact:
+            offset = q_pos - ks["pos"][..., None, :]                                  # i - j
+            position_ok = torch.ones_like(offset, dtype=torch.bool)
+            if self.causal:
+                position_ok = offset >= 0
+            if self.band is not None:   # the sliding window of tokens
+                position_ok = position_ok & (offset < self.band) & (-offset < self.band)
             if n_summaries:        # summaries are strictly in the past by construction
-                causal_ok = F.pad(causal_ok, (0, n_summaries), value=True)
-            allowed = allowed & causal_ok
+                position_ok = F.pad(position_ok, (0, n_summaries), value=True)
+            allowed = allowed & position_ok
         if n_summaries:
             logits = logits + F.pad(ks["summary_bias"], (n_exact, 0))[..., None, :]
         if self.slopes is not None:
@@ -272,10 +279,10 @@ class Problem:
 
 
 def reference_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                      key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap):
+                      key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap):
     """out [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] in the accumulation dtype."""
     prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap)
+                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap)
     B, H, b = prob.B, prob.H, prob.b
     out = q.new_full((B, H, prob.tq * b, prob.Dv), float("nan"), dtype=prob.dtype)   # poisoned until written
     lse = q.new_full((B, H, prob.tq * b), float("nan"), dtype=prob.dtype)
@@ -288,14 +295,14 @@ def reference_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, sum
 
 def reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
                        summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal,
-                       block_size, window, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse):
+                       block_size, window, band, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse):
     """(dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes); grads not asked for are empty.
 
     Written out by hand (no autograd inside: a custom op's kernel runs below the autograd key).
     """
     empty = q.new_empty(0)
     prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, softcap)
+                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap)
     b, rows = prob.b, prob.tq * prob.b
     grads = {"k": torch.zeros_like(prob.k), "v": torch.zeros_like(prob.v)}
     if need_summary_grad and prob.summary_k is not None:

@@ -43,8 +43,8 @@ def test_fast_path_equals_reference(kind, causal, pad, Hkv):
                                 **FAMILY_KW[kind])
     args = _op_args(plan, q, k, v, kpm)
     window = -1 if plan.window is None else plan.window
-    out, lse = cpu.attention_forward(*args, 0.3, causal, 16, window, None)
-    ref_out, ref_lse = reference.reference_forward(*args, 0.3, causal, 16, window, None)
+    out, lse = cpu.attention_forward(*args, 0.3, causal, 16, window, -1, None)
+    ref_out, ref_lse = reference.reference_forward(*args, 0.3, causal, 16, window, -1, None)
     assert not out.isnan().any()
     assert torch.allclose(out, ref_out, atol=1e-12, rtol=0)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -52,9 +52,9 @@ def test_fast_path_equals_reference(kind, causal, pad, Hkv):
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12, rtol=0)
 
     grad_out = torch.randn_like(out)
-    fast = cpu.attention_backward(grad_out, torch.zeros_like(lse), *args, out, lse, 0.3, causal, 16, window, None,
+    fast = cpu.attention_backward(grad_out, torch.zeros_like(lse), *args, out, lse, 0.3, causal, 16, window, -1, None,
                                   True, False, False)
-    slow = reference.reference_backward(grad_out, None, *args, out, lse, 0.3, causal, 16, window, None,
+    slow = reference.reference_backward(grad_out, None, *args, out, lse, 0.3, causal, 16, window, -1, None,
                                         True, False, False, False)
     for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
         assert a.shape == b.shape, name
@@ -91,7 +91,7 @@ def test_gradcheck_through_lse():
 
     def out_plus_lse(q, k, v):
         out, lse = torch.ops.danon.attention(q, k, v, None, None, None, None, None, None, None, None, None, None,
-                                             0.3, True, 16, -1, None)
+                                             0.3, True, 16, -1, -1, None)
         return out.sum() + lse.sum()
 
     assert _gradcheck(out_plus_lse, q, k, v)
@@ -102,7 +102,7 @@ def test_opcheck_attention_op():
     plan = danon.attention_plan(q, k, v, kind="dala", causal=True, block_size=16, window=32, memory_size=8)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), plan.block_idx, plan.token_idx,
             plan.summary_idx, plan.summary_k.detach().requires_grad_(), plan.summary_v.detach().requires_grad_(),
-            plan.summary_count, plan.summary_pos, None, None, plan.slopes, 0.25, True, 16, plan.window, None)
+            plan.summary_count, plan.summary_pos, None, None, plan.slopes, 0.25, True, 16, plan.window, -1, None)
     result = torch.library.opcheck(torch.ops.danon.attention.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
 
@@ -139,7 +139,7 @@ def test_attn_mask_with_a_sparse_plan_is_refused():
     with pytest.raises(ValueError, match="attn_mask"):
         cpu.attention_forward(q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k,
                               plan.summary_v, plan.summary_count, plan.summary_pos, None,
-                              torch.zeros(64, 64), None, 0.3, False, 16, plan.window, None)
+                              torch.zeros(64, 64), None, 0.3, False, 16, plan.window, -1, None)
 
 
 @pytest.mark.parametrize("kind", ["exact", "msra", "ucsa", "dala"])

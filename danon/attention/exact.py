@@ -10,15 +10,23 @@ from .plan import Plan
 
 
 def exact_plan(q: Tensor, k: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-               block_size: int = 64) -> Plan:
+               block_size: int = 64, sliding_window: Optional[int] = None) -> Plan:
     """The dense plan: E(i) = all visible keys, S(i) empty (executed without gathering).
+
+    With sliding_window w, E(i) = visible keys with |i - j| < w (and j <= i under causal masking):
+    the banded plan, whose near window covers exactly the blocks the band reaches, so it costs O(N w).
 
     Example:
         >>> import torch
         >>> from danon.attention import exact_plan
         >>> exact_plan(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8)).is_dense
         True
+        >>> exact_plan(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8), block_size=16, sliding_window=20).window
+        2
     """
     visible = key_visibility(key_padding_mask, q.shape[0], k.shape[2], block_size, q.device)
-    return Plan("exact", block_size, causal, q.shape[2], k.shape[2],
-                key_block_counts=block_counts(visible, block_size))
+    plan = Plan("exact", block_size, causal, q.shape[2], k.shape[2], key_block_counts=block_counts(visible, block_size))
+    if sliding_window is not None:
+        plan.window = -(-(sliding_window - 1) // block_size)     # blocks the band reaches: ceil((w - 1) / b)
+        plan.band = sliding_window
+    return plan

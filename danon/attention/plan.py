@@ -25,6 +25,8 @@ class Plan:
         window: W in blocks, or None. The near blocks (|t - t_q| <= W; causal t_q - W <= t <= t_q)
             are exact for every query block, without being listed (executors read them as one
             contiguous range).
+        band: a sliding window of w tokens on the exact keys (query i sees key j only if |i - j| < w,
+            and j <= i with causal masking), or None. The exact family's banded plan sets it.
         block_idx: int32 [B, Hkv, Tq, Kb] further exact key blocks (never near ones), -1 padded.
             With window, block_idx, token_idx and summary_idx all None the plan is dense (exact).
         token_idx: int32 [B, Hkv, Tq, Kt] exact extra tokens (DALA's routed tokens), or None.
@@ -50,6 +52,7 @@ class Plan:
     seq_len_q: int
     seq_len_k: int
     window: Optional[int] = None
+    band: Optional[int] = None
     block_idx: Optional[Tensor] = None
     token_idx: Optional[Tensor] = None
     summary_idx: Optional[Tensor] = None
@@ -84,6 +87,8 @@ class Plan:
         """Keys each query row is computed against (list capacity: exact block tokens + tokens + summaries)."""
         if self.is_dense:
             return self.seq_len_k
+        if self.band is not None and self.block_idx is None and self.token_idx is None and self.summary_idx is None:
+            return min(self.seq_len_k, self.band if self.causal else 2 * self.band - 1)
         n = 0
         if self.window is not None:
             n += min(self.num_key_blocks, (1 if self.causal else 2) * self.window + 1) * self.block_size
