@@ -20,13 +20,11 @@ __all__ = ["KINDS", "Plan", "alibi_slopes", "attention", "attention_plan", "dala
            "msra_attention", "plan_coverage", "ucsa_attention", "DanonConfig", "CompileReport", "SiteReport",
            "danon_backend", "explain"]
 
-try:  # configs, modules and model factories
-    from danon.config import DALAConfig, DenseConfig, MSRAConfig, SuperHybridConfig, UCSAConfig
-    from danon.models import (DanonLanguageModel, create_dala_model, create_dense_model, create_msra_model,
-                              create_super_hybrid_model, create_ucsa_model)
-    from danon import nn  # noqa: F401
-    __all__ += ["DALAConfig", "DenseConfig", "MSRAConfig", "SuperHybridConfig", "UCSAConfig", "DanonLanguageModel",
-                "create_dala_model", "create_dense_model", "create_msra_model", "create_super_hybrid_model",
-                "create_ucsa_model", "nn"]
-except ImportError:  # TEMP while the modules are being written
-    pass
+from danon.config import DALAConfig, DenseConfig, MSRAConfig, SuperHybridConfig, UCSAConfig
+from danon.models import (DanonLanguageModel, create_dala_model, create_dense_model, create_msra_model,
+                          create_super_hybrid_model, create_ucsa_model)
+from danon import nn  # noqa: F401
+
+__all__ += ["DALAConfig", "DenseConfig", "MSRAConfig", "SuperHybridConfig", "UCSAConfig", "DanonLanguageModel",
+            "create_dala_model", "create_dense_model", "create_msra_model", "create_super_hybrid_model",
+            "create_ucsa_model", "nn"]

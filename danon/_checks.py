@@ -19,6 +19,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, self_attention: bool) -> None:
             raise ValueError(f"{name} must be a 4-D tensor [B, heads, N, head_dim], got shape {tuple(x.shape)}")
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must have dtype float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_same_device(q, k=k, v=v)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.shape[:3] != v.shape[:3]:
@@ -35,6 +36,18 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, self_attention: bool) -> None:
                          f"equal k's ({k.shape[2]}); use kind='exact' for cross-attention")
 
 
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_same_device(reference: Tensor, **tensors) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.device != reference.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {reference.device}; put them on one device")
+
+
 def check_key_padding_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
     if mask is None:
         return None
@@ -42,6 +55,7 @@ def check_key_padding_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Opti
         raise TypeError(f"key_padding_mask must be a bool tensor [B, Nk], got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise ValueError(f"key_padding_mask must have dtype torch.bool (True = attend), got {mask.dtype}")
+    check_same_device(q, key_padding_mask=mask)
     if tuple(mask.shape) != (k.shape[0], k.shape[2]):
         raise ValueError(f"key_padding_mask must have shape [B, Nk] = {[k.shape[0], k.shape[2]]}, "
                          f"got {list(mask.shape)}")
@@ -55,6 +69,7 @@ def check_attn_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Te
         raise TypeError(f"attn_mask must be a tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(f"attn_mask must be bool (True = attend) or floating point (additive), got {mask.dtype}")
+    check_same_device(q, attn_mask=mask)
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     try:
         torch.broadcast_shapes(tuple(mask.shape), target)
@@ -124,6 +139,7 @@ def check_per_token(name: str, x: Optional[Tensor], shape) -> Optional[Tensor]:
     if not x.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {x.dtype}")
     return x
+
 
 
 def check_softcap(softcap) -> Optional[float]:

@@ -27,7 +27,7 @@ def _exact_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_s
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window < 1):
         raise ValueError(f"sliding_window must be an integer >= 1 or None, got {sliding_window!r}")
-    return exact_plan(q, k, causal=bool(causal), key_padding_mask=kpm, block_size=block_size,
+    return exact_plan(q, k, causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size,
                       sliding_window=sliding_window)
 
 
@@ -39,9 +39,10 @@ def _ucsa_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_si
                         ("top_k_blocks", top_k_blocks)):
         checks.check_nonneg_int(name, value)
     kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
-    return ucsa_plan(q, k, v, causal=bool(causal), key_padding_mask=kpm, block_size=block_size,
+    return ucsa_plan(q, k, v, causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size,
                      local_window_size=local_window_size, global_tokens=global_tokens, top_k_blocks=top_k_blocks,
-                     sparsity_factor=checks.check_sparsity_factor(sparsity_factor), compress=bool(compress))
+                     sparsity_factor=checks.check_sparsity_factor(sparsity_factor),
+                     compress=checks.check_bool("compress", compress))
 
 
 def _msra_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, window=256, num_levels=3,
@@ -50,7 +51,7 @@ def _msra_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_si
     checks.check_block_size(block_size)
     checks.check_nonneg_int("window", window)
     kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
-    return msra_plan(q, k, v, causal=bool(causal), key_padding_mask=kpm, block_size=block_size, window=window,
+    return msra_plan(q, k, v, causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size, window=window,
                      num_levels=checks.check_num_levels(num_levels),
                      compression_factor=checks.check_compression_factor(compression_factor))
 
@@ -65,9 +66,19 @@ def _dala_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_si
     kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
     importance = checks.check_per_token("importance", importance, (k.shape[0], k.shape[1], k.shape[2]))
     slopes = checks.check_per_token("slopes", slopes, (q.shape[1],))
-    return dala_plan(q, k, v, causal=bool(causal), key_padding_mask=kpm, block_size=block_size, window=window,
+    checks.check_same_device(q, importance=importance, slopes=slopes)
+    if slopes is not None and decay != "alibi":
+        raise ValueError(f"slopes are the ALiBi decay's: pass them with decay='alibi', not decay={decay!r}")
+    return dala_plan(q, k, v, causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size, window=window,
                      memory_size=memory_size, importance=importance, decay=decay, slopes=slopes,
-                     compress_rest=bool(compress_rest))
+                     compress_rest=checks.check_bool("compress_rest", compress_rest))
+
+
+def _empty_output(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
+    """Zeros for calls with nothing to compute (no query, no key or no batch), kept in the autograd graph."""
+    if q.numel() and k.shape[2]:
+        return None
+    return q.new_zeros(*q.shape[:3], v.shape[3]) + 0 * (q.sum() + k.sum() + v.sum())
 
 
 _PLANNERS = {"exact": _exact_plan_checked, "ucsa": _ucsa_plan_checked, "msra": _msra_plan_checked,
@@ -90,7 +101,8 @@ def check_family_options(kind: str, options: dict) -> None:
 def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: str = "exact", **family_keywords) -> Plan:
     """The plan a family would execute, for inspection (which keys each query block sees).
 
-    Takes the same keywords as the family's function (scale is accepted and ignored). `v` defaults
+    Takes the same keywords as the family's function (scale, attn_mask and softcap are accepted and
+    ignored: they do not change which keys are seen). `v` defaults
     to `k` (the plan's summary values are then means of k).
 
     Example:
@@ -101,7 +113,8 @@ def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: st
         ('msra', 2, torch.Size([1, 2, 32]))
     """
     checks.check_choice("kind", kind, KINDS)
-    family_keywords.pop("scale", None)
+    for name in ("scale", "attn_mask", "softcap"):   # they change the logits, not which keys are seen
+        family_keywords.pop(name, None)
     return _PLANNERS[kind](q, k, k if v is None else v, **family_keywords)
 
 
@@ -123,6 +136,10 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         >>> danon.exact_attention(q, k, v, causal=True).shape
         torch.Size([2, 4, 100, 32])
     """
+    checks.check_qkv(q, k, v, self_attention=False)
+    empty = _empty_output(q, k, v)
+    if empty is not None:
+        return empty
     plan = _exact_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
                                sliding_window=sliding_window)
     attn_mask = checks.check_attn_mask(attn_mask, q, k)
@@ -144,6 +161,10 @@ def ucsa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         >>> danon.ucsa_attention(q, k, k, causal=True, local_window_size=128, top_k_blocks=2).shape
         torch.Size([1, 4, 1024, 32])
     """
+    checks.check_qkv(q, k, v, self_attention=True)
+    empty = _empty_output(q, k, v)
+    if empty is not None:
+        return empty
     plan = _ucsa_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
                               local_window_size=local_window_size, global_tokens=global_tokens,
                               top_k_blocks=top_k_blocks, sparsity_factor=sparsity_factor, compress=compress)
@@ -161,6 +182,10 @@ def msra_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         >>> danon.msra_attention(q, q, q, causal=True, window=128, num_levels="auto").shape
         torch.Size([1, 2, 2048, 32])
     """
+    checks.check_qkv(q, k, v, self_attention=True)
+    empty = _empty_output(q, k, v)
+    if empty is not None:
+        return empty
     plan = _msra_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
                               window=window, num_levels=num_levels, compression_factor=compression_factor)
     return run_plan(q, k, v, plan, scale=checks.check_scale(scale, q.shape[-1]), key_padding_mask=key_padding_mask)
@@ -180,6 +205,10 @@ def dala_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
         >>> danon.dala_attention(q, q, q, causal=True, window=128, memory_size=32).shape
         torch.Size([1, 2, 1024, 32])
     """
+    checks.check_qkv(q, k, v, self_attention=True)
+    empty = _empty_output(q, k, v)
+    if empty is not None:
+        return empty
     plan = _dala_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
                               window=window, memory_size=memory_size, importance=importance, decay=decay,
                               slopes=slopes, compress_rest=compress_rest)

@@ -65,18 +65,7 @@ def _functional():
     return fn
 
 
-def alibi_slopes(num_heads: int) -> torch.Tensor:
-    """ALiBi's geometric slopes ``2^(-8 (h + 1) / H)`` for ``h = 0 .. H - 1`` (float32 [H]).
-
-    Example:
-        >>> from danon.nn import alibi_slopes
-        >>> alibi_slopes(4)
-        tensor([0.2500, 0.0625, 0.0156, 0.0039])
-    """
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
-        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
-    h = torch.arange(1, num_heads + 1, dtype=torch.float64)
-    return torch.pow(2.0, -8.0 * h / num_heads).to(torch.float32)
+from danon.attention.dala import alibi_slopes  # noqa: E402  (one definition of the default slopes)
 
 
 def _validated(owner: str, config_cls: type, **fields) -> BaseConfig:
@@ -398,6 +387,8 @@ class _DALAParts:
         width = max(16, hidden_size // 4) if router_hidden_size is None else router_hidden_size
         self.router_hidden_size = width
         self.router = _Router(hidden_size, width, self.num_kv_heads)
+        # top-k routing sends no gradient back: frozen, so optimisers and DDP do not wait for one
+        self.router.requires_grad_(False)
         if decay == "alibi":
             self.slopes = nn.Parameter(alibi_slopes(self.num_heads))
         else:
@@ -447,8 +438,10 @@ class DALAAttention(_DALAParts, _AttentionBase):
       ALiBi's ``2^(-8 (h+1) / H)``.
     * Honest caveat: the top-k routing is a selection, which is not
       differentiable. The router therefore receives **no gradient** from the
-      attention output (its parameters keep their random initialisation unless
-      you train them with a loss of your own on :meth:`importance`).
+      attention output; its parameters are frozen (``requires_grad=False``) so that
+      optimisers and DistributedDataParallel do not wait for one. To train it with a
+      loss of your own on :meth:`importance`, call ``layer.router.requires_grad_(True)``
+      and drop the detach by calling ``layer.router(hidden_states)`` directly.
 
     With ``window >= N`` and ``decay="none"`` it equals :class:`SelfAttention`.
 

@@ -13,12 +13,9 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from danon.kernels import cpu as cpu_kernel
+from danon.kernels.dtypes import accumulation_dtype
 
 __all__ = ["attention_op", "attention_backward_op", "run_plan"]
-
-
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("danon::attention", mutates_args=())
@@ -53,7 +50,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Optional[Tensor], t
 def _attention_fake(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
                     key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap):
     out = q.new_empty(*q.shape[:3], v.shape[3])
-    return out, q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("danon::attention_backward", mutates_args=())
@@ -75,7 +72,9 @@ def attention_backward_op(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tens
         summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal, block_size, window, band, softcap,
         need_summary_grad, need_mask_grad, need_slopes_grad)
     # contiguous, as the fake impl promises; and a custom op's outputs may not alias its inputs
-    grads = [g.contiguous() if g.numel() else q.new_empty(0) for g in grads]   # each empty a tensor of its own
+    needed = (True, True, True, need_summary_grad, need_summary_grad, need_mask_grad, need_slopes_grad)
+    grads = [q.new_empty(0) if not wanted else g.clone() if g.numel() == 0 else g.contiguous()
+             for g, wanted in zip(grads, needed)]        # every empty result a tensor of its own
     return tuple(g.clone() if any(g is x for x in (q, k, v, summary_k, summary_v, attn_mask, slopes)) else g
                  for g in grads)
 
@@ -140,38 +139,29 @@ def _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape
     return n
 
 
-def _option(args, kwargs, position, name, default):
-    if name in kwargs:
-        return kwargs[name]
-    return args[position] if len(args) > position else default
+def _named(op, positional: tuple, kwargs: dict) -> dict:
+    """The formula's arguments by name, from the op's schema (no hand-counted positions)."""
+    names = [a.name for a in op._schema.arguments]
+    return {**dict(zip(names, positional)), **kwargs}
+
+
+def _flops(a: dict, passes: int) -> int:
+    keys = _keys_per_query(a["k"], a.get("block_idx"), a.get("token_idx"), a.get("summary_idx"), a["causal"],
+                           a["block_size"], a["window"], a["band"])
+    B, H, nq, D = a["q"]
+    return int(passes * 2 * B * H * nq * keys * (D + a["v"][3]))
 
 
 @register_flop_formula(torch.ops.danon.attention)
-def _attention_flops(q_shape, k_shape, v_shape, block_idx_shape=None, token_idx_shape=None, summary_idx_shape=None,
-                     *args, out_shape=None, **kwargs) -> int:
+def _attention_flops(*args, out_shape=None, **kwargs) -> int:
     """Two matmuls per (query, key) pair: 2 * B * H * Nq * keys * (D + Dv)."""
-    causal = _option(args, kwargs, 8, "causal", False)
-    block_size = _option(args, kwargs, 9, "block_size", 64)
-    window = _option(args, kwargs, 10, "window", -1)
-    band = _option(args, kwargs, 11, "band", -1)
-    keys = _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size, window,
-                           band)
-    B, H, nq, D = q_shape
-    return int(2 * B * H * nq * keys * (D + v_shape[3]))
+    return _flops(_named(torch.ops.danon.attention.default, args, kwargs), passes=1)
 
 
 @register_flop_formula(torch.ops.danon.attention_backward)
-def _attention_backward_flops(grad_out_shape, grad_lse_shape, q_shape, k_shape, v_shape, block_idx_shape=None,
-                              token_idx_shape=None, summary_idx_shape=None, *args, out_shape=None, **kwargs) -> int:
+def _attention_backward_flops(*args, out_shape=None, **kwargs) -> int:
     """The backward recomputes the forward's two matmuls and runs four more: 3x the forward."""
-    causal = _option(args, kwargs, 11, "causal", False)
-    block_size = _option(args, kwargs, 12, "block_size", 64)
-    window = _option(args, kwargs, 13, "window", -1)
-    band = _option(args, kwargs, 14, "band", -1)
-    keys = _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size, window,
-                           band)
-    B, H, nq, D = q_shape
-    return int(3 * 2 * B * H * nq * keys * (D + v_shape[3]))
+    return _flops(_named(torch.ops.danon.attention_backward.default, args, kwargs), passes=3)
 
 
 def run_plan(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: float, key_padding_mask: Optional[Tensor] = None,

@@ -13,14 +13,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .dtypes import accumulation_dtype
 from .gather import GatheredPlan, gathered_backward, gathered_forward
 from .reference import reference_backward, reference_forward
 
 __all__ = ["attention_forward", "attention_backward"]
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[Tensor]:
@@ -38,16 +35,26 @@ def _additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[Tensor]:
     return mask
 
 
+def _flash_dtype(q: Tensor, attn_mask) -> torch.dtype:
+    """fp16/bf16 with an additive float mask run in fp32: the mask must not be rounded to half precision."""
+    if attn_mask is not None and attn_mask.is_floating_point() and q.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return q.dtype
+
+
 def _flash_forward(q, k, v, key_padding_mask, attn_mask, scale, causal):
     """Dense exact attention through PyTorch's fused CPU flash kernel (GQA native)."""
-    mask = _additive_mask(q, k, key_padding_mask, attn_mask)
+    dt = _flash_dtype(q, attn_mask)
+    qc, kc, vc = q.to(dt), k.to(dt), v.to(dt)
+    mask = _additive_mask(qc, kc, key_padding_mask, attn_mask)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        qc, kc, vc, 0.0, causal, attn_mask=mask, scale=scale)
+    out = out.to(q.dtype)
     dead = _rows_without_keys(q, k, key_padding_mask, attn_mask, causal)
     if dead is not None:
         out = out.masked_fill(dead[..., None], 0.0)
         lse = lse.masked_fill(dead, float("-inf"))
-    return out, lse.to(_compute_dtype(q.dtype))
+    return out, lse.to(accumulation_dtype(q.dtype))
 
 
 def _rows_without_keys(q, k, key_padding_mask, attn_mask, causal) -> Optional[Tensor]:
@@ -72,14 +79,22 @@ def _rows_without_keys(q, k, key_padding_mask, attn_mask, causal) -> Optional[Te
     return (~kpm.any(-1))[:, None, None].expand(B, 1, nq)
 
 
-def _flash_ok(q: Tensor, dense: bool, slopes, softcap) -> bool:
-    return dense and slopes is None and softcap is None and q.device.type == "cpu"
-
-
-def _gather_ok(q: Tensor, dense: bool, softcap, band: int, token_idx, block_idx) -> bool:
-    # the band (sliding window) is applied in the window and own-block parts only
-    banded_lists = band >= 0 and (token_idx is not None or block_idx is not None)
-    return not dense and softcap is None and not banded_lists and q.device.type == "cpu"
+def _path(q, k, v, dense: bool, slopes, softcap, band: int, block_idx, token_idx, causal: bool,
+          block_size: int) -> str:
+    """Which executor runs this call: "flash" (dense), "gather" (sparse) or "reference" (everything else)."""
+    if q.device.type != "cpu" or softcap is not None or v.shape[3] != q.shape[3]:
+        return "reference"   # the fused kernel is CPU-only, has no softcap, and needs Dv = D
+    if dense:
+        return "flash" if slopes is None else "reference"
+    if band >= 0 and (token_idx is not None or block_idx is not None):
+        return "reference"   # the band is applied in the window and own-block parts only
+    if q.shape[2] > k.shape[2]:
+        return "reference"   # the window views assume no more query blocks than key blocks
+    if causal and token_idx is not None and token_idx.numel():
+        starts = (torch.arange(token_idx.shape[2], device=q.device) * block_size).view(1, 1, -1, 1)
+        if bool((token_idx.long() >= starts).any()):
+            return "reference"   # a hand-made plan listing tokens inside the query's own block
+    return "gather"
 
 
 def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
@@ -96,15 +111,21 @@ def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, sum
         >>> out.shape, lse.shape
         (torch.Size([1, 2, 40, 8]), torch.Size([1, 2, 40]))
     """
+    if q.numel() == 0 or k.shape[2] == 0:   # nothing to attend to (the fused kernels cannot take empty sizes)
+        return (q.new_zeros(*q.shape[:3], v.shape[3]),
+                q.new_full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q.dtype)))
     dense = block_idx is None and token_idx is None and summary_idx is None and window < 0
+    if band == 0 or band < -1:
+        raise ValueError(f"band must be >= 1 (a sliding window of tokens) or -1 (none), got {band}")
     if band >= 0 and window < 0:
         raise ValueError("band (a sliding window of tokens) needs the plan's block window (window >= 0)")
     if attn_mask is not None and not dense:
         raise ValueError("attn_mask (a general mask) is supported by the dense exact plan only; sparse plans take "
                          "causal and key_padding_mask")
-    if _flash_ok(q, dense, slopes, softcap):
+    path = _path(q, k, v, dense, slopes, softcap, band, block_idx, token_idx, causal, block_size)
+    if path == "flash":
         return _flash_forward(q, k, v, key_padding_mask, attn_mask, scale, causal)
-    if _gather_ok(q, dense, softcap, band, token_idx, block_idx):
+    if path == "gather":
         gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                           summary_pos, key_padding_mask, slopes, scale, causal, block_size,
                           None if window < 0 else window, None if band < 0 else band)
@@ -125,13 +146,20 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
     Grads that are not needed come back as empty tensors. Each path recomputes what it needs chunk
     by chunk from q, k, v, out and lse (flash-style: nothing else is saved from the forward).
     """
+    if q.numel() == 0 or k.shape[2] == 0:
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                torch.zeros_like(summary_k) if need_summary_grad and summary_k is not None else q.new_empty(0),
+                torch.zeros_like(summary_v) if need_summary_grad and summary_v is not None else q.new_empty(0),
+                torch.zeros_like(attn_mask) if need_mask_grad and attn_mask is not None else q.new_empty(0),
+                torch.zeros_like(slopes) if need_slopes_grad and slopes is not None else q.new_empty(0))
     dense = block_idx is None and token_idx is None and summary_idx is None and window < 0
     use_lse = grad_lse is not None and bool((grad_lse != 0).any())
     empty = q.new_empty(0)
-    if _flash_ok(q, dense, slopes, softcap) and not use_lse and not need_mask_grad:
+    path = _path(q, k, v, dense, slopes, softcap, band, block_idx, token_idx, causal, block_size)
+    if path == "flash" and not use_lse and not need_mask_grad:
         return _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal) + (empty,) * 4
 
-    if _gather_ok(q, dense, softcap, band, token_idx, block_idx) and not use_lse and not need_slopes_grad:
+    if path == "gather" and not use_lse and not need_slopes_grad:
         gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                           summary_pos, key_padding_mask, slopes, scale, causal, block_size,
                           None if window < 0 else window, None if band < 0 else band)
@@ -145,9 +173,11 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
 
 
 def _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal):
-    mask = _additive_mask(q, k, key_padding_mask, attn_mask)
-    # the flash kernel wrote lse = 0 for rows that see no key; their gradient is zero either way
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(torch.float32 if q.dtype != torch.float64 else q.dtype)
+    dt = _flash_dtype(q, attn_mask)
+    qc, kc, vc = q.to(dt), k.to(dt), v.to(dt)
+    mask = _additive_mask(qc, kc, key_padding_mask, attn_mask)
+    # rows that see no key have lse -inf; with 0 instead every p of theirs is exp(-inf) = 0 all the same
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(accumulation_dtype(dt))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out.contiguous(), q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
-    return dq, dk, dv
+        grad_out.to(dt).contiguous(), qc, kc, vc, out.to(dt), lse, 0.0, causal, attn_mask=mask, scale=scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -1,14 +1,15 @@
 """Fast CPU executor for sparse plans: PyTorch's fused CPU flash kernel over each query block's key set.
 
 Every query block of b rows is one small attention problem. Batched as [Tq, B*H, b, D] (a strided
-view of q, no copy), its keys come in up to three parts, each one flash call, merged by
-log-sum-exp (exactly, as ring attention merges):
+view of q: no copy unless q needs padding to whole blocks or upcasting), its keys come in up to
+four parts, each one flash call, merged by log-sum-exp (exactly, as ring attention merges):
 
 - the near window: the plan's `window` blocks around the query block. Consecutive query blocks'
   windows overlap, so they are one overlapping strided view of the padded keys: nothing is copied;
 - the own block under causal masking: the only keys that need a per-row (triangular) mask;
 - the listed part: exact blocks, routed tokens and summaries, gathered by one index_select from
-  a table of keys and summaries.
+  a table of keys and summaries;
+- the summary table, when most of it is in use (UCSA): attended whole, masked, without a gather.
 
 Every bias that depends on the key alone (padding, -1 slots, log n_s, ALiBi measured from the
 query block's start) is an additive mask [Tq, B*H, 1, keys] broadcast over the block's rows, so
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dtypes import accumulation_dtype
+
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -36,12 +39,14 @@ def _pad_rows(x: Tensor, before: int, after: int) -> Tensor:
 
 
 class _Part:
-    """One key set shared by the rows of each query block: keys/values getters and an additive mask."""
+    """One key set shared by the rows of each query block.
 
-    def __init__(self, keys, values, mask, row_offset=None, scatter=None):
-        self.keys, self.values, self.mask = keys, values, mask     # callables of (t0, t1)
-        self.row_offset = row_offset                                # callable or None: ALiBi constant per row
-        self.scatter = scatter                                      # callable (t0, t1, dk, dv): add key grads
+    keys, values: (t0, t1) -> [C, B*Hkv, L, D]; mask: (t0, t1) -> (additive mask [C, B*H, b, L], per-row
+    lse offset or None); scatter: (t0, t1, dk, dv) adds the key gradients back where the keys came from.
+    """
+
+    def __init__(self, keys, values, mask, scatter):
+        self.keys, self.values, self.mask, self.scatter = keys, values, mask, scatter
 
 
 class GatheredPlan:
@@ -50,7 +55,7 @@ class GatheredPlan:
     def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                  summary_pos, key_padding_mask, slopes, scale: float, causal: bool, block_size: int,
                  window: Optional[int], band: Optional[int] = None):
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dt = accumulation_dtype(q.dtype)
         self.dtype, self.scale, self.causal, self.b = dt, scale, causal, block_size
         self.band = band
         B, H, nq, D = q.shape
@@ -67,7 +72,11 @@ class GatheredPlan:
         self.slopes = None if slopes is None else slopes.to(dt)                            # [H]
         self.k_pad = _pad_rows(k.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, D)
         self.v_pad = _pad_rows(v.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, self.Dv)
+        # gradient buffers, filled by the parts' scatter functions during the backward
         self.grad_k = self.grad_v = None
+        self._front = None
+        self._front_grad_k = self._front_grad_v = None
+        self.table_grad = self.summary_grad = None
         # an empty list (capacity 0) is no part at all: the flash kernel cannot take zero keys
         block_idx, token_idx, summary_idx = (None if x is None or x.shape[-1] == 0 else x
                                              for x in (block_idx, token_idx, summary_idx))
@@ -168,7 +177,7 @@ class GatheredPlan:
 
     def front_grad(self, name, like):
         attr = "_front_grad_" + name
-        if getattr(self, attr, None) is None:
+        if getattr(self, attr) is None:
             setattr(self, attr, torch.zeros_like(like))
         return getattr(self, attr)
 
@@ -245,7 +254,6 @@ class GatheredPlan:
             self.summary_grad[0][:, :width].add_(dk.sum(0))
             self.summary_grad[1][:, :width].add_(dv.sum(0))
 
-        self.summary_grad = None
         self.keys_per_block += S
         return _Part(shared(sk), shared(sv), mask, scatter=scatter)
 
@@ -315,7 +323,6 @@ class GatheredPlan:
             self.table_grad[0].index_add_(0, idx, dk.reshape(-1, self.D))
             self.table_grad[1].index_add_(0, idx, dv.reshape(-1, self.Dv))
 
-        self.table_grad = None
         self.table_rows = (per_head, num_summaries)
         return _Part(gathered(flat_k), gathered(flat_v), mask, scatter=scatter)
 
@@ -402,13 +409,13 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
             dq[t0:t1] += dq_p
             part.scatter(t0, t1, dk_p, dv_p)
     grad_k, grad_v = gp.grads()
-    if getattr(gp, "_front_grad_k", None) is not None:
+    if gp._front_grad_k is not None:
         before, after = gp._front
         end = gp._front_grad_k.shape[1] - after * gp.b
         grad_k += gp._front_grad_k[:, before * gp.b:end]
         grad_v += gp._front_grad_v[:, before * gp.b:end]
     dsk = dsv = None
-    if getattr(gp, "table_grad", None) is not None:
+    if gp.table_grad is not None:
         per_head, num_summaries = gp.table_rows
         tk_, tv_ = gp.table_grad
         tk_ = tk_.view(gp.B * gp.Hkv, per_head, gp.D)
@@ -419,7 +426,7 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
         if num_summaries:
             dsk = tk_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.D)
             dsv = tv_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.Dv)
-    if getattr(gp, "summary_grad", None) is not None:
+    if gp.summary_grad is not None:
         dsk = gp.summary_grad[0].view(gp.B, gp.Hkv, -1, gp.D)
         dsv = gp.summary_grad[1].view(gp.B, gp.Hkv, -1, gp.Dv)
     dk = grad_k.view(gp.B, gp.Hkv, -1, gp.D)[:, :, :gp.nk]

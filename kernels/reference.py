@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dtypes import accumulation_dtype
+
 # Elements of the logit tensor one chunk may hold: bounds the executor's working memory.
 LOGIT_BUDGET = 1 << 22
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _with_window(block_idx, window, tq, tk, causal, B, Hkv, device):
@@ -37,7 +35,7 @@ class Problem:
     def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                  summary_pos, key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band,
                  softcap):
-        self.dtype = _compute_dtype(q.dtype)
+        self.dtype = accumulation_dtype(q.dtype)
         self.B, self.H, self.nq, self.D = q.shape
         self.Hkv, self.nk = k.shape[1], k.shape[2]
         self.Dv = v.shape[3]

@@ -17,6 +17,7 @@ die with the attention chain when the driver replaces the site, unless something
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -148,7 +149,7 @@ def _repeat_base(node: fx.Node) -> Optional[Tuple[fx.Node, int]]:
 
 def _inserts_one_dim(node: fx.Node) -> bool:
     """node is x[:, :, None] (full slices, Ellipsis and one None) or x.unsqueeze(d) / torch.unsqueeze(x, d)."""
-    if node.op == "call_function" and node.target is getattr(__import__("operator"), "getitem"):
+    if node.op == "call_function" and node.target is operator.getitem:
         idx = node.args[1] if len(node.args) == 2 else None
         if not isinstance(idx, tuple):
             return False

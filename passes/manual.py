@@ -161,6 +161,30 @@ def _factor(f, what: str) -> float:
     raise Kept(f"the scale of {what} is computed at run time ({getattr(f, 'name', f)})")
 
 
+def _rsqrt_head_dim(f, d) -> bool:
+    """The factor is 1 / sqrt(D) computed on the symbolic head size D (dynamic shapes), as a multiplier:
+    D ** -0.5, 1 / math.sqrt(D); or as a divisor ("div", f): math.sqrt(D), D ** 0.5."""
+    divisor = isinstance(f, tuple)
+    f = f[1] if divisor else f
+
+    def is_d(n):
+        ev = _ev(n)
+        return isinstance(ev, torch.SymInt) and _eq(ev, d)
+
+    def is_sqrt(n):
+        return isinstance(n, fx.Node) and n.op == "call_function" and bool(n.args) and is_d(n.args[0]) and (
+            (n.target in (torch._sym_sqrt, math.sqrt) and len(n.args) == 1) or
+            (n.target is operator.pow and len(n.args) == 2 and n.args[1] == 0.5))
+
+    if not isinstance(f, fx.Node) or f.op != "call_function" or isinstance(d, int):
+        return False
+    if divisor:
+        return is_sqrt(f)
+    if f.target is operator.pow and len(f.args) == 2 and is_d(f.args[0]) and f.args[1] == -0.5:
+        return True
+    return f.target is operator.truediv and len(f.args) == 2 and f.args[0] == 1 and is_sqrt(f.args[1])
+
+
 def _swaps_last_two(node: fx.Node) -> bool:
     """node is x.transpose(-2, -1) (any spelling) or x.permute(..., -1, -2) of its first argument."""
     x = _tensor(node.args[0]) if node.args else None
@@ -314,7 +338,6 @@ class _Chain:
         self.final: Optional[fx.Node] = None      # p @ v
         self.qk: Optional[fx.Node] = None         # q @ k^T
         self.pre: List[Tuple] = []                # ops between qk and softmax, in forward order
-        self.pre_nodes: List[fx.Node] = []
         self.post_nodes: List[fx.Node] = []       # softmax .. the node fed to the final product
         self.dropout_reason: Optional[str] = None
 
@@ -371,7 +394,7 @@ def _walk_forward(chain: _Chain) -> bool:
                 return False
             if noop is False and u.args[0] is cur:
                 p = _arg(u, 1, "p")
-                chain.dropout_reason = f"dropout on the attention weights (p={p}) in training mode is not part of the op"
+                chain.dropout_reason = f"dropout on the attention weights (p={p}) in training mode is not in the op"
             elif u.args[0] is not cur:
                 return False
         cur = u
@@ -497,8 +520,10 @@ def _site(gm: fx.GraphModule, softmax: fx.Node) -> Optional[Site]:
     try:
         if not _walk_forward(chain):
             return None
-    except Kept as why:
-        return Site(node=chain.final, source="manual", kept=str(why)) if chain.final is not None else None
+    except Kept as why:          # reported only when the softmax is of a product too (attention-shaped)
+        if chain.final is None or not _upstream_product(softmax):
+            return None
+        return Site(node=chain.final, source="manual", kept=str(why))
     site = Site(node=chain.final, source="manual")
     try:
         x = _softmax_input(softmax)
@@ -563,6 +588,8 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
         raise Kept(f"{qv.shape[1]} query heads with {kshape[1]} key and {vv.shape[1]} value heads")
     if not (_eq(kshape[-1], qv.shape[-1]) and _eq(kshape[-2], vv.shape[-2])):
         raise Kept("q, k, v sizes do not match")
+    if not _eq(vv.shape[-1], qv.shape[-1]):       # danon::attention's CPU flash path needs Dv == D for now
+        raise Kept(f"v's head size {vv.shape[-1]} differs from q's {qv.shape[-1]} (not supported by the op yet)")
 
     # dtypes: one dtype in, the same out; casts in between only upwards
     qdtype = qv.dtype
@@ -588,7 +615,7 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
         raise Kept(chain.dropout_reason)
 
     # the ops between q k^T and the softmax
-    softcap, adds, attend = None, [], []
+    softcap, adds, attend, symbolic_default = None, [], [], 0
     stage, ops, i = 0, chain.pre, 0
     while i < len(ops):
         op = ops[i]
@@ -602,10 +629,12 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
             softcap, scale, stage, i = c, scale * a * c, 1, i + 3    # c tanh(a s) = c tanh((a c) s / c)
             continue
         if kind == "scale":
-            f = _factor(op[1], "the scores")
             if stage > 0:
                 raise Kept("the scores are scaled after the soft-cap or the mask")
-            scale *= f
+            if _rsqrt_head_dim(op[1], qv.shape[-1]):
+                symbolic_default += 1
+            else:
+                scale *= _factor(op[1], "the scores")
         elif kind == "tanh":
             raise Kept("tanh on the scores that is not a soft-cap (s / c, tanh, * c)")
         elif kind == "add":
@@ -636,6 +665,10 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
         elif kind == "cast":
             pass                                     # dtypes checked above
         i += 1
+    if symbolic_default:                             # 1 / sqrt(D) on a symbolic head size: scale=None says it
+        if symbolic_default > 1 or scale != 1.0 or softcap is not None:
+            raise Kept("the scale is computed at run time from the (symbolic) head size")
+        scale = None
 
     # inputs are read where the chain reads them: nothing may change them in place in between
     for name, n in (("q", q), ("k", kside), ("v", v)) + tuple(("mask", m) for m in adds) + \
@@ -648,8 +681,9 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
     # everything is proven: now edit the graph (views and mask nodes the site needs)
     graph = gm.graph
     with graph.inserting_before(final):
-        if not transposed:
+        if not transposed:      # k handed over as k^T: transpose it back (contiguous: kernels want stride-1 rows)
             kside = _call(graph, "transpose", (kside, -2, -1), method=True, like=final)
+            kside = _call(graph, "contiguous", (kside,), method=True, like=final)
         if nd == 3:
             q, kside, v, out = _to_4d(graph, chain, q, kside, v, final)
             adds = [_unsqueeze_3d(graph, m, final) for m in adds]
@@ -669,7 +703,7 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
             mask = add if add is not None else keep
     site.node, site.q, site.k, site.v = out, q, kside, v
     site.mask, site.mask_class = mask, ("none" if mask is None else "general")
-    site.scale, site.softcap = float(scale), softcap
+    site.scale, site.softcap = (None if scale is None else float(scale)), softcap
 
 
 def _call(graph: fx.Graph, target, args, *, method: bool = False, like: fx.Node) -> fx.Node:

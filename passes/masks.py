@@ -411,8 +411,11 @@ def _probe_sizes(s: _Slice, q, k, padding_fake) -> List[_Sizes]:
     hints: Dict[Any, int] = {}
     for sym in symbols:
         for shape_env in envs.values():
-            if sym in shape_env.var_to_val:
-                hints[sym] = int(shape_env.var_to_val[sym])
+            known = getattr(shape_env, "backed_var_to_val", None)
+            if known is None:
+                known = shape_env.var_to_val
+            if sym in known:
+                hints[sym] = int(known[sym])
                 break
         else:
             raise _General(f"the size {sym} has no traced value")
@@ -421,6 +424,9 @@ def _probe_sizes(s: _Slice, q, k, padding_fake) -> List[_Sizes]:
     for x in (q.shape[2], k.shape[2]):
         if isinstance(x, torch.SymInt):
             seq |= x.node.expr.free_symbols
+    # Sizes traced equal to a sequence length move with it (Dynamo may give the input ids and the
+    # attention mask distinct symbols that are equal at run time).
+    seq |= {sym for sym, v in hints.items() if any(v == hints[t] for t in seq if t in hints)}
     reach = max(s.literals, default=0) + 2
     if seq and reach > max(hints[sym] for sym in seq):
         if reach > _MAX_PROBE_LEN:

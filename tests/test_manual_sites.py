@@ -25,7 +25,7 @@ def fresh_dynamo():
 
 
 def _rel(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -432,6 +432,20 @@ class HeadMask(nn.Module):
         return (torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) * head_mask) @ v
 
 
+class InPlaceFill(nn.Module):
+    """masked_fill_ on the scores without using its result: the scores change under the chain's feet."""
+
+    def forward(self, q, k, v, attend):
+        s = q @ k.transpose(-1, -2) * 0.25
+        s.masked_fill_(~attend, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+
+class WideValues(nn.Module):
+    def forward(self, q, k, v, v_wide):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v_wide
+
+
 NEGATIVE = {
     "weights returned": (ReturnsWeights, (), "outside the attention chain", False),
     "scores used elsewhere": (ReturnsScores, (), "outside the attention chain", False),
@@ -442,13 +456,15 @@ NEGATIVE = {
     "scale after mask": (ScaleAfterMask, (_randn(B, 1, N, N, seed=3),), "scaled after", False),
     "head mask": (HeadMask, (_randn(1, H, 1, 1, seed=4),), "mul", False),
     "dropout in training": (DropoutModule, (), "dropout", True),
+    "scores filled in place": (InPlaceFill, (_attend(),), "modified in place by masked_fill_", None),
+    "v wider than q": (WideValues, (_randn(B, H, N, 2 * D, seed=6),), "head size", False),
 }
 
 
 @pytest.mark.parametrize("name", list(NEGATIVE))
 def test_chains_that_are_not_provably_attention_are_kept_with_a_reason(name):
-    cls, extra, reason, training = NEGATIVE[name]
-    module = cls().train(training)
+    cls, extra, reason, training = NEGATIVE[name]      # training None: not compared here (see the xfail below)
+    module = cls().train(bool(training))
     q, k, v = _qkv()
     args = (q, k, v, *extra)
     sites, report = _sites_of(module, *args)
@@ -458,12 +474,56 @@ def test_chains_that_are_not_provably_attention_are_kept_with_a_reason(name):
     assert reason in row.reason, row.reason
     assert reason in str(report)
     assert sites[0].kept == row.reason
-    if not training:
+    if training is False:
         torch.manual_seed(0)
         expected = module(*args)
         out = torch.compile(module, backend="danon", options={"target": "eager"})(*args)
-        for o, e in zip(out if isinstance(out, tuple) else (out,), expected if isinstance(expected, tuple) else (expected,)):
+        as_tuple = (lambda x: x if isinstance(x, tuple) else (x,))
+        for o, e in zip(as_tuple(out), as_tuple(expected)):
             assert torch.equal(o, e)          # left untouched: bit for bit the eager graph
+
+
+@pytest.mark.xfail(strict=True, reason="driver bug: rewrite_attention's gm.graph.eliminate_dead_code() deletes "
+                                       "in-place ops whose result is unused (masked_fill_ here), even in kept chains")
+def test_a_kept_chain_with_an_in_place_fill_still_equals_eager():
+    module = InPlaceFill()
+    q, k, v = _qkv()
+    args = (q, k, v, _attend())
+    out = torch.compile(module, backend="danon", options={"target": "eager"})(*args)
+    assert torch.equal(out, module(*args))
+
+
+class SymbolicScale(nn.Module):
+    """1 / sqrt(D) from the traced head size: symbolic under dynamic shapes, which is the op's default scale."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        s = s * q.shape[-1] ** -0.5 if self.spelling == "pow" else s / math.sqrt(q.size(-1))
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("module", [SymbolicScale("pow"), SymbolicScale("sqrt"), Llama(), MergedHeads()],
+                         ids=["D ** -0.5", "/ math.sqrt(D)", "Llama", "MergedHeads"])
+def test_dynamic_shapes_compile_once_and_replace_the_chain(module):
+    from danon.sites import attention_site
+    graphs = []
+
+    def backend(gm, example_inputs):
+        fn = danon.danon_backend(gm, example_inputs, {"target": "eager"})
+        graphs.append(gm)
+        return fn
+
+    compiled = torch.compile(module.eval(), backend=backend, dynamic=True)
+    for n in (32, 40, 56):
+        q, k, v = _qkv(nq=n, nk=n, seed=n)
+        assert _rel(compiled(q, k, v), module(q, k, v)) < 1e-5
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op in ("call_function", "call_method")]
+    assert targets.count(attention_site) == 1 and torch.softmax not in targets, graphs[0].code
 
 
 def test_dropout_in_training_is_kept_and_still_runs():

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from danon.kernels.dtypes import accumulation_dtype
+
 
 def num_blocks(n: int, b: int) -> int:
     return -(-n // b)
@@ -23,7 +25,7 @@ def window_blocks(window: int, b: int) -> int:
 
 def summary_dtype(x: Tensor) -> torch.dtype:
     """Means and scores are accumulated in fp32 (fp64 for fp64 inputs)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(x.dtype)
 
 
 def key_visibility(kpm: Optional[Tensor], batch: int, nk: int, b: int, device) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import block_counts, block_sums, key_visibility, near_blocks, num_blocks, summary_dtype, window_blocks
+from .blocks import block_counts, block_sums, key_visibility, num_blocks, summary_dtype, window_blocks
 from .plan import Plan
 
 
@@ -18,8 +18,10 @@ def alibi_slopes(num_heads: int, device=None) -> Tensor:
         >>> alibi_slopes(2)
         tensor([0.0625, 0.0039])
     """
-    h = torch.arange(num_heads, dtype=torch.float32, device=device)
-    return torch.exp2(-8.0 * (h + 1) / num_heads)
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
+    h = torch.arange(1, num_heads + 1, dtype=torch.float64, device=device)
+    return torch.pow(2.0, -8.0 * h / num_heads).to(torch.float32)
 
 
 def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -83,6 +85,27 @@ def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tens
     return torch.where(top_val > float("-inf"), top_ids, torch.full_like(top_ids, -1)).to(torch.int32)
 
 
+class _CandidateSums:
+    """Sum over each query block's candidate blocks ([0, t - W), and (t + W, Tk) without causal masking).
+
+    Prefix sums over blocks (accumulated in fp64) answer every query block in O(1): O(Tk D) in all,
+    where a [Tq, Tk] indicator matrix times the block sums would cost O(Tq Tk D).
+    """
+
+    def __init__(self, tq: int, tk: int, w: int, causal: bool, device):
+        t = torch.arange(tq, device=device)
+        self.before = (t - w).clamp(min=0, max=tk)                    # candidates [0, before)
+        self.after = None if causal else (t + w + 1).clamp(max=tk)    # and [after, Tk)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x [..., Tk, D] -> [..., Tq, D]."""
+        prefix = F.pad(x.to(torch.float64).cumsum(-2), (0, 0, 1, 0))   # prefix[a] = sum of blocks < a
+        total = prefix[..., self.before, :]
+        if self.after is not None:
+            total = total + prefix[..., -1:, :] - prefix[..., self.after, :]
+        return total.to(x.dtype)
+
+
 def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
               block_size: int = 64, window: int = 256, memory_size: int = 64, importance: Optional[Tensor] = None,
               decay: str = "alibi", slopes: Optional[Tensor] = None, compress_rest: bool = True) -> Plan:
@@ -110,10 +133,6 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     visible = key_visibility(key_padding_mask, B, nk, b, dev)          # [B, Tk*b]
     counts = block_counts(visible, b)                                  # [B, Tk]
-    near = near_blocks(tq, tk, w, causal, dev)                         # [Tq, Tk]
-    candidate_blocks = ~near
-    if causal:
-        candidate_blocks = candidate_blocks & (torch.arange(tk, device=dev)[None, :] < torch.arange(tq, device=dev)[:, None])
 
     plan = Plan("dala", b, causal, nq, nk, window=w, key_block_counts=counts)
     if decay == "alibi":
@@ -127,13 +146,13 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         plan.token_idx = _routed_tokens(scores, b, routed, w, causal)
 
     if compress_rest:
-        cb = candidate_blocks.to(acc)[None, None]                       # [1, 1, Tq, Tk]
         positions = torch.arange(tk * b, device=dev, dtype=acc)
         pos_sums = (visible.to(acc) * positions).view(B, tk, b).sum(-1)  # [B, Tk]
-        k_rest = cb @ block_sums(k, visible, b, key_padding_mask is not None)                        # [B, Hkv, Tq, D]
-        v_rest = cb @ block_sums(v, visible, b, key_padding_mask is not None)
-        n_rest = (cb @ counts.to(acc)[:, None, :, None])[..., 0]       # [B, 1, Tq]
-        pos_rest = (cb @ pos_sums[:, None, :, None])[..., 0]
+        rest = _CandidateSums(tq, tk, w, causal, dev)
+        k_rest = rest(block_sums(k, visible, b, key_padding_mask is not None))               # [B, Hkv, Tq, D]
+        v_rest = rest(block_sums(v, visible, b, key_padding_mask is not None))
+        n_rest = rest(counts.to(acc)[:, None, :, None])[..., 0]      # [B, 1, Tq]
+        pos_rest = rest(pos_sums[:, None, :, None])[..., 0]
         if plan.token_idx is not None:
             valid = plan.token_idx >= 0
             idx = plan.token_idx.long().clamp(min=0)

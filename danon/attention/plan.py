@@ -136,7 +136,16 @@ def plan_coverage(plan: Plan) -> dict:
         t_q = torch.arange(Tq, device=counts.device)[:, None]
         d = t_q - torch.arange(counts.shape[-1], device=counts.device)[None, :]
         near = ((d >= 0) & (d <= plan.window)) if plan.causal else (d.abs() <= plan.window)
-        exact = exact + (counts_f @ near.to(torch.float64).T)[:, None, :]
+        share = near.to(torch.float64)
+        if plan.band is not None:   # the part of each near block inside the last row's band
+            b = plan.block_size
+            last = (torch.arange(Tq, device=counts.device) + 1).clamp(max=-(-plan.seq_len_q // b)) * b - 1
+            lo = last - plan.band + 1
+            hi = last if plan.causal else last + plan.band - 1
+            start = torch.arange(counts.shape[-1], device=counts.device) * b
+            inside = (torch.minimum(hi[:, None], start[None, :] + b - 1) - torch.maximum(lo[:, None], start[None, :]) + 1)
+            share = share * inside.clamp(min=0, max=b).to(torch.float64) / b
+        exact = exact + (counts_f @ share.T)[:, None, :]
     if plan.block_idx is not None:
         idx = plan.block_idx.long()
         c = counts_f[:, None, None, :].expand(-1, idx.shape[1], idx.shape[2], -1)
