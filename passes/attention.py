@@ -19,6 +19,9 @@ from danon.functional import attention_plan
 from danon.report import SiteReport
 from danon.sites import attention_site
 
+# Hand-written recognisers rather than Inductor's pattern matcher: its patterns (fuse_attention.py) fire
+# on ATen graphs inside Inductor only, while the report, the eager target and the ONNX/TensorRT lowerings
+# need the rewrite on Dynamo's torch-level graph, with source lines, masks' provenance and module names.
 from .inputs import normalize_kv
 from .manual import find_manual_sites
 from .masks import classify_mask
