@@ -35,6 +35,11 @@ def _additive_mask(q, k, key_padding_mask, attn_mask) -> Optional[Tensor]:
     return mask
 
 
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """The fused CPU kernel silently misreads a last dim that is not contiguous (stride != 1)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _flash_dtype(q: Tensor, attn_mask) -> torch.dtype:
     """fp16/bf16 with an additive float mask run in fp32: the mask must not be rounded to half precision."""
     if attn_mask is not None and attn_mask.is_floating_point() and q.dtype in (torch.float16, torch.bfloat16):
@@ -45,7 +50,7 @@ def _flash_dtype(q: Tensor, attn_mask) -> torch.dtype:
 def _flash_forward(q, k, v, key_padding_mask, attn_mask, scale, causal):
     """Dense exact attention through PyTorch's fused CPU flash kernel (GQA native)."""
     dt = _flash_dtype(q, attn_mask)
-    qc, kc, vc = q.to(dt), k.to(dt), v.to(dt)
+    qc, kc, vc = (_rows_contiguous(x.to(dt)) for x in (q, k, v))
     mask = _additive_mask(qc, kc, key_padding_mask, attn_mask)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qc, kc, vc, 0.0, causal, attn_mask=mask, scale=scale)
@@ -174,10 +179,11 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
 
 def _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal):
     dt = _flash_dtype(q, attn_mask)
-    qc, kc, vc = q.to(dt), k.to(dt), v.to(dt)
+    qc, kc, vc = (_rows_contiguous(x.to(dt)) for x in (q, k, v))
     mask = _additive_mask(qc, kc, key_padding_mask, attn_mask)
     # rows that see no key have lse -inf; with 0 instead every p of theirs is exp(-inf) = 0 all the same
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).to(accumulation_dtype(dt))
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out.to(dt).contiguous(), qc, kc, vc, out.to(dt), lse, 0.0, causal, attn_mask=mask, scale=scale)
+        grad_out.to(dt).contiguous(), qc, kc, vc, out.to(dt).contiguous(), lse, 0.0, causal, attn_mask=mask,
+        scale=scale)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -9,6 +9,7 @@ and the site qualifies); every site kept says why.
 """
 from __future__ import annotations
 
+import operator
 from typing import List, Optional, Tuple
 
 import torch
@@ -138,6 +139,18 @@ def _replace(gm: fx.GraphModule, site: Site, family: str, config: DanonConfig) -
     site.node.replace_all_uses_with(new)
 
 
+_IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.iand, operator.ior, operator.ixor}
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """FX takes call_method nodes for pure; an in-place one (mask.fill_(...), x += y) must survive dead-code elimination."""
+    in_place = (node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_")
+                and not node.target.startswith("__")) or \
+        (node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS)
+    return node.is_impure() or in_place
+
+
 def rewrite_attention(gm: fx.GraphModule, config: DanonConfig):
     """Replace every attention site that qualifies; returns (gm, [SiteReport, ...]).
 
@@ -163,7 +176,7 @@ def rewrite_attention(gm: fx.GraphModule, config: DanonConfig):
         rows.append(_report_row(site, family, reason, config))
         if family is not None:
             _replace(gm, site, family, config)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     return gm, rows

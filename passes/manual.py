@@ -588,8 +588,6 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
         raise Kept(f"{qv.shape[1]} query heads with {kshape[1]} key and {vv.shape[1]} value heads")
     if not (_eq(kshape[-1], qv.shape[-1]) and _eq(kshape[-2], vv.shape[-2])):
         raise Kept("q, k, v sizes do not match")
-    if not _eq(vv.shape[-1], qv.shape[-1]):       # danon::attention's CPU flash path needs Dv == D for now
-        raise Kept(f"v's head size {vv.shape[-1]} differs from q's {qv.shape[-1]} (not supported by the op yet)")
 
     # dtypes: one dtype in, the same out; casts in between only upwards
     qdtype = qv.dtype

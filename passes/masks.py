@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -71,9 +72,12 @@ _META_ONLY_METHODS = {"new_ones": (0,), "new_zeros": (0,), "new_full": (0,), "si
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.iand, operator.ior, operator.ixor,
                       operator.itruediv, operator.ifloordiv, operator.imod, operator.ilshift, operator.irshift}
 
-_MAX_ELEMENTS = 1 << 26          # largest mask evaluated (elements, after dropping broadcast dims)
-_MAX_PROBE_LEN = 4096            # largest sequence length probed for symbolic shapes
+_MAX_ELEMENTS = 1 << 28          # largest mask evaluated (elements, after dropping broadcast dims); larger: general
+_MAX_PROBE_LEN = 16384           # largest sequence length probed for symbolic shapes
 _NEG_INF = float("-inf")
+
+
+_MEMO: "weakref.WeakKeyDictionary[fx.Graph, Dict[Any, Any]]" = weakref.WeakKeyDictionary()
 
 
 class _General(Exception):
@@ -101,17 +105,20 @@ def classify_mask(gm: fx.GraphModule, site: Site) -> None:
         >>> found
         [('causal', True, None)]
     """
-    source = site.node.meta.get("danon_source")     # set on the SDPA calls that passes/modules.py expands
-    if source:
-        site.source = source
     mask = site.mask
-    if not isinstance(mask, fx.Node) or site.causal or site.softcap is not None:
+    if not isinstance(mask, fx.Node) or site.causal:
         return
-    try:
-        found = _classify(gm, site, mask)
-    except _General:
-        return
-    except Exception:            # anything unexpected while proving: stay general, never fail the compile
+    # Every layer of a model usually reads the same mask node: prove it once per graph and shapes.
+    memo = _MEMO.setdefault(gm.graph, {})
+    key = (mask, str(tuple(site.value("q").shape)) if site.value("q") is not None else "",
+           str(tuple(site.value("k").shape)) if site.value("k") is not None else "")
+    if key not in memo:
+        try:
+            memo[key] = _classify(gm, site, mask)
+        except Exception:        # _General, or anything unexpected while proving: stay general, never fail the compile
+            memo[key] = None
+    found = memo[key]
+    if found is None:
         return
     base, window, padding, convert = found
     key_padding = _key_padding_node(gm, padding, convert) if padding is not None else None
@@ -381,6 +388,9 @@ def _classify(gm: fx.GraphModule, site: Site, mask: fx.Node):
         raise _General("q, k or the mask has no 4-D traced value")
     if mask_value.dim() > 4:
         raise _General("a mask of more than 4 dims")
+    traced = [_hint(sz) for sz, st in zip(mask_value.shape, mask_value.stride()) if _hint(st) != 0]
+    if math.prod(traced) > _MAX_ELEMENTS:
+        raise _General("the mask is too large to evaluate")
     s = _extract(gm, mask)
     padding_fake = s.padding.meta["example_value"] if s.padding is not None else None
     probes = _probe_sizes(s, q, k, padding_fake)
@@ -429,10 +439,19 @@ def _probe_sizes(s: _Slice, q, k, padding_fake) -> List[_Sizes]:
     seq |= {sym for sym, v in hints.items() if any(v == hints[t] for t in seq if t in hints)}
     reach = max(s.literals, default=0) + 2
     if seq and reach > max(hints[sym] for sym in seq):
-        if reach > _MAX_PROBE_LEN:
+        if reach > _MAX_PROBE_LEN or _hint(q.shape[0]) * reach * reach > _MAX_ELEMENTS:
             raise _General(f"a constant {reach - 2} beyond the probed lengths with symbolic shapes")
         probes.append(_Sizes({sym: (reach if sym in seq else v) for sym, v in hints.items()}))
     return probes
+
+
+def _hint(x) -> int:
+    if isinstance(x, torch.SymInt):
+        hint = x.node.hint
+        if hint is None:
+            raise _General("a size without a traced value")
+        return int(hint)
+    return int(x)
 
 
 def _shape(sizes: _Sizes, q, k) -> Tuple[int, int, int, int]:
@@ -534,14 +553,15 @@ def _holds(s: _Slice, mask: fx.Node, sizes: _Sizes, q, k, padding_fake, base, wi
         if s.padding is None:
             trials.append((None, None))
         else:
-            kinds = ["full", "left", "right", "random", "empty", "left", "right", "random"]
+            large = B * nq * nk > (1 << 24)             # long sequences: one pattern of each kind
+            kinds = ["full", "left", "right", "random", "empty"] + ([] if large else ["left", "right", "random"])
             for kind in kinds:
                 attend = _padding_pattern(kind, B, nk, g)
                 if convert is None:
                     trials.append((_padding_tensor(attend, "ne0", padding_fake), None))
                 else:
                     trials.append((_padding_tensor(attend, convert, padding_fake), attend))
-            for _ in range(2):              # values other than 0 / 1: the conversion must be `!= 0` / `== 0` exactly
+            for _ in range(1 if large else 2):   # values other than 0 / 1: the conversion must be `!= 0` / `== 0` exactly
                 value = _general_values(B, nk, padding_fake, g)
                 trials.append((value, _CONVERT[convert](value).cpu() if convert is not None else None))
         ref = None

@@ -80,7 +80,7 @@ def expand_module_calls(gm: fx.GraphModule) -> List[Site]:
             expand = _expand_encoder_layer
             what = "fused TransformerEncoderLayer fast path"
         elif node.target in NATIVE_MHA_TARGETS:
-            kept.append(Site(node=node, source="module",
+            kept.append(Site(node=node, source="module", mask_class="unknown",
                              kept="fused MultiheadAttention fast path (torch._native_multi_head_attention) is not expanded"))
             continue
         else:
@@ -90,10 +90,10 @@ def expand_module_calls(gm: fx.GraphModule) -> List[Site]:
             expand(emitter, node)
         except _Keep as why:
             emitter.rollback()
-            kept.append(Site(node=node, source="module", kept=f"{what} ({why})"))
+            kept.append(Site(node=node, source="module", mask_class="unknown", kept=f"{what} ({why})"))
         except Exception as error:    # an expansion that cannot be traced: keep the call, say why
             emitter.rollback()
-            kept.append(Site(node=node, source="module",
+            kept.append(Site(node=node, source="module", mask_class="unknown",
                              kept=f"{what} (not expanded: {type(error).__name__}: {error})"))
     return kept
 
@@ -159,6 +159,15 @@ def _constant(name: str, value, kind=None):
     if kind is not None and value is not None and not isinstance(value, kind):
         raise _Keep(f"{name} is a {type(value).__name__}")
     return value
+
+
+def _hint(x) -> int:
+    """A size's traced value, without adding a guard for a symbolic one."""
+    if isinstance(x, torch.SymInt):
+        if x.node.hint is None:
+            raise _Keep("a size without a traced value")
+        return int(x.node.hint)
+    return int(x)
 
 
 def _tensor(em: _Emitter, name: str, node) -> Optional[torch.Tensor]:
@@ -299,8 +308,8 @@ def _expand_mha(em: _Emitter, call: fx.Node) -> None:
         raise _Keep("unbatched inputs")
     if not q_val.is_floating_point():
         raise _Keep(f"inputs of dtype {q_val.dtype}")
-    if q_val.shape[-1] != E or E % H:
-        raise _Keep(f"embed_dim {E} with {H} heads and inputs of width {q_val.shape[-1]}")
+    if _hint(q_val.shape[-1]) != E or E % H:
+        raise _Keep(f"embed_dim {E} with {H} heads and inputs of width {_hint(q_val.shape[-1])}")
     users = _tuple_users(call)
     if need_weights and users.get(1):
         raise _Keep("need_weights=True: the attention weights are used")
@@ -318,7 +327,7 @@ def _expand_mha(em: _Emitter, call: fx.Node) -> None:
         weights, in_proj_weight = None, a["in_proj_weight"]
         if in_proj_weight is None:
             raise _Keep("no in_proj_weight")
-        if k_val.shape != v_val.shape:
+        if [_hint(d) for d in k_val.shape] != [_hint(d) for d in v_val.shape]:
             raise _Keep("key and value shapes differ")
     dtype = q_val.dtype
 
@@ -367,7 +376,7 @@ def _expand_encoder_layer(em: _Emitter, call: fx.Node) -> None:
     norm_first = _constant("norm_first", a["norm_first"], bool)
     eps = _constant("eps", a["eps"], numbers.Real)
     mask_type = _constant("mask_type", a["mask_type"], int)
-    if src_val.shape[-1] != E or E % H:
+    if _hint(src_val.shape[-1]) != E or E % H:
         raise _Keep(f"embed_dim {E} with {H} heads")
     # The fast path masks where the mask is nonzero (True for bool): SDPA gets the bool "attend" mask.
     mask, sdpa_mask = a["mask"], None

@@ -37,7 +37,9 @@ def find_sdpa_sites(gm: fx.GraphModule) -> List[Site]:
         args = dict(SDPA_DEFAULTS)
         args.update(zip(SDPA_PARAMS, node.args))
         args.update(node.kwargs)
-        site = Site(node=node, source="sdpa", q=args["query"], k=args["key"], v=args["value"])
+        # an SDPA call that passes/modules.py expanded from a module call reports as "module"
+        site = Site(node=node, source=node.meta.get("danon_source", "sdpa"), q=args["query"], k=args["key"],
+                    v=args["value"])
         site.kept = _read_options(site, args)
         sites.append(site)
     return sites

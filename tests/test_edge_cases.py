@@ -105,3 +105,18 @@ def test_coverage_of_a_banded_plan_counts_only_the_band():
     q = torch.randn(1, 1, 512, 8)
     cov = danon.plan_coverage(danon.attention_plan(q, q, kind="exact", causal=True, block_size=64, sliding_window=5))
     assert cov["exact"] < 0.05 and abs(sum(cov.values()) - 1) < 1e-9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_whose_last_dim_is_not_contiguous(kind):
+    """The fused CPU kernel misreads stride(-1) != 1: the executors must hand it contiguous rows."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 16, 64, generator=g).transpose(-1, -2).requires_grad_()     # [1, 2, 64, 16], stride(-1) = 64
+    assert x.stride(-1) != 1
+    out = danon.attention(x, x, x, kind=kind, causal=True, **SMALL[kind])
+    y = x.detach().contiguous().requires_grad_()
+    ref = danon.attention(y, y, y, kind=kind, causal=True, **SMALL[kind])
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.sum().backward()
+    ref.sum().backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-5)

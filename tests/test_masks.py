@@ -266,8 +266,6 @@ def test_a_mask_mutated_outside_its_construction_is_general():
     assert classes == ["general", "general"]
 
 
-@pytest.mark.xfail(strict=True, reason="passes/attention.py: gm.graph.eliminate_dead_code() drops the in-place "
-                                       "mask.fill_ (FX counts call_method nodes as pure), even with attention='keep'")
 def test_a_mask_mutated_in_place_keeps_its_meaning():
     q, k, v = _qkv()
     module = Mutated()
