@@ -17,7 +17,8 @@ equal a known class:
    every integer constant of the construction, so a window wider than the traced length still
    shows). Every result must equal the class's definition exactly: causal j <= i; sliding window
    i - w < j <= i; key padding P[b, j] != 0 (or == 0); their conjunctions. An additive float mask
-   counts only when every value is 0 or -inf.
+   counts only when every value is 0 or -inf (or <= -65504, as eager paths' finfo.min: the same
+   weights in every row that sees a key; a row that sees none returns 0, where eager averages).
 
 Then site.mask becomes None and site.causal / site.key_padding / site.window say the same thing:
 the dense mask's construction is dead and the driver's dead-code elimination removes it, so no
@@ -74,7 +75,7 @@ _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.iand
 
 _MAX_ELEMENTS = 1 << 28          # largest mask evaluated (elements, after dropping broadcast dims); larger: general
 _MAX_PROBE_LEN = 16384           # largest sequence length probed for symbolic shapes
-_NEG_INF = float("-inf")
+_LARGE_NEGATIVE = -65504.0      # float16's smallest finite value, as passes/manual.py's fills
 
 
 _MEMO: "weakref.WeakKeyDictionary[fx.Graph, Dict[Any, Any]]" = weakref.WeakKeyDictionary()
@@ -368,8 +369,10 @@ def _attend(value: torch.Tensor) -> torch.Tensor:
     if not value.is_floating_point():
         raise _General(f"a mask of dtype {value.dtype}")
     attend = value == 0
-    if not bool((attend | (value == _NEG_INF)).all()):
-        raise _General("an additive mask with values other than 0 and -inf")
+    # a value at or below float16's smallest (finfo.min, -1e9: what eager paths add) gives weight exactly 0 to
+    # its key in every row that sees any key, as -inf does; rows that see none return 0 (the op's rule)
+    if not bool((attend | (value <= _LARGE_NEGATIVE)).all()):
+        raise _General("an additive mask with values other than 0 and -inf (or <= -65504)")
     return attend
 
 

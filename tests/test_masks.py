@@ -96,7 +96,7 @@ class MaskedSDPA(nn.Module):
         if k == "padded rows attend everywhere":                           # the old torch fix: all-True rows
             m = _hf_causal_padding(q, attention_mask)
             return m | ~m.any(-1, keepdim=True)
-        if k == "finfo.min":                                               # not -inf: fully masked rows differ
+        if k == "finfo.min":                                               # what eager paths add instead of -inf
             return torch.zeros(n, n).masked_fill(i[None, :] > i[:, None], torch.finfo(q.dtype).min)
         if k == "bottom-right causal":
             return i[None, :] <= i[:, None] + 1
@@ -117,8 +117,9 @@ CLASSIFIED = {
     "transformers causal+padding": "causal+key_padding",
     "sliding window": "sliding_window",
     "sliding window, no padding": "sliding_window",
+    "finfo.min": "causal",      # same weights as -inf in every row that sees a key (here: every row)
 }
-GENERAL = ["learned bias", "bias + padding", "padded rows attend everywhere", "finfo.min", "bottom-right causal"]
+GENERAL = ["learned bias", "bias + padding", "padded rows attend everywhere", "bottom-right causal"]
 
 
 def _compile_capturing(module, **compile_kw):
