@@ -71,7 +71,10 @@ MODELS = {
     "llama": (_llama, ["causal+key_padding"] * 2, ["causal"] * 2),
     "mistral": (_mistral, ["sliding_window"] * 2, ["sliding_window"] * 2),   # always a bool mask (NOTES.md)
     "bert": (_bert, ["key_padding"] * 2, ["none"] * 2),
-    "t5": (_t5, ["general"] * T5_SITES, ["general"] * 3 + ["none", "general", "none"]),   # cross: no bias, no mask
+    # self-attention carries T5's position bias (general); cross-attention only the encoder's padding
+    # (finfo.min added: key_padding), or nothing without an attention_mask
+    "t5": (_t5, ["general"] * 3 + ["key_padding", "general", "key_padding"],
+           ["general"] * 3 + ["none", "general", "none"]),
 }
 IMPLS = ("sdpa", "eager")
 MASKS = ("left", "right", "ones", "none")      # row 1 padded on the left / right, all ones, no attention_mask
