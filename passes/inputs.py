@@ -22,9 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .sites import Site
+from .sites import Site, known_equal
 
 CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
 RESHAPE_METHODS = {"reshape", "view"}
@@ -36,14 +35,7 @@ def _value(node) -> Optional[torch.Tensor]:
     return v if isinstance(v, torch.Tensor) else None
 
 
-def _eq(a, b) -> bool:
-    """a == b known without adding a guard."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
+_eq = known_equal
 
 
 def _shape_eq(a, b) -> bool:

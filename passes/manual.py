@@ -34,9 +34,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .sites import Site
+from .sites import Site, known_equal
 
 # ----------------------------------------------------------------------------------------------
 # Op tables (Dynamo's torch-level IR)
@@ -88,14 +87,7 @@ def _name(node: fx.Node) -> str:
     return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
-def _eq(a, b) -> bool:
-    """a == b known without adding a guard (symbolic sizes compare by expression)."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    try:
-        return bool(statically_known_true(a == b))
-    except Exception:
-        return False
+_eq = known_equal
 
 
 def _same_shape(a: Sequence, b: Sequence) -> bool:

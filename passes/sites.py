@@ -6,6 +6,17 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+
+def known_equal(a, b) -> bool:
+    """a == b known without adding a guard (symbolic sizes compare by expression)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:   # sizes of different kinds: not known equal
+        return False
 
 
 @dataclasses.dataclass

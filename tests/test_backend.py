@@ -9,13 +9,6 @@ import torch.nn.functional as F
 import danon
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles the same forward many times: start from an empty Dynamo cache."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())

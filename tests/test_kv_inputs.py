@@ -15,13 +15,6 @@ B, H, HKV, N, D = 2, 4, 2, 40, 16
 REP = H // HKV
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles small forwards many times: start from an empty Dynamo cache."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
 
 def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())

@@ -11,13 +11,6 @@ B, N, E, HEADS = 2, 12, 16, 2
 OPTIONS = {"target": "eager"}
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles the same forwards many times: start from an empty Dynamo cache."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
 
 def _rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
