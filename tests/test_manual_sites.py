@@ -466,7 +466,7 @@ NEGATIVE = {
 
 @pytest.mark.parametrize("name", list(NEGATIVE))
 def test_chains_that_are_not_provably_attention_are_kept_with_a_reason(name):
-    cls, extra, reason, training = NEGATIVE[name]      # training None: not compared here (see the xfail below)
+    cls, extra, reason, training = NEGATIVE[name]      # training None: compared in test_a_kept_chain_with_an_in_place_fill_still_equals_eager
     module = cls().train(bool(training))
     q, k, v = _qkv()
     args = (q, k, v, *extra)

@@ -6,9 +6,7 @@ recogniser), and run on a batch whose second row is padded on the left or on the
 all-ones attention_mask, and without one. Every self-attention site (and T5's cross-attention) must be
 found and replaced by the exact family, and the compiled model must equal eager at the positions
 that are not padding.
-
-A site the report keeps is not a passing test: its case is an xfail(strict=True) with the report's
-reason (KEPT below), so it turns into a failure the day the recogniser lands and the entry goes.
+A site the report keeps fails the test.
 """
 import pytest
 import torch
@@ -79,9 +77,6 @@ MODELS = {
 IMPLS = ("sdpa", "eager")
 MASKS = ("left", "right", "ones", "none")      # row 1 padded on the left / right, all ones, no attention_mask
 
-# (model, impl, mask) -> the report's reason, verbatim, for a case whose sites are kept today.
-KEPT = {}
-
 
 class Wrapped(torch.nn.Module):
     """Positional tensors in, tensors out: what danon.explain and the comparison need."""
@@ -138,10 +133,7 @@ def _cases():
     for name in MODELS:
         for impl in IMPLS:
             for mask in MASKS:
-                marks = []
-                if (name, impl, mask) in KEPT:
-                    marks = [pytest.mark.xfail(strict=True, reason=KEPT[name, impl, mask])]
-                yield pytest.param(name, impl, mask, id=f"{name}-{impl}-{mask}", marks=marks)
+                yield pytest.param(name, impl, mask, id=f"{name}-{impl}-{mask}")
 
 
 @pytest.mark.parametrize("name,impl,mask", list(_cases()))
