@@ -82,6 +82,8 @@ def check_attn_mask(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Te
 
 
 def check_scale(scale, head_dim: int) -> float:
+    if isinstance(scale, torch.SymFloat):   # a symbolic float under dynamic=True: checked when it is bound
+        return scale
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):

@@ -1,4 +1,5 @@
-"""The `danon` torch.compile backend: capture -> attention pass -> lower, with a compile report.
+"""The `danon` torch.compile backend: capture -> attention pass -> checkpoint and quantize passes -> lower,
+with a compile report.
 
 `backend="danon"` is registered through the `torch_dynamo_backends` entry point, so it works in a
 fresh interpreter that never imported danon.
@@ -13,6 +14,8 @@ import torch
 from danon.backends.inductor import lower
 from danon.compile_config import DanonConfig
 from danon.passes.attention import rewrite_attention
+from danon.passes.checkpoint import checkpoint_lowering
+from danon.passes.quantize import quantize_graph
 from danon.report import CompileReport
 
 _collectors: List[CompileReport] = []   # reports of the graphs compiled inside `collect_reports()`
@@ -43,11 +46,22 @@ def danon_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[Di
     config = DanonConfig.from_options(options)
     gm, sites = rewrite_attention(gm, config)
     report = CompileReport(sites)
+    extra: list = []
+    if config.quantize != "none":      # inference only: raises for a graph that needs a backward
+        gm, extra, report.linears = quantize_graph(gm, example_inputs, config)
+    inputs = list(example_inputs) + extra
+    # checkpointing happens inside lowering: AOTAutograd's partitioner runs while the graph compiles
+    compiled, report.checkpoint = checkpoint_lowering(gm, inputs, config, lower)
     for collector in _collectors:
         collector.extend(report)
     if config.report:
         print(report)
-    return lower(gm, example_inputs, config.target)
+    if not extra:
+        return compiled
+
+    def run(*args):     # the quantized weights are inputs of the rewritten graph after Dynamo's own
+        return compiled(*args, *extra)
+    return run
 
 
 def explain(model, *args, **options) -> CompileReport:

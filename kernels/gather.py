@@ -29,8 +29,9 @@ from .dtypes import accumulation_dtype
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
-# Elements of gathered keys (plus window keys) one chunk may touch: bounds the working memory.
-GATHER_BUDGET = 1 << 23
+# Elements of gathered keys (plus window keys) one chunk may touch: bounds the working memory, and keeps
+# what a chunk gathers in cache for the kernel that reads it (measured at N = 16k: 1 << 22 beats 1 << 23).
+GATHER_BUDGET = 1 << 22
 NEG_INF = float("-inf")
 
 
@@ -43,12 +44,16 @@ def _pad_rows(x: Tensor, before: int, after: int) -> Tensor:
 class _Part:
     """One key set shared by the rows of each query block.
 
-    keys, values: (t0, t1) -> [C, B*Hkv, L, D]; mask: (t0, t1) -> (additive mask [C, B*H, b, L], per-row
-    lse offset or None); scatter: (t0, t1, dk, dv) adds the key gradients back where the keys came from.
+    keys, values: (t0, t1) -> [C, B*Hkv, L, D]; mask: (t0, t1) -> (additive mask [C, B*H, b, L] or None,
+    per-row lse offset or None); dead: (t0, t1) -> bool [C, B*H, b|1] marking rows that see no key of
+    this part, or None when every row sees one (read off key-level flags: testing the float mask costs
+    more than the attention); causal: the kernel's own triangular mask applies; scatter: (t0, t1, dk,
+    dv) adds the key gradients back where the keys came from.
     """
 
-    def __init__(self, keys, values, mask, scatter):
+    def __init__(self, keys, values, mask, scatter, dead, causal: bool = False):
         self.keys, self.values, self.mask, self.scatter = keys, values, mask, scatter
+        self.dead, self.causal = dead, causal
 
 
 class GatheredPlan:
@@ -72,8 +77,9 @@ class GatheredPlan:
         self.key_ok = key_ok
         self.block_start = torch.arange(self.tq, device=dev) * b                           # [Tq]
         self.slopes = None if slopes is None else slopes.to(dt)                            # [H]
-        self.k_pad = _pad_rows(k.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, D)
-        self.v_pad = _pad_rows(v.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, self.Dv)
+        # contiguous: the own-block part reads blocks through as_strided, which ignores a view's strides
+        self.k_pad = _pad_rows(k.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, D).contiguous()
+        self.v_pad = _pad_rows(v.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, self.Dv).contiguous()
         # gradient buffers, filled by the parts' scatter functions during the backward
         self.grad_k = self.grad_v = None
         self._front = None
@@ -92,8 +98,11 @@ class GatheredPlan:
             # most of the summary table is in use: attend to all of it, masked, rather than gather it
             self.parts.append(self._summary_table_part(summary_idx, summary_k, summary_v, summary_count))
             summary_idx = None
-        if block_idx is not None or token_idx is not None or summary_idx is not None:
-            self.parts.append(self._list_part(block_idx, token_idx, summary_idx, summary_k, summary_v,
+        if block_idx is not None:   # whole blocks: gathered block by block (b * D contiguous values each)
+            self.parts.append(self._block_list_part(block_idx))
+            block_idx = None
+        if token_idx is not None or summary_idx is not None:
+            self.parts.append(self._list_part(token_idx, summary_idx, summary_k, summary_v,
                                               summary_count, summary_pos))
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -101,6 +110,11 @@ class GatheredPlan:
         """[Tq, B, Hkv, ...] -> [Tq, B*H, ...]: the same keys' mask for every query head of a kv group."""
         x = x.unsqueeze(3).expand(*x.shape[:3], self.G, *x.shape[3:])
         return x.reshape(x.shape[0], self.B * self.H, *x.shape[4:])
+
+    def _dead_per_head(self, dead: Tensor) -> Tensor:
+        """[C, B, Hkv|1, b|1] -> [C, B*H, b|1]."""
+        dead = dead.expand(dead.shape[0], self.B, self.Hkv, dead.shape[-1])
+        return self._per_head(dead)
 
     def _row_offset(self, t0, t1):
         """The per-row constant -slope*(i - start) that the causal per-key ALiBi bias leaves out: [C, B*H, b]."""
@@ -148,14 +162,17 @@ class GatheredPlan:
         def strided(x):
             return lambda t0, t1: x.as_strided((t1 - t0, B * Hkv, width * b, x.shape[-1]),
                                                (b * x.shape[-1], rows * x.shape[-1], x.shape[-1], 1),
-                                               t0 * b * x.shape[-1])
+                                               t0 * b * x.shape[-1] + x.storage_offset())
 
         # key j of query block t's window sits at position (t - w) * b + j
-        def mask(t0, t1):
+        def key_ok(t0, t1):
             pos = (self.block_start[t0:t1, None] - w * b) + torch.arange(width * b, device=self.q.device)   # [C, L]
             inside = (pos >= 0) & (pos < self.nk)
             ok = torch.gather(self.key_ok, 1, pos.clamp(0, self.nk - 1).reshape(1, -1).expand(B, -1))
-            ok = ok.view(B, t1 - t0, -1).transpose(0, 1) & inside[:, None, :]                              # [C, B, L]
+            return ok.view(B, t1 - t0, -1).transpose(0, 1) & inside[:, None, :], pos                       # [C, B, L]
+
+        def mask(t0, t1):
+            ok, pos = key_ok(t0, t1)
             m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, NEG_INF)[:, :, None]
             m, offset = self._finish_mask(m, pos[:, None, None, :], t0, t1)
             if self.band is not None:   # a sliding window of tokens: the one per-row mask of this part
@@ -164,6 +181,11 @@ class GatheredPlan:
                 outside = (d >= self.band) | (-d >= self.band)
                 m = m.masked_fill(outside[:, None], NEG_INF)
             return m, offset
+
+        def dead(t0, t1):
+            if self.band is not None:   # which rows the band leaves empty: read the per-row mask
+                return _dead_rows(mask(t0, t1)[0])
+            return self._dead_per_head(~key_ok(t0, t1)[0].any(-1)[:, :, None, None])
 
         def scatter(t0, t1, dk, dv):
             # window slot s of query block t is padded row (t - w) * b + s + w * b: add block by block
@@ -175,7 +197,7 @@ class GatheredPlan:
 
         self._front = (before, after)
         self.keys_per_block += width * b
-        return _Part(strided(front_k), strided(front_v), mask, scatter=scatter)
+        return _Part(strided(front_k), strided(front_v), mask, scatter=scatter, dead=dead)
 
     def front_grad(self, name, like):
         attr = "_front_grad_" + name
@@ -191,7 +213,7 @@ class GatheredPlan:
         def blocks(x):
             return lambda t0, t1: x.as_strided((t1 - t0, B * Hkv, b, x.shape[-1]),
                                                (b * x.shape[-1], n * x.shape[-1], x.shape[-1], 1),
-                                               t0 * b * x.shape[-1])
+                                               t0 * b * x.shape[-1] + x.storage_offset())
 
         key_ok = F.pad(self.key_ok, (0, n - self.nk), value=False)
         if window is not None:
@@ -202,6 +224,11 @@ class GatheredPlan:
         tril = torch.ones(b, b, dtype=torch.bool, device=self.q.device).tril()
         r = torch.arange(b, device=self.q.device)
         band = (r[:, None] - r[None, :]) < (self.band if self.band is not None else b)
+        general = listed is not None or self.band is not None or self.slopes is not None
+        if not general and self.key_ok.all():   # the plain triangle: the kernel's own causal mask, no mask tensor
+            return self._plain_own_part(blocks)
+        if not general:                         # triangle + key padding: one mask per batch row, shared by heads
+            return self._padded_own_part(blocks, key_ok, tril)
 
         def mask(t0, t1):
             ok = key_ok[:, t0 * b:t1 * b].view(B, t1 - t0, 1, b).transpose(0, 1)        # [C, B, 1, b]
@@ -217,13 +244,40 @@ class GatheredPlan:
                 m = m - self.slopes.repeat(B).view(1, B * self.H, 1, 1) * dist.abs()
             return m, None
 
-        def scatter(t0, t1, dk, dv):
-            grad_k, grad_v = self.grads()
-            grad_k[:, t0 * b:t1 * b] += dk.transpose(0, 1).reshape(B * Hkv, -1, self.D)
-            grad_v[:, t0 * b:t1 * b] += dv.transpose(0, 1).reshape(B * Hkv, -1, self.Dv)
+        def dead(t0, t1):
+            return _dead_rows(mask(t0, t1)[0])
 
         self.keys_per_block += b
-        return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=scatter)
+        return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=self._own_scatter, dead=dead)
+
+    def _own_scatter(self, t0, t1, dk, dv):
+        grad_k, grad_v = self.grads()
+        grad_k[:, t0 * self.b:t1 * self.b] += dk.transpose(0, 1).reshape(self.B * self.Hkv, -1, self.D)
+        grad_v[:, t0 * self.b:t1 * self.b] += dv.transpose(0, 1).reshape(self.B * self.Hkv, -1, self.Dv)
+
+    def _plain_own_part(self, blocks) -> _Part:
+        self.keys_per_block += self.b
+        return _Part(blocks(self.k_pad), blocks(self.v_pad), lambda t0, t1: (None, None), scatter=self._own_scatter,
+                     dead=lambda t0, t1: None, causal=True)
+
+    def _padded_own_part(self, blocks, key_ok: Tensor, tril: Tensor) -> _Part:
+        b, B = self.b, self.B
+
+        def ok_keys(t0, t1):
+            return key_ok[:, t0 * b:t1 * b].view(B, t1 - t0, b).transpose(0, 1)            # [C, B, b]
+
+        def mask(t0, t1):
+            ok = ok_keys(t0, t1)[:, :, None, :] & tril                                       # [C, B, b, b]
+            m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, NEG_INF)
+            m = m[:, :, None].expand(t1 - t0, B, self.H, b, b)                              # heads share it
+            return m.reshape(t1 - t0, B * self.H, b, b), None                               # a view when B = 1
+
+        def dead(t0, t1):   # row i sees key j <= i: dead when no key up to i is kept
+            seen = ok_keys(t0, t1).cummax(-1).values                                        # [C, B, b]
+            return self._dead_per_head(~seen[:, :, None, :])
+
+        self.keys_per_block += b
+        return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=self._own_scatter, dead=dead)
 
     # --- summaries against the whole shared table, masked to the listed ones -------------------------
     def _summary_table_part(self, summary_idx, summary_k, summary_v, summary_count) -> _Part:
@@ -249,6 +303,9 @@ class GatheredPlan:
             m.scatter_(3, torch.where(idx >= 0, idx, S), vals)                            # -1 slots land in column S
             return self._finish_mask(m[..., :width], None, t0, t1)
 
+        def dead(t0, t1):
+            return self._dead_per_head(~(sidx[:, :, t0:t1] >= 0).any(-1).permute(2, 0, 1)[..., None])
+
         def scatter(t0, t1, dk, dv):
             if self.summary_grad is None:
                 self.summary_grad = (torch.zeros_like(sk), torch.zeros_like(sv))
@@ -257,28 +314,62 @@ class GatheredPlan:
             self.summary_grad[1][:, :width].add_(dv.sum(0))
 
         self.keys_per_block += S
-        return _Part(shared(sk), shared(sv), mask, scatter=scatter)
+        return _Part(shared(sk), shared(sv), mask, scatter=scatter, dead=dead)
 
-    # --- listed blocks, tokens and summaries: one index_select from a key+summary table -------------
-    def _list_part(self, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos):
+    # --- listed blocks: one index_select of whole blocks ------------------------------------------------
+    def _block_list_part(self, block_idx: Tensor) -> _Part:
+        b, B, Hkv, dt, dev = self.b, self.B, self.Hkv, self.dtype, self.q.device
+        n, tk = self.tk * b, self.tk
+        bidx = block_idx.long()                                                            # [B, Hkv, Tq, Kb]
+        num_blocks = bidx.shape[-1]
+        bc = bidx.clamp(min=0)
+        key_ok = F.pad(self.key_ok, (0, n - self.nk), value=False)
+        pos = (bc[..., None] * b + torch.arange(b, device=dev)).flatten(3)                # [B, Hkv, Tq, Kb*b]
+        ok = (bidx >= 0)[..., None].expand(*bidx.shape, b).flatten(3) & self._ok_at(key_ok, pos)
+        if self.causal:   # keys of the own block (and later) belong to the own-block part
+            ok = ok & (pos < self.block_start.view(1, 1, -1, 1))
+        bias = torch.zeros(ok.shape, dtype=dt, device=dev).masked_fill(~ok, NEG_INF).permute(2, 0, 1, 3)
+        dead_blocks = ~ok.any(-1).permute(2, 0, 1)                                         # [Tq, B, Hkv]
+        key_pos = pos.permute(2, 0, 1, 3) if self.slopes is not None else None
+        base = (torch.arange(B * Hkv, device=dev) * tk).view(B, Hkv, 1, 1)
+        rows = (bc + base).permute(2, 0, 1, 3)                                             # [Tq, B, Hkv, Kb]
+        width = num_blocks * b
+        self.keys_per_block += width
+
+        def gathered(x):
+            flat = x.reshape(B * Hkv * tk, b * x.shape[-1])                                # a view: one row a block
+            return lambda t0, t1: flat.index_select(0, rows[t0:t1].reshape(-1)).view(t1 - t0, B * Hkv, width,
+                                                                                       x.shape[-1])
+
+        def mask(t0, t1):
+            return self._finish_mask(bias[t0:t1], None if key_pos is None else key_pos[t0:t1], t0, t1)
+
+        def dead(t0, t1):
+            return self._dead_per_head(dead_blocks[t0:t1, :, :, None])
+
+        def scatter(t0, t1, dk, dv):
+            grad_k, grad_v = self.grads()
+            idx = rows[t0:t1].reshape(-1)
+            grad_k.view(B * Hkv * tk, b * self.D).index_add_(0, idx, dk.reshape(-1, b * self.D))
+            grad_v.view(B * Hkv * tk, b * self.Dv).index_add_(0, idx, dv.reshape(-1, b * self.Dv))
+
+        return _Part(gathered(self.k_pad), gathered(self.v_pad), mask, scatter=scatter, dead=dead)
+
+    # --- listed tokens and summaries: one index_select from a key+summary table --------------------
+    def _list_part(self, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos):
         b, B, Hkv, dt, dev = self.b, self.B, self.Hkv, self.dtype, self.q.device
         n = self.tk * b
         num_summaries = 0 if summary_idx is None else summary_k.shape[2]
-        if num_summaries:
-            table_k = torch.cat([self.k_pad, summary_k.to(dt).reshape(B * Hkv, num_summaries, self.D)], 1)
-            table_v = torch.cat([self.v_pad, summary_v.to(dt).reshape(B * Hkv, num_summaries, self.Dv)], 1)
-        else:
-            table_k, table_v = self.k_pad, self.v_pad
+        token_rows = 0 if token_idx is None else n       # the table: the keys (when tokens are listed), then summaries
+        tables_k = ([self.k_pad] if token_rows else []) + \
+            ([summary_k.to(dt).reshape(B * Hkv, num_summaries, self.D)] if num_summaries else [])
+        tables_v = ([self.v_pad] if token_rows else []) + \
+            ([summary_v.to(dt).reshape(B * Hkv, num_summaries, self.Dv)] if num_summaries else [])
+        table_k = tables_k[0] if len(tables_k) == 1 else torch.cat(tables_k, 1)
+        table_v = tables_v[0] if len(tables_v) == 1 else torch.cat(tables_v, 1)
         per_head = table_k.shape[1]
         key_ok = F.pad(self.key_ok, (0, n - self.nk), value=False)
         rows, ok, pos, extra = [], [], [], []
-        if block_idx is not None:
-            bidx = block_idx.long()
-            bc = bidx.clamp(min=0)
-            r = (bc[..., None] * b + torch.arange(b, device=dev)).flatten(3)              # [B, Hkv, Tq, Kb*b]
-            rows.append(r)
-            ok.append((bidx >= 0)[..., None].expand(*bidx.shape, b).flatten(3) & self._ok_at(key_ok, r))
-            pos.append(r)
         if token_idx is not None:
             tidx = token_idx.long()
             tc = tidx.clamp(min=0)
@@ -292,7 +383,7 @@ class GatheredPlan:
         if num_summaries:
             sidx = summary_idx.long()
             sc = sidx.clamp(min=0)
-            rows.append(sc + n)
+            rows.append(sc + token_rows)
             ok.append(sidx >= 0)
             count = torch.gather(summary_count.to(dt).expand(B, Hkv, -1), 2, sc.flatten(2)).view(sc.shape)
             extra.append(torch.log(count.clamp(min=1)))
@@ -307,6 +398,7 @@ class GatheredPlan:
         if extra:
             bias[..., n_exact:] = extra[0]
         bias = bias.masked_fill(~ok, NEG_INF).permute(2, 0, 1, 3)                          # [Tq, B, Hkv, L]
+        dead_blocks = ~ok.any(-1).permute(2, 0, 1)                                         # [Tq, B, Hkv]
         key_pos = torch.cat([p.to(dt) for p in pos], -1).permute(2, 0, 1, 3)
         width = all_rows.shape[-1]
         self.keys_per_block += width
@@ -318,6 +410,9 @@ class GatheredPlan:
         def mask(t0, t1):
             return self._finish_mask(bias[t0:t1], key_pos[t0:t1], t0, t1)
 
+        def dead(t0, t1):
+            return self._dead_per_head(dead_blocks[t0:t1, :, :, None])
+
         def scatter(t0, t1, dk, dv):
             if self.table_grad is None:
                 self.table_grad = (torch.zeros_like(flat_k), torch.zeros_like(flat_v))
@@ -325,8 +420,8 @@ class GatheredPlan:
             self.table_grad[0].index_add_(0, idx, dk.reshape(-1, self.D))
             self.table_grad[1].index_add_(0, idx, dv.reshape(-1, self.Dv))
 
-        self.table_rows = (per_head, num_summaries)
-        return _Part(gathered(flat_k), gathered(flat_v), mask, scatter=scatter)
+        self.table_rows = (per_head, num_summaries, token_rows)
+        return _Part(gathered(flat_k), gathered(flat_v), mask, scatter=scatter, dead=dead)
 
     def _ok_at(self, key_ok: Tensor, rows: Tensor) -> Tensor:
         return torch.gather(key_ok, 1, rows.reshape(self.B, -1)).view(rows.shape)
@@ -354,11 +449,11 @@ class GatheredPlan:
         return x[:, :, :self.nq]
 
 
-def _dead_rows(mask: Tensor, shape) -> Tensor:
-    """Rows whose additive mask is -inf for every key (the flash kernel reports lse 0 for them)."""
+def _dead_rows(mask: Tensor) -> Tensor:
+    """Rows whose additive mask is -inf for every key (the flash kernel reports lse 0 for them): [C, B*H, b|1]."""
     if mask.stride(2) == 0:   # a mask broadcast over the rows: test one row, not b copies of it
         mask = mask[:, :, :1]
-    return (~torch.isfinite(mask).any(-1)).expand(shape)
+    return ~torch.isfinite(mask).any(-1)
 
 
 def _merge(out_a, lse_a, out_b, lse_b):
@@ -379,10 +474,12 @@ def gathered_forward(gp: GatheredPlan):
         o_acc = l_acc = None
         for part in gp.parts:
             mask, offset = part.mask(t0, t1)
-            o, l = _flash(q, part.keys(t0, t1), part.values(t0, t1), 0.0, False, attn_mask=mask, scale=gp.scale)
-            dead = _dead_rows(mask, l.shape)
-            l = l.masked_fill(dead, NEG_INF)
-            o = o.masked_fill(dead[..., None], 0.0)
+            o, l = _flash(q, part.keys(t0, t1), part.values(t0, t1), 0.0, part.causal, attn_mask=mask,
+                          scale=gp.scale)
+            dead = part.dead(t0, t1)
+            if dead is not None and bool(dead.any()):
+                l = l.masked_fill(dead, NEG_INF)
+                o = o.masked_fill(dead[..., None], 0.0)
             if offset is not None:
                 l = l + offset
             o_acc, l_acc = (o, l) if o_acc is None else _merge(o_acc, l_acc, o, l)
@@ -406,8 +503,8 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
         for part in gp.parts:
             mask, offset = part.mask(t0, t1)
             l_part = l if offset is None else (l - offset).contiguous()
-            dq_p, dk_p, dv_p = _flash_backward(go, q, part.keys(t0, t1), part.values(t0, t1), o, l_part, 0.0, False,
-                                               attn_mask=mask, scale=gp.scale)
+            dq_p, dk_p, dv_p = _flash_backward(go, q, part.keys(t0, t1), part.values(t0, t1), o, l_part, 0.0,
+                                               part.causal, attn_mask=mask, scale=gp.scale)
             dq[t0:t1] += dq_p
             part.scatter(t0, t1, dk_p, dv_p)
     grad_k, grad_v = gp.grads()
@@ -418,13 +515,13 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
         grad_v += gp._front_grad_v[:, before * gp.b:end]
     dsk = dsv = None
     if gp.table_grad is not None:
-        per_head, num_summaries = gp.table_rows
+        per_head, num_summaries, n = gp.table_rows
         tk_, tv_ = gp.table_grad
         tk_ = tk_.view(gp.B * gp.Hkv, per_head, gp.D)
         tv_ = tv_.view(gp.B * gp.Hkv, per_head, gp.Dv)
-        n = gp.tk * gp.b
-        grad_k += tk_[:, :n]
-        grad_v += tv_[:, :n]
+        if n:
+            grad_k += tk_[:, :n]
+            grad_v += tv_[:, :n]
         if num_summaries:
             dsk = tk_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.D)
             dsv = tv_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.Dv)

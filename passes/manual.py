@@ -153,6 +153,11 @@ def _factor(f, what: str) -> float:
     raise Kept(f"the scale of {what} is computed at run time ({getattr(f, 'name', f)})")
 
 
+def _is_symbolic_float(f) -> bool:
+    """A node holding a SymFloat: how Dynamo passes a module's float attribute under dynamic=True."""
+    return isinstance(f, fx.Node) and isinstance(_ev(f), torch.SymFloat)
+
+
 def _rsqrt_head_dim(f, d) -> bool:
     """The factor is 1 / sqrt(D) computed on the symbolic head size D (dynamic shapes), as a multiplier:
     D ** -0.5, 1 / math.sqrt(D); or as a divisor ("div", f): math.sqrt(D), D ** 0.5."""
@@ -605,7 +610,7 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
         raise Kept(chain.dropout_reason)
 
     # the ops between q k^T and the softmax
-    softcap, adds, attend, symbolic_default = None, [], [], 0
+    softcap, adds, attend, symbolic_default, symbolic_scale = None, [], [], 0, None
     stage, ops, i = 0, chain.pre, 0
     while i < len(ops):
         op = ops[i]
@@ -623,6 +628,10 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
                 raise Kept("the scores are scaled after the soft-cap or the mask")
             if _rsqrt_head_dim(op[1], qv.shape[-1]):
                 symbolic_default += 1
+            elif _is_symbolic_float(op[1]):
+                if symbolic_scale is not None:
+                    raise Kept("the scores are scaled by two symbolic floats")
+                symbolic_scale = op[1]
             else:
                 scale *= _factor(op[1], "the scores")
         elif kind == "tanh":
@@ -655,6 +664,9 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
         elif kind == "cast":
             pass                                     # dtypes checked above
         i += 1
+    if symbolic_scale is not None:                   # a float attribute made symbolic (dynamic=True): pass it on
+        if symbolic_default or scale != 1.0 or softcap is not None:
+            raise Kept("the scores are scaled by a symbolic float and by other factors")
     if symbolic_default:                             # 1 / sqrt(D) on a symbolic head size: scale=None says it
         if symbolic_default > 1 or scale != 1.0 or softcap is not None:
             raise Kept("the scale is computed at run time from the (symbolic) head size")
@@ -693,7 +705,8 @@ def _build(gm: fx.GraphModule, chain: _Chain, site: Site) -> None:
             mask = add if add is not None else keep
     site.node, site.q, site.k, site.v = out, q, kside, v
     site.mask, site.mask_class = mask, ("none" if mask is None else "general")
-    site.scale, site.softcap = (None if scale is None else float(scale)), softcap
+    site.scale = symbolic_scale if symbolic_scale is not None else None if scale is None else float(scale)
+    site.softcap = softcap
 
 
 def _call(graph: fx.Graph, target, args, *, method: bool = False, like: fx.Node) -> fx.Node:

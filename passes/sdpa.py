@@ -68,9 +68,12 @@ def _read_options(site: Site, args: dict):
         return f"dropout inside attention (p={dropout}) is not part of the op yet"
     scale = args["scale"]
     if scale is not None:
-        if isinstance(scale, fx.Node) or not isinstance(scale, numbers.Real):
+        if isinstance(scale, fx.Node) and isinstance(_value(scale), torch.SymFloat):
+            site.scale = scale          # a float attribute Dynamo made symbolic (dynamic=True): passed on as is
+        elif isinstance(scale, fx.Node) or not isinstance(scale, numbers.Real):
             return "scale is a tensor"
-        site.scale = float(scale)
+        else:
+            site.scale = float(scale)
     q, k = _value(site.q), _value(site.k)
     if q is not None and k is not None and q.dim() == 4 and k.dim() == 4:
         H, Hkv = _hint(q.shape[1]), _hint(k.shape[1])

@@ -34,7 +34,7 @@ class Site:
         [B, H, Nq, Nk]; or None.
     mask_class: "none" | "causal" | "key_padding" | "causal+key_padding" | "sliding_window" | "general".
     window: for sliding_window, w such that query i sees keys i - w < j <= i.
-    scale: a Python float, or None for 1/sqrt(D).
+    scale: a Python float, None for 1/sqrt(D), or the node of a SymFloat (a float attribute under dynamic=True).
     softcap: c for logits c * tanh(logits / c), or None.
     kept: None when the site can be replaced; else the reason it must stay as it is.
     """

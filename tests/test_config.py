@@ -191,3 +191,50 @@ def test_config_class_for():
 
 def test_docstring_mentions_attention_dropout_semantics():
     assert "output" in BaseConfig.__doc__ and "attention_dropout" in BaseConfig.__doc__
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend options of the memory passes (danon.compile_config.DanonConfig)
+
+from danon.compile_config import DanonConfig  # noqa: E402
+
+
+def test_memory_options_defaults_and_values():
+    cfg = DanonConfig.from_options({})
+    assert (cfg.checkpoint, cfg.quantize, cfg.budget) == ("none", "none", None)
+    assert DanonConfig.from_options({"checkpoint": "auto"}).budget == 0.5
+    assert DanonConfig.from_options({"checkpoint": "auto", "memory_budget": 0}).budget == 0.0
+    cfg = DanonConfig.from_options({"checkpoint": "auto", "max_activation_bytes": 2 ** 20})
+    assert cfg.budget is None and cfg.max_activation_bytes == 2 ** 20
+    cfg = DanonConfig.from_options({"quantize": "int8-weight", "quantize_skip": "lm_head", "quantize_min_features": 64,
+                                    "quantize_tolerance": 0.01})
+    assert cfg.quantize_skip == ("lm_head",) and cfg.quantize_min_features == 64
+    assert DanonConfig.from_options({"quantize": "fp8-weight", "quantize_skip": ["a", "b.*"]}).quantize_skip == ("a", "b.*")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"checkpoint": "full"}, "'checkpoint' must be one of none, auto; got 'full'"),
+    ({"checkpoint": "auto", "memory_budget": 1.5}, "'memory_budget' must be a number in [0, 1]"),
+    ({"checkpoint": "auto", "memory_budget": "half"}, "'memory_budget' must be a number in [0, 1]"),
+    ({"checkpoint": "auto", "memory_budget": True}, "'memory_budget' must be a number in [0, 1]"),
+    ({"checkpoint": "auto", "max_activation_bytes": -1}, "'max_activation_bytes' must be an integer >= 0"),
+    ({"checkpoint": "auto", "max_activation_bytes": 1.5e6}, "'max_activation_bytes' must be an integer >= 0"),
+    ({"checkpoint": "auto", "memory_budget": 0.5, "max_activation_bytes": 10}, "exclude each other"),
+    ({"memory_budget": 0.5}, "'memory_budget' applies only with checkpoint='auto'"),
+    ({"max_activation_bytes": 10}, "'max_activation_bytes' applies only with checkpoint='auto'"),
+    ({"quantize": "int4"}, "'quantize' must be one of none, int8-weight, fp8-weight; got 'int4'"),
+    ({"quantize": "int8-weight", "quantize_min_features": -1}, "'quantize_min_features' must be an integer >= 0"),
+    ({"quantize": "int8-weight", "quantize_skip": [3]}, "'quantize_skip' must be a module-name pattern"),
+    ({"quantize": "int8-weight", "quantize_skip": [""]}, "'quantize_skip' must be a module-name pattern"),
+    ({"quantize": "int8-weight", "quantize_tolerance": 0}, "'quantize_tolerance' must be a number > 0"),
+    ({"quantize": "int8-weight", "quantize_tolerance": float("nan")}, "'quantize_tolerance' must be a number > 0"),
+    ({"quantize_skip": ["lm_head"]}, "'quantize_skip' applies only with quantize='int8-weight' or 'fp8-weight'"),
+    ({"quantize_tolerance": 0.1}, "'quantize_tolerance' applies only with quantize="),
+    ({"quantize": "int8-weight", "target": "onnxrt"}, "'quantize' works with target 'inductor' or 'eager'"),
+    ({"checkpoint": "auto", "target": "tensorrt"}, "'checkpoint' works with target 'inductor' or 'eager'"),
+    ({"checkpont": "auto"}, "unknown danon option 'checkpont'"),
+])
+def test_memory_options_bad_values_name_the_option(options, message):
+    with pytest.raises(ValueError) as info:
+        DanonConfig.from_options(options)
+    assert message in str(info.value)

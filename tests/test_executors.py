@@ -155,3 +155,30 @@ def test_non_contiguous_and_shared_inputs(kind):
     assert torch.allclose(out, ref, atol=1e-6)
     out.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _layouts(batch):
+    """(name, q, k, v) in layouts models produce, each a view of fresh storage."""
+    g = torch.Generator().manual_seed(5)
+    yield "transposed", *(torch.randn(batch, 144, 4, 8, generator=g).transpose(1, 2) for _ in range(3))
+    q, k, v = torch.randn(3, batch, 4, 144, 8, generator=g).unbind(0)     # contiguous, at storage offsets
+    yield "unbound", q, k, v
+
+
+@pytest.mark.parametrize("kind", ["msra", "ucsa", "dala"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_views_of_other_storage_equal_contiguous_copies(kind, batch):
+    """Batch 1 makes [B, H, N, D] -> [B*H, N, D] a strided view, and unbind leaves k, v contiguous at an
+    offset: the executor's strided key windows must read the tensor, not its storage."""
+    kw = dict(block_size=16, **FAMILY_KW[kind])
+    for name, *qkv in _layouts(batch):
+        views = [x.detach().requires_grad_() for x in qkv]         # detach keeps the view's layout
+        copies = [x.detach().clone().requires_grad_() for x in qkv]
+        out = danon.attention(*views, kind=kind, causal=True, **kw)
+        ref = danon.attention(*copies, kind=kind, causal=True, **kw)
+        assert torch.allclose(out, ref, atol=1e-6), name
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+        out.backward(grad)
+        ref.backward(grad)
+        for a, b in zip(views, copies):
+            assert torch.allclose(a.grad, b.grad, atol=1e-5), name

@@ -243,3 +243,20 @@ def test_monitor_options_and_restart():
     assert len(stats["attention_distribution"]) == 1 and stats["memory_usage"] > 0
     with pytest.raises(ValueError, match="track_memory must be True or False"):
         PerformanceMonitor(model, track_memory="yes")
+
+
+def test_kept_position_table_equals_the_encoding_within_and_beyond_its_length(monkeypatch):
+    import danon.models as models
+    monkeypatch.setattr(models, "POSITION_TABLE_ELEMENTS", 32 * 40)          # 40 positions at hidden 32
+    torch.manual_seed(0)
+    model = create_dense_model(hidden_size=32, num_heads=2, num_layers=1, vocab_size=50).eval()
+    assert model.position_table.shape == (40, 32)
+    assert "position_table" not in model.state_dict()
+    seen = []
+    model.embed_dropout.register_forward_hook(lambda m, args, out: seen.append(out))
+    for n in (40, 57):                                                       # from the table / computed
+        ids = torch.randint(0, 50, (1, n))
+        with torch.no_grad():
+            model(ids)
+        expected = model.embed_tokens(ids) + models.sinusoidal_position_encoding(n, 32)
+        torch.testing.assert_close(seen[-1], expected, rtol=0, atol=0)

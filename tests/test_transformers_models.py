@@ -194,3 +194,38 @@ def test_llama_gqa_at_4096_runs_msra_on_every_layer_and_equals_msra_called_direc
     keep = attention_mask.bool()
     assert _rel(out[keep], reference[keep]) < 1e-5
     assert _rel(out[keep], exact[keep]) > 1e-4                  # genuinely sparse, not exact
+
+
+# ------------------------------------------------------------------------------------------------
+# Dynamic shapes: dynamic=True makes the module's float `scaling` a symbolic float (an .item() node)
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dynamic_true_compiles_once_replaces_every_site_and_trains_like_eager(impl):
+    model = _build("llama", impl).train()
+    reports = []
+
+    def backend(gm, example_inputs):
+        with danon.backend.collect_reports() as report:
+            compiled = danon.danon_backend(gm, example_inputs, {"target": "inductor"})
+        reports.append(report)
+        return compiled
+
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for n in (40, 56):                       # the second length reuses the symbolic graph
+        ids = torch.randint(0, VOCAB, (B, n), generator=torch.Generator().manual_seed(n))
+        mask = torch.ones(B, n, dtype=torch.long)
+        mask[1, :PAD] = 0
+        keep = mask.bool()                   # padded rows see no key: eager and danon differ there by design
+        model.zero_grad()
+        expected = model(ids, mask)[0]
+        expected[keep].square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        out = compiled(ids, mask)[0]
+        out[keep].square().mean().backward()
+        assert _rel(out[keep], expected[keep]) < 1e-5
+        for name, p in model.named_parameters():
+            assert _rel(p.grad, grads[name]) < 1e-4, name
+    assert len(reports) == 1, "a second length must not recompile under dynamic=True"
+    sites = reports[0].sites
+    assert len(sites) == 2 and all(s.replaced and s.family == "exact" for s in sites), str(reports[0])
