@@ -18,6 +18,15 @@ from danon.kernels.dtypes import accumulation_dtype
 __all__ = ["attention_op", "attention_backward_op", "run_plan"]
 
 
+def _executor(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]):
+    """CUDA tensors run the Triton executor where it applies (no general mask, no fp64); all else kernels/cpu.py."""
+    if q.device.type == "cuda":
+        from danon.kernels import triton as triton_kernel   # on the first CUDA call: CPU-only use needs no Triton
+        if triton_kernel.supports(q, k, v, attn_mask):
+            return triton_kernel
+    return cpu_kernel
+
+
 @torch.library.custom_op("danon::attention", mutates_args=())
 def attention_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Optional[Tensor], token_idx: Optional[Tensor],
                  summary_idx: Optional[Tensor], summary_k: Optional[Tensor], summary_v: Optional[Tensor],
@@ -40,9 +49,9 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Optional[Tensor], t
         >>> out.shape
         torch.Size([1, 2, 32, 8])
     """
-    out, lse = cpu_kernel.attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
-                                            summary_count, summary_pos, key_padding_mask, attn_mask, slopes,
-                                            scale, causal, block_size, window, band, softcap)
+    out, lse = _executor(q, k, v, attn_mask).attention_forward(
+        q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+        key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap)
     return out.contiguous(), lse.contiguous()   # the layout the fake impl promises
 
 
@@ -67,7 +76,7 @@ def attention_backward_op(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tens
 
     Gradients that are not asked for come back as empty tensors.
     """
-    grads = cpu_kernel.attention_backward(
+    grads = _executor(q, k, v, attn_mask).attention_backward(
         grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
         summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal, block_size, window, band, softcap,
         need_summary_grad, need_mask_grad, need_slopes_grad)
