@@ -2,7 +2,9 @@
 
 The model is danon.create_dense_model (pre-norm causal LM whose attention is F.scaled_dot_product_attention),
 hidden 256, 8 heads, 4 layers, random weights, batch 1, inference (no_grad). Each (backend, N) cell runs
-in a fresh subprocess: compile + one warm-up, then the median of --repeats forward calls; peak is the
+in a fresh subprocess: compile + one warm-up, then the median of --repeats forward calls (onnxrt-*: the
+danon backend with target="onnxrt", i.e. the rewritten graph exported to ONNX and run by ONNX Runtime's CPU
+provider; its first call includes the export); peak is the
 extra resident memory of one forward after compiling; error is ||logits - eager|| / ||eager|| (eager in
 float64 on the same weights).
 
@@ -20,7 +22,8 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import bench_main, machine, reset_peak, status_kib  # noqa: E402
 
-BACKENDS = ["eager", "inductor", "danon-exact", "danon-msra", "danon-dala", "danon-ucsa"]
+BACKENDS = ["eager", "inductor", "danon-exact", "danon-msra", "danon-dala", "danon-ucsa",
+            "onnxrt-exact", "onnxrt-msra", "onnxrt-dala", "onnxrt-ucsa"]
 MODEL = dict(hidden_size=256, num_heads=8, num_layers=4, vocab_size=1000)
 
 
@@ -36,6 +39,9 @@ def worker(backend: str, n: int, repeats: int) -> dict:
         fn = model
     elif backend == "inductor":
         fn = torch.compile(model, backend="inductor")
+    elif backend.startswith("onnxrt-"):   # the rewritten graph exported in memory, run by ONNX Runtime
+        fn = torch.compile(model, backend="danon", dynamic=False,
+                           options={"attention": backend.split("-")[1], "min_seq_len": 0, "target": "onnxrt"})
     else:
         fn = torch.compile(model, backend="danon",
                            options={"attention": backend.split("-")[1], "min_seq_len": 0})
@@ -69,6 +75,7 @@ def report(cells: list, seq_lens: list, command: str) -> str:
         f"- model: danon.create_dense_model({', '.join(f'{k}={v}' for k, v in MODEL.items())}), causal, batch 1, "
         "no_grad; danon options: min_seq_len=0, family defaults",
         "- speedup = inductor median / backend median, measured in the same run",
+        "- onnxrt-*: backend='danon' with target='onnxrt' (ONNX Runtime CPU provider, opset 23)",
         "",
         "| N | backend | first call s (compile) | median ms | min-max ms | vs inductor | peak MiB | rel. error vs eager fp64 |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -88,6 +95,11 @@ def report(cells: list, seq_lens: list, command: str) -> str:
         for fam in ("msra", "dala", "ucsa"):
             s = by[("inductor", 16384)]["median_s"] / by[(f"danon-{fam}", 16384)]["median_s"]
             lines.append(f"- danon {fam} at N = 16k: {s:.2f}x inductor (target >= 3x: {'met' if s >= 3 else 'NOT met'})")
+    n_top = max(seq_lens)
+    for fam in ("msra", "dala", "ucsa"):
+        s = by[("onnxrt-exact", n_top)]["median_s"] / by[(f"onnxrt-{fam}", n_top)]["median_s"]
+        target = f"target >= 3x at N = 16k: {'met' if s >= 3 else 'NOT met'}" if n_top == 16384 else "target is at N = 16k"
+        lines.append(f"- ONNX Runtime {fam} vs ONNX Runtime exact (dense) at N = {n_top}: {s:.2f}x ({target})")
     return "\n".join(lines) + "\n"
 
 

@@ -16,13 +16,14 @@ from danon.backend import danon_backend, explain
 from danon.shard import ShardPlan, shard, shard_plan
 from danon.quantize import quantize
 from danon.report import CheckpointReport, LinearReport, QuantizeReport
+from danon.export import export
 
 __version__ = "0.1.0"
 
 __all__ = ["KINDS", "Plan", "alibi_slopes", "attention", "attention_plan", "dala_attention", "exact_attention",
            "msra_attention", "plan_coverage", "ucsa_attention", "DanonConfig", "CompileReport", "SiteReport",
            "danon_backend", "explain", "ShardPlan", "shard", "shard_plan",
-           "quantize", "CheckpointReport", "LinearReport", "QuantizeReport"]
+           "quantize", "CheckpointReport", "LinearReport", "QuantizeReport", "export"]
 
 from danon.config import DALAConfig, DenseConfig, MSRAConfig, SuperHybridConfig, UCSAConfig
 from danon.models import (DanonLanguageModel, create_dala_model, create_dense_model, create_msra_model,

@@ -15,7 +15,9 @@ from danon.kernels.dtypes import accumulation_dtype
 
 
 def num_blocks(n: int, b: int) -> int:
-    return -(-n // b)
+    # (n + b - 1) // b, not -(-n // b): Inductor's value ranges of the negated floor division of a
+    # symbolic size come out empty ([0:-1]) and its codegen fails under dynamic shapes.
+    return (n + b - 1) // b
 
 
 def window_blocks(window: int, b: int) -> int:
@@ -50,9 +52,8 @@ def block_sums(x: Tensor, visible: Tensor, b: int, masked: bool = True) -> Tenso
     """
     B, Hkv, n, D = x.shape
     tk = visible.shape[-1] // b
-    xs = x.to(summary_dtype(x))
-    if tk * b != n:
-        xs = F.pad(xs, (0, 0, 0, tk * b - n))
+    # Pad unconditionally (by 0 when N is a multiple of b): a branch on N would guard dynamic shapes to one length.
+    xs = F.pad(x.to(summary_dtype(x)), (0, 0, 0, tk * b - n))
     if masked:
         xs = xs * visible[:, None, :, None].to(xs.dtype)
     return xs.reshape(B, Hkv, tk, b, D).sum(-2)

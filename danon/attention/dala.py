@@ -31,10 +31,17 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.reshape(B * Hkv * n, D).index_select(0, (idx + base).reshape(-1)).view(*idx.shape, D)
 
 
+# Under torch.export (ONNX export) the tree gets this many levels whatever N is, so that no level count is
+# baked into a graph exported at one length (2^32 blocks is beyond any sequence). torch.compile instead
+# guards on the level count: 32 nested ceil-divisions of a symbolic size stall its sympy simplification.
+MAX_TREE_LEVELS = 32
+
+
 def _topk_tree(values: Tensor, ids: Tensor, m: int) -> list:
     """Top-m (value, token id) lists of dyadic runs of blocks: level l node u covers blocks [u 2^l, (u+1) 2^l).
 
-    values, ids: [B, Hkv, P, b] with P a power of two. Level 0 is each block's own top-m.
+    values, ids: [B, Hkv, P, b] (P blocks, padded with -inf). Level 0 is each block's own top-m; a level
+    with an odd number of nodes is padded with one empty node (-inf, id -1) before pairing.
     """
     width = min(m, values.shape[-1])
     top_val, pos = torch.topk(values, width, dim=-1)
@@ -43,9 +50,11 @@ def _topk_tree(values: Tensor, ids: Tensor, m: int) -> list:
         top_val = F.pad(top_val, (0, m - width), value=float("-inf"))
         top_ids = F.pad(top_ids, (0, m - width), value=-1)
     levels = [(top_val, top_ids)]
-    while top_val.shape[2] > 1:
-        pairs_val = top_val.reshape(*top_val.shape[:2], -1, 2 * m)
-        pairs_ids = top_ids.reshape(*top_ids.shape[:2], -1, 2 * m)
+    exporting = torch.compiler.is_exporting()
+    while (len(levels) < MAX_TREE_LEVELS) if exporting else (top_val.shape[2] > 1):
+        odd = top_val.shape[2] % 2
+        pairs_val = F.pad(top_val, (0, 0, 0, odd), value=float("-inf")).reshape(*top_val.shape[:2], -1, 2 * m)
+        pairs_ids = F.pad(top_ids, (0, 0, 0, odd), value=-1).reshape(*top_ids.shape[:2], -1, 2 * m)
         top_val, pos = torch.topk(pairs_val, m, dim=-1)
         top_ids = torch.gather(pairs_ids, -1, pos)
         levels.append((top_val, top_ids))
@@ -72,7 +81,9 @@ def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tens
     """
     B, Hkv, nk = scores.shape
     tk = num_blocks(nk, b)
-    P = 1 << max(0, (tk - 1).bit_length())
+    # Eager and torch.compile pad to a power of two P (torch.compile guards on it, so the tree's sizes stay
+    # concrete); torch.export keeps P = Tk symbolic and pads odd levels instead (see MAX_TREE_LEVELS).
+    P = tk if torch.compiler.is_exporting() else 1 << max(0, (tk - 1).bit_length())
     vals = F.pad(scores, (0, P * b - nk), value=float("-inf")).view(B, Hkv, P, b)
     ids = torch.arange(P * b, device=scores.device).view(1, 1, P, b).expand(B, Hkv, P, b)
     t = torch.arange(tk, device=scores.device)

@@ -1,0 +1,159 @@
+"""`danon::attention` written out in ATen ops, for the lowerings that cannot call the op (ONNX, TensorRT).
+
+Sparse plans become the reference executor's gather-based computation (kernels/reference.py): the
+near window and listed blocks, routed tokens and summaries gathered into one key set per query
+block, one batched matmul, a masked softmax, one matmul. Memory is O(N x keys per query), never
+N x N. It runs as one chunk over all query blocks (the reference's chunk loop would make the
+number of chunks depend on the sequence length, which an exported graph must not fix), and the
+near window is listed as explicit blocks of a fixed width 2W + 1 (W + 1 causal) instead of
+min(W, Tk), so no size comparison guards a symbolic sequence length.
+
+Dense plans (the exact family without a window) either stay the op, for a lowering that
+translates it itself (ONNX: one `Attention` node), or become `F.scaled_dot_product_attention`
+(TensorRT has a converter for it), or the reference's dense path where SDPA lacks a feature
+(softcap, ALiBi slopes, Dv != D).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from danon import ops as _ops  # noqa: F401  (registers torch.ops.danon.attention)
+from danon.kernels.dtypes import accumulation_dtype
+from danon.kernels.reference import Problem
+
+__all__ = ["is_dense_plan", "attention_aten", "sparse_decompositions", "all_decompositions"]
+
+
+def is_dense_plan(block_idx, token_idx, summary_idx, window: int) -> bool:
+    """True for the exact family's dense plan: no lists and no window (every visible key is seen)."""
+    return block_idx is None and token_idx is None and summary_idx is None and window < 0
+
+
+def _near_blocks(tq, tk, window: int, causal: bool, B: int, Hkv: int, device) -> Tensor:
+    """int32 [B, Hkv, Tq, W+1 | 2W+1]: the near key blocks of each query block, -1 where out of range.
+
+    The width depends on the plan's window only (not on min(W, Tk)): no guard on the sequence length.
+    """
+    offsets = torch.arange(-window, 1 if causal else window + 1, device=device)
+    near = torch.arange(tq, device=device)[:, None] + offsets
+    near = torch.where((near >= 0) & (near < tk), near, -1).to(torch.int32)
+    return near.expand(B, Hkv, near.shape[0], near.shape[1])
+
+
+def _gathered(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+              key_padding_mask, slopes, scale, causal, block_size, window, band, softcap):
+    """The reference executor over every query block at once: (out [B, H, Nq, Dv], lse [B, H, Nq])."""
+    # contiguous inputs: otherwise the trace records views valid only for the example's strides and sizes
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, nq, _ = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    tq, tk = -(-nq // block_size), -(-nk // block_size)
+    if window >= 0:
+        near = _near_blocks(tq, tk, window, causal, B, Hkv, q.device)
+        block_idx = near if block_idx is None else torch.cat([near, block_idx.to(torch.int32)], -1)
+    prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+                   key_padding_mask, None, slopes, scale, causal, block_size, -1, band, softcap)
+    out, lse = prob.forward_chunk(0, prob.tq)
+    out = prob.from_chunk_rows(out, 0, prob.tq)[:, :, :nq]
+    lse = prob.from_chunk_rows(lse, 0, prob.tq)[:, :, :nq]
+    return out.to(q.dtype), lse
+
+
+def _rows_seeing_keys(q, k, key_padding_mask, attn_mask, causal) -> Optional[Tensor]:
+    """Bool [B, H|1, Nq, 1]: rows with at least one visible key, or None when the mask cannot hide a whole row."""
+    if key_padding_mask is None and attn_mask is None:
+        return None
+    nq, nk = q.shape[2], k.shape[2]
+    ok = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        ok = ok & key_padding_mask.bool()[:, None, None, :]
+    if attn_mask is not None:
+        ok = ok & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf"))
+    if causal:
+        ok = ok & (torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None])
+    return ok.any(-1, keepdim=True)
+
+
+def _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal):
+    """The dense plan through F.scaled_dot_product_attention (GQA native), rows without keys set to 0."""
+    dt = accumulation_dtype(q.dtype)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.bool()[:, None, None, :]
+        mask = kpm if mask is None else (mask & kpm if mask.dtype == torch.bool
+                                         else mask.masked_fill(~kpm, float("-inf")))
+    if mask is not None and causal:   # SDPA takes is_causal or a mask, not both
+        nq, nk = q.shape[2], k.shape[2]
+        tril = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None]
+        mask = mask & tril if mask.dtype == torch.bool else mask.masked_fill(~tril, float("-inf"))
+        causal = False
+    seeing = _rows_seeing_keys(q, k, key_padding_mask, attn_mask, causal)
+    if seeing is not None and mask is not None:   # a row that sees nothing would be NaN: let it see all, zero it
+        mask = mask | ~seeing if mask.dtype == torch.bool else mask.masked_fill(~seeing, 0.0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    # the lse from its definition (O(N^2), like the attention itself; dead code when unused)
+    logits = torch.matmul(q.to(dt), k.to(dt).repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2)) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.to(dt)
+    elif causal:
+        nq, nk = q.shape[2], k.shape[2]
+        tril = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None]
+        logits = logits.masked_fill(~tril, float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    if seeing is not None:
+        out = out.masked_fill(~seeing, 0.0)
+        lse = lse.masked_fill(~seeing[..., 0], float("-inf"))
+    return out, lse
+
+
+def attention_aten(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap):
+    """`danon::attention` in ATen ops: same arguments, same (out, lse).
+
+    Example:
+        >>> import torch, danon
+        >>> q = torch.randn(1, 2, 96, 8)
+        >>> plan = danon.attention_plan(q, q, kind="msra", causal=True, block_size=16, window=16, num_levels=1)
+        >>> args = (q, q, q, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k, plan.summary_v,
+        ...         plan.summary_count, plan.summary_pos, None, None, None, 8 ** -0.5, True, 16, plan.window, -1, None)
+        >>> out, lse = attention_aten(*args)
+        >>> bool(torch.allclose(out, torch.ops.danon.attention(*args)[0], atol=1e-5))
+        True
+    """
+    if is_dense_plan(block_idx, token_idx, summary_idx, window):
+        if slopes is None and softcap is None and v.shape[3] == q.shape[3]:
+            return _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal)
+        prob = Problem(q, k, v, None, None, None, None, None, None, None, key_padding_mask, attn_mask, slopes,
+                       scale, causal, block_size, -1, band, softcap)
+        out, lse = prob.forward_chunk(0, prob.tq)
+        out = prob.from_chunk_rows(out, 0, prob.tq)[:, :, :q.shape[2]]
+        return out.to(q.dtype), prob.from_chunk_rows(lse, 0, prob.tq)[:, :, :q.shape[2]]
+    if attn_mask is not None:
+        raise ValueError("attn_mask (a general mask) is supported by the dense exact plan only")
+    return _gathered(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
+                     key_padding_mask, slopes, scale, causal, block_size, window, band, softcap)
+
+
+def _sparse_only(*args, **kwargs):
+    """Decompose sparse plans only: a dense plan stays the op (NotImplemented tells make_fx to keep it)."""
+    bound = dict(zip([a.name for a in torch.ops.danon.attention.default._schema.arguments], args), **kwargs)
+    if is_dense_plan(bound["block_idx"], bound["token_idx"], bound["summary_idx"], bound["window"]):
+        return NotImplemented
+    return attention_aten(*args, **kwargs)
+
+
+def sparse_decompositions() -> Dict[object, Callable]:
+    """Decomposition table for `ExportedProgram.run_decompositions`: sparse plans to ATen, dense plans kept."""
+    return {torch.ops.danon.attention.default: _sparse_only}
+
+
+def all_decompositions() -> Dict[object, Callable]:
+    """Decomposition table that leaves no danon op: every plan to ATen (TensorRT)."""
+    return {torch.ops.danon.attention.default: attention_aten}
