@@ -125,8 +125,8 @@ class Problem:
         if self.block_idx is not None:
             bidx = self.block_idx[:, :, t0:t1].long()
             bc = bidx.clamp(min=0)
-            kb = k.view(B, Hkv, self.tk, b * self.D)
-            vb = v.view(B, Hkv, self.tk, b * self.Dv)
+            kb = k.reshape(B, Hkv, self.tk, b * self.D)
+            vb = v.reshape(B, Hkv, self.tk, b * self.Dv)
             keys.append(self._gather_rows(kb, bc).view(B, Hkv, c, -1, self.D))
             values.append(self._gather_rows(vb, bc).view(B, Hkv, c, -1, self.Dv))
             p = (bc[..., None] * b + torch.arange(b, device=bc.device)).view(B, Hkv, c, -1)
@@ -302,9 +302,12 @@ def reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
     prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
                    key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap)
     b, rows = prob.b, prob.tq * prob.b
-    grads = {"k": torch.zeros_like(prob.k), "v": torch.zeros_like(prob.v)}
+    # Contiguous tables whatever the inputs' strides: add_key_grads scatters into them through flat views.
+    dense = dict(memory_format=torch.contiguous_format)
+    grads = {"k": torch.zeros_like(prob.k, **dense), "v": torch.zeros_like(prob.v, **dense)}
     if need_summary_grad and prob.summary_k is not None:
-        grads["sk"], grads["sv"] = torch.zeros_like(prob.summary_k), torch.zeros_like(prob.summary_v)
+        grads["sk"] = torch.zeros_like(prob.summary_k, **dense)
+        grads["sv"] = torch.zeros_like(prob.summary_v, **dense)
     if need_mask_grad and attn_mask is not None:
         grads["mask"] = torch.zeros(prob.B, prob.H, rows, prob.tk * b, dtype=prob.dtype, device=q.device)
     if need_slopes_grad and prob.slopes is not None:

@@ -260,3 +260,19 @@ def test_kept_position_table_equals_the_encoding_within_and_beyond_its_length(mo
             model(ids)
         expected = model.embed_tokens(ids) + models.sinusoidal_position_encoding(n, 32)
         torch.testing.assert_close(seen[-1], expected, rtol=0, atol=0)
+
+
+def test_dala_training_step_with_a_sparse_plan_and_learnable_slopes():
+    # The projections hand the op non-contiguous [B, H, N, D] views; N a multiple of the block size
+    # means no padding copy, so the executor's backward must read those views as they are.
+    torch.manual_seed(0)
+    model = create_dala_model(vocab_size=VOCAB, hidden_size=32, num_heads=2, num_layers=1,
+                              block_size=16, window=32, memory_size=8, decay="alibi")
+    model.train()
+    ids = token_ids(batch=2, n=129, seed=3)
+    logits = model(ids[:, :-1])
+    F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1)).backward()
+    slopes = [p for name, p in model.named_parameters() if name.endswith("slopes")]
+    assert slopes and all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+                          for p in slopes)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
