@@ -51,7 +51,7 @@ _FUNCTIONS = {
     torch.neg, torch.remainder, torch.floor_divide, torch.minimum, torch.maximum, torch.clamp,
     torch.masked_fill, torch.unsqueeze, torch.squeeze, torch.reshape, torch.broadcast_to, torch.transpose,
     torch.permute, torch.flatten, torch.cat, torch.stack, torch.narrow, torch.select, torch.diagonal,
-    torch.any, torch.all,
+    torch.any, torch.all, torch.cumsum, torch.diff,
     operator.getitem, operator.le, operator.lt, operator.ge, operator.gt, operator.eq, operator.ne,
     operator.and_, operator.or_, operator.xor, operator.invert, operator.add, operator.sub, operator.mul,
     operator.neg, operator.pos, operator.floordiv, operator.mod,
@@ -65,6 +65,7 @@ _METHODS = {
     "bitwise_and", "bitwise_or", "bitwise_not", "bitwise_xor", "__and__", "__or__", "__xor__", "__invert__",
     "abs", "add", "sub", "mul", "neg", "remainder", "clamp", "where", "minimum", "maximum",
     "new_ones", "new_zeros", "new_full", "zero_", "any", "all", "size", "dim", "expand_as", "view_as", "type_as",
+    "cumsum", "diff",
 }
 # Ops that read only the shape / dtype / device of the argument at these positions.
 _META_ONLY_FUNCTIONS = {torch.ones_like: (0,), torch.zeros_like: (0,), torch.full_like: (0,)}

@@ -220,3 +220,20 @@ def test_symbolic_float_scale_under_dynamic_true_is_replaced_and_guarded():
         torch.testing.assert_close(compiled(q), model(q), rtol=1e-5, atol=1e-6)
     assert len(reports) == 2                      # one graph for both lengths, one more for the new scale
     assert all(site.replaced for report in reports for site in report.sites)
+
+
+def test_sparse_family_under_dynamic_shapes_compiles_with_inductor_at_bounded_lengths():
+    # A bounded sequence length (a position table's size) once made Inductor's CPU loop split of the plan
+    # builder's t // c^3 fail ("Invalid ranges [0:-1]"): backends/inductor.py skips that split.
+    class BoundedLength(torch.nn.Module):
+        def forward(self, q, k, v):
+            torch._check(q.shape[2] <= 1024)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    kw = dict(window=32, num_levels=3, compression_factor=4, block_size=16)
+    compiled = torch.compile(BoundedLength(), backend="danon", dynamic=True,
+                             options=dict(attention="msra", min_seq_len=0, **kw))
+    for n in (300, 420):
+        q, k, v = _qkv(N=n, seed=n)
+        with torch.no_grad():
+            assert _rel(compiled(q, k, v), danon.msra_attention(q, k, v, causal=True, **kw)) < 1e-5

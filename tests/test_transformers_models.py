@@ -161,6 +161,30 @@ def test_every_attention_site_is_replaced_exactly_and_equals_eager(name, impl, m
     assert max(errors) < 1e-5, (errors, str(report))
 
 
+def test_gpt2_without_cache_or_mask_is_causal_through_the_packed_sequence_check():
+    # transformers 5.x without a cache builds the mask from position_ids (diff + cumsum of a "packed
+    # sequence" check); that is index arithmetic on an arange: causal, not general.
+    model = _build("gpt2", "sdpa").model
+    ids = torch.randint(0, VOCAB, (B, N), generator=torch.Generator().manual_seed(1))
+
+    class NoCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    wrapped = NoCache().eval()
+    with torch.no_grad():
+        expected = wrapped(ids)
+        report = danon.explain(wrapped, ids, **OPTIONS)
+        assert [(s.replaced, s.mask) for s in report.sites] == [(True, "causal")] * 2, str(report)
+        torch._dynamo.reset()
+        out = torch.compile(wrapped, backend="danon", options=OPTIONS)(ids)
+    assert _rel(out, expected) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------
 # A sparse family on a long sequence
 
