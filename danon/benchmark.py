@@ -445,6 +445,19 @@ HEAD = ["model", "N", "backend", "compile s", "latency ms median (min-max)", "x 
         "rel. error vs fp64", "sites replaced", "status"]
 
 
+# what a reader of the Markdown table needs to know to read the columns right
+LEGEND = [
+    "- compile s: the first call at this N. Each backend compiles one model for all lengths, so at the second"
+    " and later N this is Dynamo's recompile with a dynamic length (slower for the sparse families: their plan"
+    " building is compiled with a symbolic N).",
+    "- peak MiB: resident memory one call needs above what was resident before it. ONNX Runtime keeps its"
+    " buffers in an arena between calls, so danon-onnxrt reads near 0 after the warm-up calls.",
+    "- rel. error vs fp64: against the eager model in float64. The exact backends must be at float32 rounding;"
+    " for the sparse families it is their approximation error on random weights, and DALA also adds its"
+    " ALiBi decay, a different function by design.",
+]
+
+
 def format_table(result: dict) -> str:
     """The readable table printed at the end of a run.
 
@@ -476,7 +489,7 @@ def markdown_table(result: dict) -> str:
     out = [f"`{result['command']}` ({result['date']}; {hw}; torch {result['versions']['torch']})", "",
            "| " + " | ".join(HEAD) + " |", "|" + "|".join("---" for _ in HEAD) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in _rows(result)]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + ["", *LEGEND]) + "\n"
 
 
 def write_json(result: dict, path: str) -> str:
