@@ -136,11 +136,6 @@ def run_checks(rank: int, world_size: int, store: str, out_dir: str, target: str
         results["timings"][name] = round(time.monotonic() - start, 1)
     try:
         torch.set_num_threads(1)             # two ranks on a 2-core machine
-        if target == "inductor":
-            # AOTAutograd's tracing of the DTensor training graph with the danon op recurses deeper than
-            # Python's default limit of 1000 in torch 2.13 (docs/sharding.md, "Known limits")
-            import sys
-            sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (world_size,))

@@ -162,6 +162,23 @@ def test_shard_plan_without_process_group():
     assert plan.total_bytes / 2 < plan.per_rank_bytes < plan.total_bytes
 
 
+def test_shard_plan_leaves_no_dynamic_sizes_behind():
+    """The plan's capture at one length must not make the user's first compile at another length dynamic
+    (a dynamic DTensor training graph recurses without end in AOTAutograd: pytorch#152954)."""
+    model = _tiny()
+    shard_plan(model, IDS, world_size=2)
+    seen = []
+
+    def record(gm, inputs):     # the traced (fake) values of the graph's inputs: symbolic where dynamic
+        seen.extend(n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder")
+        return gm.forward
+    with torch.no_grad():
+        torch.compile(model, backend=record)(torch.randint(0, 20, (1, 24)))
+    assert seen, "the backend saw no graph"
+    sizes = [tuple(x.shape) if isinstance(x, torch.Tensor) else x for x in seen]
+    assert all(type(d) is int for s in sizes for d in (s if isinstance(s, tuple) else (s,))), sizes
+
+
 def test_shard_plan_world_size_four_and_one():
     plan4 = shard_plan(_tiny(), IDS, world_size=4)          # 2 kv heads do not divide by 4
     assert [b.sharded for b in plan4.blocks] == [False, True]
