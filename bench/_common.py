@@ -7,14 +7,7 @@ import platform
 import subprocess
 import sys
 
-
-def status_kib(field: str) -> int:
-    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: peak resident)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from danon.benchmark import status_kib  # noqa: F401  (re-exported for the bench scripts)
 
 
 def reset_peak() -> None:

@@ -180,8 +180,13 @@ def backend_compiler(name: str) -> Callable[[torch.nn.Module], Callable]:
 
 
 # ---------------------------------------------------------------------------------------------- metrics
-def _status_kib(field: str) -> int:
-    # as bench/_common.py (bench/ is not an importable package): VmRSS resident now, VmHWM peak resident
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux; VmRSS: resident now, VmHWM: peak resident).
+
+    Example:
+        >>> status_kib("VmRSS") > 0
+        True
+    """
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -217,14 +222,14 @@ def measure_peak_mib(fn: Callable, device: torch.device) -> Optional[float]:
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     _release_free_memory()
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")          # resets VmHWM to the current resident size
     except OSError:
         return None
     fn()
-    return max(0, _status_kib("VmHWM") - before) / 1024
+    return max(0, status_kib("VmHWM") - before) / 1024
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Callable, Dict, List, Optional
 
-from danon.cli_args import load_factory, parse_assignment
+from danon.cli_args import model_and_example_ids, parse_assignment
 from danon.cli_bench import add_bench_parser, add_explain_parser
 
 
@@ -44,21 +44,9 @@ def _add_export(sub) -> None:
 
 def cmd_export(args) -> int:
     """`danon export`: returns the exit status."""
-    import torch
-
     from danon.export import export
 
-    if args.seq_len < 1 or args.batch < 1:
-        raise ValueError(f"--seq-len and --batch must be >= 1, got {args.seq_len} and {args.batch}")
-    torch.manual_seed(args.seed)
-    model = load_factory(args.factory)(**dict(args.model_arg))
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"factory {args.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
-    model.eval()
-    vocab = args.vocab or getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None:
-        raise ValueError("--vocab is needed: the model has no config.vocab_size")
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len))
+    model, ids = model_and_example_ids(args)
     options = dict(args.option)
     options.update(opset=args.opset, check=not args.no_check)
     dynamic = {} if not args.static else {"dynamic_shapes": {"input_ids": None}}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from danon.cli_args import load_factory, parse_assignment
+from danon.cli_args import model_and_example_ids, parse_assignment
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -125,17 +125,7 @@ def cmd_explain(args) -> int:
 
     import danon
 
-    if args.seq_len < 1 or args.batch < 1:
-        raise ValueError(f"--seq-len and --batch must be >= 1, got {args.seq_len} and {args.batch}")
-    torch.manual_seed(args.seed)
-    model = load_factory(args.factory)(**dict(args.model_arg))
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"factory {args.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
-    model.eval()
-    vocab = args.vocab or getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None:
-        raise ValueError("--vocab is needed: the model has no config.vocab_size")
-    ids = torch.randint(0, vocab, (args.batch, args.seq_len))
+    model, ids = model_and_example_ids(args)
     options = dict(args.option)
     options.update(attention=args.attention, min_seq_len=args.min_seq_len, target=args.target)
     torch._dynamo.reset()   # explain must compile afresh, not answer from an earlier cache entry

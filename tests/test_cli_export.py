@@ -8,7 +8,8 @@ import torch
 
 import danon
 from danon.backends.onnx import relative_error, run_session, session
-from danon.cli import build_parser, load_factory, main
+from danon.cli import build_parser, main
+from danon.cli_args import load_factory
 
 TINY = ["--model-arg", "hidden_size=32", "--model-arg", "num_heads=2", "--model-arg", "num_layers=1",
         "--model-arg", "vocab_size=50"]
