@@ -92,7 +92,8 @@ def markdown(runs: Sequence[Dict], meta: Dict) -> str:
     rows = summarise(runs)
     out = ["# Do the sparse families learn? Long-range synthetic tasks vs dense attention", ""]
     out += [f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
-            f"- wall time: {meta['wall_min']:.1f} min for {len(runs)} runs"
+            (f"- wall time: {meta['wall_min']:.1f} min for {len(runs)} runs" if "wall_min" in meta else
+             f"- wall time: not recorded (the run was stopped before its end; {len(runs)} runs in the file)")
             + (" (resumed; the sum of the runs' own times is " + f"{meta['run_min']:.1f} min)" if meta.get("resumed") else "")
             + (f"; CPU time of the runs: {sum(r['cpu_s'] for r in runs) / 60:.1f} min"
                if all("cpu_s" in r for r in runs) else ""),
