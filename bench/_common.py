@@ -7,7 +7,7 @@ import platform
 import subprocess
 import sys
 
-from danon.benchmark import status_kib  # noqa: F401  (re-exported for the bench scripts)
+from danon.benchmark import machine_info, status_kib  # noqa: F401  (status_kib: re-exported for the bench scripts)
 
 
 def reset_peak() -> None:
@@ -18,12 +18,7 @@ def reset_peak() -> None:
 
 def machine() -> str:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = machine_info()["cpu"]
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"Python {platform.python_version()}")
 
