@@ -249,13 +249,69 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: Optional[dict] 
 
 
 def to_onnx(program: torch.export.ExportedProgram, opset: int = DEFAULT_OPSET):
-    """An ExportedProgram to an in-memory `torch.onnx.ONNXProgram` with danon's translations."""
+    """An ExportedProgram to an in-memory `torch.onnx.ONNXProgram` with danon's translations
+    (and its broadcast shape annotations repaired, see `repair_broadcast_shapes`)."""
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset must be one of {', '.join(map(str, SUPPORTED_OPSETS))} (ONNX Attention needs "
                          f"opset 23); got {opset!r}")
     with _quiet():
-        return torch.onnx.export(program, dynamo=True, opset_version=opset,
-                                 custom_translation_table=translation_table(), verbose=False)
+        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                         custom_translation_table=translation_table(), verbose=False)
+    repair_broadcast_shapes(onnx_program.model.graph)
+    return onnx_program
+
+
+# element-wise ops whose output shape is the broadcast of their inputs' shapes
+_BROADCASTING_OPS = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Mod", "Min", "Max", "Where", "And", "Or", "Xor", "Not", "Equal", "Less",
+    "LessOrEqual", "Greater", "GreaterOrEqual", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "Cast",
+    "Neg", "Abs", "Exp", "Log", "Sqrt", "Reciprocal", "Relu", "Sigmoid", "Tanh", "IsInf", "IsNaN", "Sign",
+})
+
+
+def repair_broadcast_shapes(graph) -> int:
+    """Give back the symbolic size to element-wise outputs annotated 1 where an input has that size.
+
+    When a plan size is 1 at the export length (e.g. MSRA's coarsest level at N = 128), torch.export can
+    annotate an element-wise op's output with a literal 1 where its input keeps the symbolic size. The
+    computation is right, but ONNX Runtime plans buffer re-use from these annotations and fails at
+    lengths where the size is not 1 ("Shape mismatch attempting to re-use buffer"). The output of a
+    broadcasting op is the broadcast of its inputs, so a literal 1 there, with one symbolic size and only
+    1s among the inputs on that axis, is that symbol. Hand-written: the exporter has no such check.
+    Returns the number of dims repaired (graph: an onnx_ir Graph, changed in place).
+
+    Example:
+        >>> import onnx_ir as ir
+        >>> x = ir.Value(name="x", shape=ir.Shape([1, "n"]), type=ir.TensorType(ir.DataType.FLOAT))
+        >>> one = ir.Value(name="one", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT))
+        >>> node = ir.Node("", "Add", [x, one])
+        >>> node.outputs[0].shape = ir.Shape([1, 1])          # the wrong annotation
+        >>> g = ir.Graph([x, one], node.outputs, nodes=[node])
+        >>> repair_broadcast_shapes(g), node.outputs[0].shape
+        (1, Shape([1, SymbolicDim('n')]))
+    """
+    import onnx_ir as ir   # torch.onnx's IR (a dependency of onnxscript); danon's onnx extra brings it
+
+    repaired = 0
+    for node in graph:   # topological order: a repaired output is seen repaired by its users
+        if node.op_type not in _BROADCASTING_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        out = node.outputs[0]
+        inputs = [v for v in node.inputs if v is not None]
+        if out.shape is None or not inputs or any(v.shape is None for v in inputs):
+            continue
+        dims = list(out.shape)
+        for axis in range(1, len(dims) + 1):          # broadcasting aligns the trailing dims
+            if dims[-axis] != 1:
+                continue
+            on_axis = [v.shape[-axis] for v in inputs if len(v.shape) >= axis]
+            symbols = {d.value for d in on_axis if isinstance(d, ir.SymbolicDim) and d.value is not None}
+            if len(symbols) == 1 and all(isinstance(d, ir.SymbolicDim) or d == 1 for d in on_axis):
+                dims[-axis] = ir.SymbolicDim(symbols.pop())
+                repaired += 1
+        if dims != list(out.shape):
+            out.shape = ir.Shape(dims)
+    return repaired
 
 
 def session(model_proto, threads: Optional[int] = None):

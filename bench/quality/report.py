@@ -87,6 +87,23 @@ def _fmt_settings() -> List[str]:
     return lines
 
 
+def run_minutes(runs: Sequence[Dict]) -> float:
+    """Minutes of training and evaluation in ``runs``, each shared curriculum counted once.
+
+    Example:
+        >>> run_minutes([{"task": "copy", "family": "dense", "seed": 0, "curriculum_s": 60, "train_s": 30, "eval_s": 0},
+        ...              {"task": "copy", "family": "dense", "seed": 0, "curriculum_s": 60, "train_s": 90, "eval_s": 0}])
+        3.0
+    """
+    curricula = {(r["task"], r["family"], r["seed"]): r.get("curriculum_s", 0.0) for r in runs}
+    return (sum(curricula.values()) + sum(r["train_s"] + r["eval_s"] for r in runs)) / 60
+
+
+def _cpu_minutes(runs: Sequence[Dict]) -> float:
+    curricula = {(r["task"], r["family"], r["seed"]): r.get("curriculum_cpu_s", 0.0) for r in runs}
+    return (sum(curricula.values()) + sum(r["cpu_s"] for r in runs)) / 60
+
+
 def markdown(runs: Sequence[Dict], meta: Dict) -> str:
     """The results page: setting, parameters, coverage, accuracy table, loss curves, timing."""
     rows = summarise(runs)
@@ -95,16 +112,18 @@ def markdown(runs: Sequence[Dict], meta: Dict) -> str:
             (f"- wall time: {meta['wall_min']:.1f} min for {len(runs)} runs" if "wall_min" in meta else
              f"- wall time: not recorded (the run was stopped before its end; {len(runs)} runs in the file)")
             + (" (resumed; the sum of the runs' own times is " + f"{meta['run_min']:.1f} min)" if meta.get("resumed") else "")
-            + (f"; CPU time of the runs: {sum(r['cpu_s'] for r in runs) / 60:.1f} min"
+            + (f"; CPU time of the runs: {_cpu_minutes(runs):.1f} min"
                if all("cpu_s" in r for r in runs) else ""),
-            f"- {meta['note']}", ""]
+            *([f"- {meta['note']}"] if meta.get("note") else []), ""]
     out += ["## Setting", "",
             f"- budget per run (same for every family): {meta['short_steps']} steps at N = {meta['short_len']} "
-            f"(curriculum), then {meta['steps']} steps at N, each of {meta['tokens_per_step']} tokens "
+            f"(curriculum{', shared by the runs of both lengths' if meta.get('shared_curriculum') else ''}), "
+            f"then {meta['steps']} steps at N, each of {meta['tokens_per_step']} tokens "
             f"(batch = tokens / length), AdamW lr {meta['lr']} (warm-up {meta['warmup']} steps, cosine to 10 %), grad clip 1.0; "
             f"loss only on the answer positions; accuracy = argmax on the answer positions of "
             f"{meta['eval_tokens']} fresh evaluation tokens per (task, N), the same sequences for every family and seed",
-            f"- {meta['jobs']} runs in parallel, {meta['threads']} torch thread(s) each",
+            f"- {meta['jobs']} {'jobs (one per task, family and seed)' if meta.get('shared_curriculum') else 'runs'} "
+            f"in parallel, {meta['threads']} torch thread(s) each",
             f"- seeds: {meta['seeds']} (the seed fixes the initialisation and the training batches; families share both)",
             "- models: 2 layers, hidden 64, 4 heads (head dim 16), MLP 256, vocabulary 96, causal, "
             "sinusoidal positions; untied LM head, weights N(0, 0.125) (initializer_range = 1/sqrt(hidden)), "
@@ -149,7 +168,8 @@ def markdown(runs: Sequence[Dict], meta: Dict) -> str:
                              + ("" if r["n"] == len(meta["seeds"]) else f" ({r['n']} seeds)"))
         out.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
     out += ["", f"![training loss curves]({meta['png']})", "",
-            "Training time per run (s, mean over seeds; the CPU was shared, so these are not timings of the families):", "",
+            f"Training time per run at N (s, mean over seeds; {meta['jobs']} jobs at a time, so a run shared the "
+            "CPU with another; without the shared curriculum, which the next table holds):", "",
             "| task | N | " + " | ".join(FAMILIES) + " |", "|---|---:|" + "---:|" * len(FAMILIES)]
     for task, n in sorted({(r["task"], r["seq_len"]) for r in runs}, key=lambda p: (TASK_ORDER.index(p[0]), p[1])):
         cells = []
@@ -157,5 +177,16 @@ def markdown(runs: Sequence[Dict], meta: Dict) -> str:
             ts = [r["train_s"] for r in runs if (r["task"], r["seq_len"], r["family"]) == (task, n, family)]
             cells.append(f"{statistics.fmean(ts):.0f}" if ts else "-")
         out.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
+    if any("curriculum_s" in r for r in runs):
+        out += ["", f"Curriculum time per job (s, mean over seeds; {meta['short_steps']} steps at N = "
+                f"{meta['short_len']}, trained once and shared by the runs at every N):", "",
+                "| task | " + " | ".join(FAMILIES) + " |", "|---|" + "---:|" * len(FAMILIES)]
+        for task in [t for t in TASK_ORDER if any(r["task"] == t for r in runs)]:
+            cells = []
+            for family in FAMILIES:
+                ts = {r["seed"]: r["curriculum_s"] for r in runs
+                      if (r["task"], r["family"]) == (task, family) and "curriculum_s" in r}
+                cells.append(f"{statistics.fmean(ts.values()):.0f}" if ts else "-")
+            out.append(f"| {task} | " + " | ".join(cells) + " |")
     out += ["", "Analysis and proposals: docs/quality.md.", ""]
     return "\n".join(out)

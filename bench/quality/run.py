@@ -1,8 +1,10 @@
 """Train every (task, N, family, seed) and write bench/results/quality.md, .json and the loss PNG.
 
 Run from the repository root (bench/ is not an installed package; this script puts the root on
-sys.path). Runs go seed by seed, so an interrupted run leaves whole seeds behind; finished runs are
-appended to the JSON file as they end, and ``--resume`` skips them.
+sys.path). A job is one (task, family, seed): it trains the curriculum once and then each N from
+it (bench/quality/train.py). Jobs go seed by seed, the slowest family first so that the two
+workers finish together; finished runs are appended to the JSON file as they end, and
+``--resume`` skips them.
 
     nice -n 10 python bench/quality/run.py                          # full: 3 tasks x N 512, 2048 x 5 families x 3 seeds
     python bench/quality/run.py --seq-lens 128 --steps 20 --seeds 0 --out /tmp/q.md   # smoke
@@ -16,6 +18,7 @@ import json
 import os
 import sys
 import time
+from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
@@ -25,9 +28,9 @@ import torch  # noqa: E402
 
 from bench._common import machine  # noqa: E402
 from bench.quality.models import FAMILIES, build_model, coverage, parameter_counts  # noqa: E402
-from bench.quality.report import markdown, plot_losses  # noqa: E402
+from bench.quality.report import markdown, plot_losses, run_minutes  # noqa: E402
 from bench.quality.tasks import TASKS  # noqa: E402
-from bench.quality.train import RunSpec, train_run  # noqa: E402
+from bench.quality.train import RunSpec, train_runs  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -48,14 +51,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=RunSpec.eval_tokens)
     p.add_argument("--steps-short", type=int, default=RunSpec.short_steps, help="curriculum steps at --short-len first")
     p.add_argument("--short-len", type=int, default=RunSpec.short_len)
-    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, one process each (default 2: one per core)")
+    p.add_argument("--jobs", type=int, default=2, help="jobs in parallel, one process each (default 2: one per core)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per run (default 1: these models are too small for more, and two "
                         "threads per process on a busy 2-core machine ran 10x slower)")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "quality.md"))
     p.add_argument("--resume", action="store_true", help="keep the runs already in the JSON file, do the rest")
     p.add_argument("--report-only", action="store_true", help="rewrite .md and .png from the JSON file, train nothing")
-    p.add_argument("--note", default="other jobs shared the 2 CPU cores during the run; times are not clean")
+    p.add_argument("--note", default="", help="a line for the results page (e.g. that other jobs shared the CPU)")
     return p
 
 
@@ -63,13 +66,16 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker(spec: RunSpec) -> dict:
-    return _one(spec, bars=False)
+def _worker(specs: List[RunSpec]) -> List[dict]:
+    return _one(specs, bars=False)
 
 
-def _one(spec: RunSpec, bars: bool) -> dict:
-    """Train one run; with ``bars`` a tqdm bar follows its steps (serial mode only)."""
-    bar = tqdm(total=spec.total_steps, desc=f"{spec.task} N={spec.seq_len} {spec.family} seed {spec.seed}",
+def _one(specs: List[RunSpec], bars: bool) -> List[dict]:
+    """Train one job (runs sharing a curriculum); with ``bars`` a tqdm bar follows its steps (serial mode only)."""
+    first = specs[0]
+    total = first.short_steps + sum(s.steps for s in specs)
+    lens = ", ".join(str(s.seq_len) for s in specs)
+    bar = tqdm(total=total, desc=f"{first.task} N={lens} {first.family} seed {first.seed}",
                position=1, leave=False) if bars else None
 
     def progress(step, loss):
@@ -78,10 +84,15 @@ def _one(spec: RunSpec, bars: bool) -> dict:
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}")
 
-    result = train_run(spec, progress)
+    results = train_runs(specs, progress)
     if bar is not None:
         bar.close()
-    return result
+    return results
+
+
+# the order jobs start in: slowest first (measured step times on this CPU), so that neither worker is left
+# with the hybrid alone at the end
+_SLOWEST_FIRST = ("hybrid", "dala", "ucsa", "msra", "dense")
 
 
 def main(argv=None) -> None:
@@ -94,7 +105,12 @@ def main(argv=None) -> None:
     runs = []
     if args.resume and os.path.exists(json_path):
         with open(json_path) as f:
-            runs = json.load(f)["runs"]
+            saved = json.load(f)
+        if not saved["meta"].get("shared_curriculum") and not args.report_only:
+            raise SystemExit(f"--resume: {json_path} was written by the harness before the shared curriculum "
+                             "(each run trained its own); its runs cannot be mixed with new ones. "
+                             "Give another --out, or move the file away")
+        runs = saved["runs"]
     if args.report_only:
         with open(json_path) as f:
             saved = json.load(f)
@@ -107,7 +123,8 @@ def main(argv=None) -> None:
     meta = {"machine": machine(), "command": command.strip(), "steps": args.steps, "short_steps": args.steps_short,
             "short_len": args.short_len, "jobs": args.jobs, "threads": args.threads, "tokens_per_step": args.tokens_per_step,
             "lr": args.lr, "warmup": args.warmup, "eval_tokens": args.eval_tokens, "seeds": args.seeds,
-            "tasks": args.tasks, "note": args.note, "png": os.path.basename(png_path), "resumed": bool(done)}
+            "tasks": args.tasks, "note": args.note, "png": os.path.basename(png_path), "resumed": bool(done),
+            "shared_curriculum": True}
     meta["params"] = {f: parameter_counts(build_model(f, seed=0)) for f in args.families}
     meta["coverage"] = {(f, n): coverage(f, n) for f in args.families for n in args.seq_lens}
     for f in args.families:
@@ -117,21 +134,28 @@ def main(argv=None) -> None:
         jobs = []
         meta = {**meta, **{k: v for k, v in saved["meta"].items() if k not in ("note", "png")}}
     start = time.time()
-    specs = [RunSpec(task=task, family=family, seq_len=n, seed=seed, steps=args.steps, short_steps=args.steps_short,
-                     short_len=args.short_len, tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup,
-                     eval_tokens=args.eval_tokens) for task, n, family, seed in jobs]
-    if args.jobs > 1 and len(specs) > 1:
+    groups: Dict[tuple, List[RunSpec]] = {}
+    for task, n, family, seed in jobs:
+        groups.setdefault((seed, task, family), []).append(RunSpec(
+            task=task, family=family, seq_len=n, seed=seed, steps=args.steps, short_steps=args.steps_short,
+            short_len=args.short_len, tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup,
+            eval_tokens=args.eval_tokens))
+    rank = {f: i for i, f in enumerate(_SLOWEST_FIRST)}
+    work = [groups[k] for k in sorted(groups, key=lambda k: (k[0], rank.get(k[2], len(rank)), k[1]))]
+    if args.jobs > 1 and len(work) > 1:
         import multiprocessing
         pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker, initargs=(args.threads,))
-        results = pool.imap_unordered(_worker, specs)
+        results = pool.imap_unordered(_worker, work)
     else:
-        pool, results = None, map(functools.partial(_one, bars=tqdm is not None), specs)
-    outer = tqdm(results, total=len(specs), desc="runs", position=0) if tqdm else results
-    for result in outer:
-        task, n, family, seed = result["task"], result["seq_len"], result["family"], result["seed"]
-        runs.append(result)
-        msg = f"{task} N={n} {family} seed {seed}: accuracy {result['accuracy']:.3f} ({result['train_s']:.0f} s)"
-        (outer.write if tqdm else print)(msg)
+        pool, results = None, map(functools.partial(_one, bars=tqdm is not None), work)
+    outer = tqdm(results, total=len(work), desc="jobs", position=0) if tqdm else results
+    for group in outer:
+        for result in group:
+            task, n, family, seed = result["task"], result["seq_len"], result["family"], result["seed"]
+            runs.append(result)
+            msg = (f"{task} N={n} {family} seed {seed}: accuracy {result['accuracy']:.3f} "
+                   f"({result['curriculum_s']:.0f} s curriculum, shared, + {result['train_s']:.0f} s at N)")
+            (outer.write if tqdm else print)(msg)
         with open(json_path, "w") as f:
             json.dump({"meta": {k: v for k, v in meta.items() if k != "coverage"}, "runs": runs}, f)
     if pool is not None:
@@ -139,7 +163,7 @@ def main(argv=None) -> None:
     wall = time.time() - start
     if not args.report_only:
         meta["wall_min"] = wall / 60
-    meta["run_min"] = sum(r["train_s"] + r["eval_s"] for r in runs) / 60
+    meta["run_min"] = run_minutes(runs)
     meta.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     plot_losses(runs, png_path)
     text = markdown(runs, meta)

@@ -10,8 +10,11 @@ sequences give 4-16x more answers per unit of compute, which is what lets a 2-la
 the induction circuit in that budget. Every family gets the same curriculum, and the sparse
 families run their own plans in both phases (at 128 tokens a 64-token window is already only
 part of the context).
-The training data depend only on (task, N, seed) and the evaluation data only on (task, N), so
-every family sees the same batches.
+The curriculum does not depend on N, so runs that differ only in N share it (``train_runs``):
+it is trained once, and each N continues from its own copy of the model and optimizer. That
+is the same budget per run as training each from scratch, at a fraction of the compute.
+The curriculum's data depend only on (task, seed), the data at N only on (task, N, seed) and
+the evaluation data only on (task, N), so every family sees the same batches.
 
 Example:
     >>> from bench.quality.train import RunSpec, train_run
@@ -22,10 +25,11 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -105,22 +109,16 @@ def evaluate(model: torch.nn.Module, task: str, seq_len: int, eval_tokens: int, 
     return {"accuracy": correct / max(1, total), "answers": total, "loss": loss_sum / max(1, total)}
 
 
-def train_run(spec: RunSpec, progress: Optional[Callable[[int, float], None]] = None) -> Dict:
-    """Train one model and evaluate it; returns the spec, losses per step, accuracy and timings.
+def _optimizer(model: torch.nn.Module, spec: RunSpec) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
+                             betas=(0.9, 0.98), weight_decay=0.0)
 
-    ``progress(step, loss)`` is called after every step (the runner drives a tqdm bar with it).
-    """
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.family, seed=spec.seed)
-    params = parameter_counts(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr,
-                            betas=(0.9, 0.98), weight_decay=0.0)
-    g = torch.Generator().manual_seed(1_000 * spec.seed + 100 * _TASK_IDS[spec.task] + spec.seq_len)
-    losses = []
-    cpu_start = time.process_time()
-    start = time.perf_counter()
+
+def _train_steps(model, opt, spec: RunSpec, steps: range, g: torch.Generator, losses: List[float],
+                 progress: Optional[Callable[[int, float], None]]) -> None:
+    """Steps ``steps`` of the schedule (the step number picks the length and the learning rate)."""
     model.train()
-    for step in range(spec.total_steps):
+    for step in steps:
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, spec)
         n = spec.length_at(step)
@@ -133,9 +131,69 @@ def train_run(spec: RunSpec, progress: Optional[Callable[[int, float], None]] = 
         losses.append(loss.item())
         if progress is not None:
             progress(step, losses[-1])
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    result = evaluate(model, spec.task, spec.seq_len, spec.eval_tokens, spec.batch)
-    return {**dataclasses.asdict(spec), **result, "losses": losses, "params": params["total"],
-            "trainable_params": params["trainable"], "train_s": train_s, "eval_s": time.perf_counter() - start,
-            "cpu_s": time.process_time() - cpu_start}
+
+
+_SHARED = ("task", "family", "seed", "steps", "short_steps", "short_len", "tokens_per_step", "lr", "warmup")
+
+
+def train_runs(specs: Sequence[RunSpec], progress: Optional[Callable[[int, float], None]] = None) -> List[Dict]:
+    """Train runs that differ only in N, sharing their curriculum; one result per spec, in order.
+
+    Each result holds the spec, the losses of all its steps (curriculum first), accuracy, and
+    timings: ``curriculum_s`` (the shared phase, the same number in every result of the call),
+    ``train_s`` (this run's own steps at N) and ``eval_s``. ``progress(step, loss)`` is called
+    after every step, the curriculum's once.
+
+    Example:
+        >>> specs = [RunSpec(task="copy", family="dense", seq_len=n, seed=0, steps=2, tokens_per_step=256,
+        ...                  eval_tokens=256, short_steps=3, short_len=32) for n in (64, 128)]
+        >>> a, b = train_runs(specs)
+        >>> a["losses"][:3] == b["losses"][:3], len(b["losses"]), a["curriculum_s"] == b["curriculum_s"]
+        (True, 5, True)
+    """
+    if not specs:
+        return []
+    first = specs[0]
+    for spec in specs[1:]:
+        differ = [k for k in _SHARED if getattr(spec, k) != getattr(first, k)]
+        if differ:
+            raise ValueError(f"train_runs shares one curriculum: the specs may differ only in seq_len, "
+                             f"but {', '.join(differ)} differ")
+    torch.manual_seed(first.seed)
+    model = build_model(first.family, seed=first.seed)
+    params = parameter_counts(model)
+    opt = _optimizer(model, first)
+    curriculum: List[float] = []
+    cpu_start, start = time.process_time(), time.perf_counter()
+    g = torch.Generator().manual_seed(7_000_000 + 1_000 * first.seed + 100 * _TASK_IDS[first.task])
+    _train_steps(model, opt, first, range(first.short_steps), g, curriculum, progress)
+    curriculum_s, curriculum_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    results = []
+    for spec in specs:
+        own = copy.deepcopy(model)
+        own_opt = _optimizer(own, spec)
+        own_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        losses = list(curriculum)
+        g = torch.Generator().manual_seed(1_000 * spec.seed + 100 * _TASK_IDS[spec.task] + spec.seq_len)
+        cpu_start, start = time.process_time(), time.perf_counter()
+        _train_steps(own, own_opt, spec, range(spec.short_steps, spec.total_steps), g, losses, progress)
+        train_s = time.perf_counter() - start
+        start = time.perf_counter()
+        result = evaluate(own, spec.task, spec.seq_len, spec.eval_tokens, spec.batch)
+        results.append({**dataclasses.asdict(spec), **result, "losses": losses, "params": params["total"],
+                        "trainable_params": params["trainable"], "curriculum_s": curriculum_s,
+                        "train_s": train_s, "eval_s": time.perf_counter() - start,
+                        "cpu_s": time.process_time() - cpu_start, "curriculum_cpu_s": curriculum_cpu})
+    return results
+
+
+def train_run(spec: RunSpec, progress: Optional[Callable[[int, float], None]] = None) -> Dict:
+    """Train one model and evaluate it (``train_runs`` of one spec).
+
+    Example:
+        >>> r = train_run(RunSpec(task="copy", family="dense", seq_len=64, seed=0, steps=3, tokens_per_step=256,
+        ...                       eval_tokens=256, short_steps=2, short_len=32))
+        >>> len(r["losses"]), 0.0 <= r["accuracy"] <= 1.0
+        (5, True)
+    """
+    return train_runs([spec], progress)[0]

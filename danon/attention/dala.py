@@ -33,8 +33,25 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
 
 # Under torch.export (ONNX export) the tree gets this many levels whatever N is, so that no level count is
 # baked into a graph exported at one length (2^32 blocks is beyond any sequence). torch.compile instead
-# guards on the level count: 32 nested ceil-divisions of a symbolic size stall its sympy simplification.
+# guards on the level count.
 MAX_TREE_LEVELS = 32
+
+
+def _leaf_lists(values: Tensor, ids: Tensor, m: int) -> tuple:
+    """Each block's own top-m (value, token id), padded to width m with (-inf, -1)."""
+    width = min(m, values.shape[-1])
+    top_val, pos = torch.topk(values, width, dim=-1)
+    top_ids = torch.gather(ids, -1, pos)
+    if width < m:   # keep one list width at every level
+        top_val = F.pad(top_val, (0, m - width), value=float("-inf"))
+        top_ids = F.pad(top_ids, (0, m - width), value=-1)
+    return top_val, top_ids
+
+
+def _merge(left_val: Tensor, left_ids: Tensor, right_val: Tensor, right_ids: Tensor, m: int) -> tuple:
+    pairs_val, pairs_ids = torch.cat([left_val, right_val], -1), torch.cat([left_ids, right_ids], -1)
+    top_val, pos = torch.topk(pairs_val, m, dim=-1)
+    return top_val, torch.gather(pairs_ids, -1, pos)
 
 
 def _topk_tree(values: Tensor, ids: Tensor, m: int) -> list:
@@ -43,15 +60,9 @@ def _topk_tree(values: Tensor, ids: Tensor, m: int) -> list:
     values, ids: [B, Hkv, P, b] (P blocks, padded with -inf). Level 0 is each block's own top-m; a level
     with an odd number of nodes is padded with one empty node (-inf, id -1) before pairing.
     """
-    width = min(m, values.shape[-1])
-    top_val, pos = torch.topk(values, width, dim=-1)
-    top_ids = torch.gather(ids, -1, pos)
-    if width < m:   # keep one list width at every level
-        top_val = F.pad(top_val, (0, m - width), value=float("-inf"))
-        top_ids = F.pad(top_ids, (0, m - width), value=-1)
+    top_val, top_ids = _leaf_lists(values, ids, m)
     levels = [(top_val, top_ids)]
-    exporting = torch.compiler.is_exporting()
-    while (len(levels) < MAX_TREE_LEVELS) if exporting else (top_val.shape[2] > 1):
+    while top_val.shape[2] > 1:
         odd = top_val.shape[2] % 2
         pairs_val = F.pad(top_val, (0, 0, 0, odd), value=float("-inf")).reshape(*top_val.shape[:2], -1, 2 * m)
         pairs_ids = F.pad(top_ids, (0, 0, 0, odd), value=-1).reshape(*top_ids.shape[:2], -1, 2 * m)
@@ -61,12 +72,41 @@ def _topk_tree(values: Tensor, ids: Tensor, m: int) -> list:
     return levels
 
 
-def _prefix_lists(levels: list, length: Tensor) -> tuple:
-    """The tree's lists that exactly cover blocks [0, length) for each query block: [B, Hkv, Tq, levels*m]."""
+def _topk_table(values: Tensor, ids: Tensor, m: int) -> list:
+    """The export form of `_topk_tree`: MAX_TREE_LEVELS levels that all keep P entries.
+
+    Entry u of level l holds the top-m of blocks [u, u + 2^l), merged from entries u and u + 2^(l-1) of
+    level l - 1 (-inf / -1 past the end). At u = k 2^l that is the tree's node k, built by the same
+    merges, so `_prefix_lists` reads the same lists. Why: the tree's level sizes are nested
+    ceil-divisions of the symbolic length, and 32 of them stall torch.export's sympy for tens of
+    minutes; here every size is P.
+    """
+    top_val, top_ids = _leaf_lists(values, ids, m)
+    levels = [(top_val, top_ids)]
+    p = top_val.shape[2]
+    u = torch.arange(p, device=values.device)
+    for level in range(1, MAX_TREE_LEVELS):
+        partner = u + (1 << (level - 1))
+        past_end = (partner >= p)[:, None]
+        partner = partner.clamp(max=p - 1)
+        right_val = top_val[:, :, partner].masked_fill(past_end, float("-inf"))
+        right_ids = top_ids[:, :, partner].masked_fill(past_end, -1)
+        top_val, top_ids = _merge(top_val, top_ids, right_val, right_ids, m)
+        levels.append((top_val, top_ids))
+    return levels
+
+
+def _prefix_lists(levels: list, length: Tensor, table: bool = False) -> tuple:
+    """The tree's lists that exactly cover blocks [0, length) for each query block: [B, Hkv, Tq, levels*m].
+
+    ``table``: `levels` come from `_topk_table` (node k of level l is its entry k 2^l).
+    """
     vals, ids = [], []
     for level, (v, i) in enumerate(levels):
         present = ((length >> level) & 1).bool()
         node = ((length >> level) - 1).clamp(min=0)
+        if table:
+            node = node << level
         vals.append(v[:, :, node].masked_fill(~present[:, None], float("-inf")))
         ids.append(i[:, :, node])
     return torch.cat(vals, -1), torch.cat(ids, -1)
@@ -82,14 +122,17 @@ def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tens
     B, Hkv, nk = scores.shape
     tk = num_blocks(nk, b)
     # Eager and torch.compile pad to a power of two P (torch.compile guards on it, so the tree's sizes stay
-    # concrete); torch.export keeps P = Tk symbolic and pads odd levels instead (see MAX_TREE_LEVELS).
-    P = tk if torch.compiler.is_exporting() else 1 << max(0, (tk - 1).bit_length())
+    # concrete); torch.export keeps P = Tk symbolic and builds the same lists as a table (see _topk_table).
+    exporting = torch.compiler.is_exporting()
+    P = tk if exporting else 1 << max(0, (tk - 1).bit_length())
+    build = _topk_table if exporting else _topk_tree
     vals = F.pad(scores, (0, P * b - nk), value=float("-inf")).view(B, Hkv, P, b)
     ids = torch.arange(P * b, device=scores.device).view(1, 1, P, b).expand(B, Hkv, P, b)
     t = torch.arange(tk, device=scores.device)
-    lists_val, lists_ids = _prefix_lists(_topk_tree(vals, ids, m), (t - w).clamp(min=0))
+    lists_val, lists_ids = _prefix_lists(build(vals, ids, m), (t - w).clamp(min=0), table=exporting)
     if not causal:   # the suffix [t + W + 1, P) is a prefix of the reversed block order
-        rev_val, rev_ids = _prefix_lists(_topk_tree(vals.flip(2), ids.flip(2), m), (P - t - w - 1).clamp(min=0))
+        rev_val, rev_ids = _prefix_lists(build(vals.flip(2), ids.flip(2), m), (P - t - w - 1).clamp(min=0),
+                                         table=exporting)
         lists_val, lists_ids = torch.cat([lists_val, rev_val], -1), torch.cat([lists_ids, rev_ids], -1)
     top_val, pos = torch.topk(lists_val, m, dim=-1)
     top_ids = torch.gather(lists_ids, -1, pos)
