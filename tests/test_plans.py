@@ -115,6 +115,26 @@ def test_dala_routing_tree_equals_brute_force_top_k(n, b, m, w, causal, seed):
     assert torch.equal(fast, slow)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3, 5, 8, 13, 37])
+@pytest.mark.parametrize("m", [1, 4, 8])
+def test_dala_export_table_reads_the_same_lists_as_the_tree(blocks, m):
+    """torch.export builds DALA's routed-token lists from a table whose levels keep every block
+    (_topk_table); the lists it reads must be the tree's, values and ids, for any block count."""
+    from danon.attention.dala import _prefix_lists, _topk_table, _topk_tree
+    g = torch.Generator().manual_seed(blocks * 10 + m)
+    b = 8
+    vals = torch.randn(2, 3, blocks, b, generator=g)
+    vals[..., -1, -3:] = float("-inf")                       # a padded last block
+    ids = torch.arange(blocks * b).view(1, 1, blocks, b).expand(2, 3, blocks, b)
+    t = torch.arange(blocks)
+    for length in ((t - 1).clamp(min=0), (blocks - t - 2).clamp(min=0), t):
+        tree_val, tree_ids = _prefix_lists(_topk_tree(vals, ids, m), length)
+        table_val, table_ids = _prefix_lists(_topk_table(vals, ids, m), length, table=True)
+        width = tree_val.shape[-1]                               # the table has more (empty) levels
+        assert torch.equal(table_val[..., :width], tree_val) and torch.equal(table_ids[..., :width], tree_ids)
+        assert torch.isneginf(table_val[..., width:]).all()
+
+
 def test_msra_auto_levels_follow_the_definition():
     from danon.attention import auto_levels
     for tk in range(1, 300):

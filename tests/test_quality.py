@@ -16,7 +16,7 @@ if ROOT not in sys.path:   # bench/ is not an installed package
 
 from bench.quality import tasks as T  # noqa: E402
 from bench.quality.models import FAMILIES, build_model, coverage, parameter_counts  # noqa: E402
-from bench.quality.train import RunSpec, evaluate, train_run  # noqa: E402
+from bench.quality.train import RunSpec, evaluate, train_run, train_runs  # noqa: E402
 
 
 def _gen(seed=0):
@@ -104,3 +104,37 @@ def test_dense_learns_a_small_copy_instance():
     assert untrained < 0.1
     assert result["accuracy"] > 0.8, result["accuracy"]
     assert result["losses"][-1] < 0.5 * result["losses"][0]
+
+
+def _tiny(n, **kw):
+    return RunSpec(**{**dict(task="copy", family="msra", seq_len=n, seed=0, steps=3, tokens_per_step=256,
+                             eval_tokens=256, short_steps=4, short_len=32), **kw})
+
+
+def test_runs_of_two_lengths_share_the_curriculum_and_continue_it_exactly():
+    """Each run continues from a copy of the curriculum's model and optimizer: its losses equal one model
+    trained straight through the same batches (no copy), and the two runs share the curriculum's losses."""
+    from bench.quality import train as TR
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pair = train_runs([_tiny(64), _tiny(128)])
+        spec = _tiny(128)
+        torch.manual_seed(spec.seed)
+        model = build_model(spec.family, seed=spec.seed)
+        opt = TR._optimizer(model, spec)
+        straight = []
+        g = torch.Generator().manual_seed(7_000_000 + 1_000 * spec.seed + 100 * TR._TASK_IDS[spec.task])
+        TR._train_steps(model, opt, spec, range(spec.short_steps), g, straight, None)
+        g = torch.Generator().manual_seed(1_000 * spec.seed + 100 * TR._TASK_IDS[spec.task] + spec.seq_len)
+        TR._train_steps(model, opt, spec, range(spec.short_steps, spec.total_steps), g, straight, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert pair[0]["losses"][:4] == pair[1]["losses"][:4]
+    assert pair[0]["losses"][4:] != pair[1]["losses"][4:]          # different data at N
+    assert pair[1]["losses"] == straight
+
+
+def test_runs_that_differ_in_more_than_the_length_are_refused():
+    with pytest.raises(ValueError, match="seed"):
+        train_runs([_tiny(64), _tiny(128, seed=1)])

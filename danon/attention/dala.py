@@ -31,9 +31,9 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.reshape(B * Hkv * n, D).index_select(0, (idx + base).reshape(-1)).view(*idx.shape, D)
 
 
-# Under torch.export (ONNX export) the tree gets this many levels whatever N is, so that no level count is
-# baked into a graph exported at one length (2^32 blocks is beyond any sequence). torch.compile instead
-# guards on the level count.
+# Under torch.export with a symbolic length (ONNX export) the tree gets this many levels whatever N is, so
+# that no level count is baked into a graph exported at one length (2^32 blocks is beyond any sequence).
+# torch.compile and static-shape exports (target="onnxrt") instead know the level count.
 MAX_TREE_LEVELS = 32
 
 
@@ -122,8 +122,9 @@ def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tens
     B, Hkv, nk = scores.shape
     tk = num_blocks(nk, b)
     # Eager and torch.compile pad to a power of two P (torch.compile guards on it, so the tree's sizes stay
-    # concrete); torch.export keeps P = Tk symbolic and builds the same lists as a table (see _topk_table).
-    exporting = torch.compiler.is_exporting()
+    # concrete); torch.export with a symbolic length keeps P = Tk symbolic and builds the same lists as a
+    # table (see _topk_table).
+    exporting = torch.compiler.is_exporting() and isinstance(tk, torch.SymInt)
     P = tk if exporting else 1 << max(0, (tk - 1).bit_length())
     build = _topk_table if exporting else _topk_tree
     vals = F.pad(scores, (0, P * b - nk), value=float("-inf")).view(B, Hkv, P, b)
