@@ -2,8 +2,8 @@
 
 - dense exact attention (no ALiBi, no softcap): PyTorch's fused CPU flash kernel, GQA native;
 - sparse plans: gathered key sets run through the same flash kernel (kernels/gather.py);
-- anything the fast paths lack (softcap, gradients of ALiBi slopes, of a general mask or of the
-  lse, non-CPU tensors): the reference executor (kernels/reference.py), plain torch, chunked.
+- anything the fast paths lack (softcap, gradients of ALiBi slopes without causal masking, of a
+  general mask or of the lse, non-CPU tensors): the reference executor (kernels/reference.py), plain torch, chunked.
 No path builds an N x N tensor for a sparse plan.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .dtypes import accumulation_dtype
-from .gather import GatheredPlan, gathered_backward, gathered_forward
+from .gather import GatheredPlan, gathered_backward, gathered_forward, slopes_grad_supported
 from .reference import reference_backward, reference_forward
 
 __all__ = ["attention_forward", "attention_backward"]
@@ -164,14 +164,17 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
     if path == "flash" and not use_lse and not need_mask_grad:
         return _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal) + (empty,) * 4
 
-    if path == "gather" and not use_lse and not need_slopes_grad:
+    gp = None
+    if path == "gather" and not use_lse:
         gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                           summary_pos, key_padding_mask, slopes, scale, causal, block_size,
                           None if window < 0 else window, None if band < 0 else band)
-        dq, dk, dv, dsk, dsv = gathered_backward(gp, grad_out, out, lse)
+    if gp is not None and (not need_slopes_grad or slopes_grad_supported(gp)):
+        dq, dk, dv, dsk, dsv, dslopes = gathered_backward(gp, grad_out, out, lse, need_slopes_grad)
         dsk = dsk.to(summary_k.dtype) if (dsk is not None and need_summary_grad) else empty
         dsv = dsv.to(summary_v.dtype) if (dsv is not None and need_summary_grad) else empty
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsk, dsv, empty, empty
+        dslopes = dslopes.to(slopes.dtype) if need_slopes_grad else empty
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsk, dsv, empty, dslopes
     return reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
                               summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal,
                               block_size, window, band, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse)

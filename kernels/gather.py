@@ -41,6 +41,16 @@ def _pad_rows(x: Tensor, before: int, after: int) -> Tensor:
     return F.pad(x, (0, 0, before, after))
 
 
+def _add_blocks(target: Tensor, first_block: int, src: Tensor) -> None:
+    """Token-major target [rows, B*Hkv, X]: rows of blocks first_block .. + C += src [C, B*Hkv, b, X].
+
+    The flash backward returns key gradients laid out [C, b, B*Hkv, X] in memory (whatever their
+    shape says), so a token-major target takes them in contiguous runs of B*Hkv*X values.
+    """
+    C, heads, b, X = src.shape
+    target[first_block * b:(first_block + C) * b].view(C, b, heads, X).add_(src.transpose(1, 2))
+
+
 class _Part:
     """One key set shared by the rows of each query block.
 
@@ -48,12 +58,14 @@ class _Part:
     per-row lse offset or None); dead: (t0, t1) -> bool [C, B*H, b|1] marking rows that see no key of
     this part, or None when every row sees one (read off key-level flags: testing the float mask costs
     more than the attention); causal: the kernel's own triangular mask applies; scatter: (t0, t1, dk,
-    dv) adds the key gradients back where the keys came from.
+    dv) adds the key gradients back where the keys came from; rel: (t0, t1) -> float [C|1, B*Hkv|1, L],
+    each key's position minus its query block's start (what the causal ALiBi bias is linear in), or
+    None for a part that ALiBi does not reach.
     """
 
-    def __init__(self, keys, values, mask, scatter, dead, causal: bool = False):
+    def __init__(self, keys, values, mask, scatter, dead, causal: bool = False, rel=None):
         self.keys, self.values, self.mask, self.scatter = keys, values, mask, scatter
-        self.dead, self.causal = dead, causal
+        self.dead, self.causal, self.rel = dead, causal, rel
 
 
 class GatheredPlan:
@@ -82,8 +94,8 @@ class GatheredPlan:
         self.v_pad = _pad_rows(v.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, self.Dv).contiguous()
         # gradient buffers, filled by the parts' scatter functions during the backward
         self.grad_k = self.grad_v = None
-        self._front = None
-        self._front_grad_k = self._front_grad_v = None
+        self._front = (0, 0)   # blocks of padding the window part puts before and after the keys
+        self._token_grad_k = self._token_grad_v = None
         self.table_grad = self.summary_grad = None
         # an empty list (capacity 0) is no part at all: the flash kernel cannot take zero keys
         block_idx, token_idx, summary_idx = (None if x is None or x.shape[-1] == 0 else x
@@ -189,21 +201,27 @@ class GatheredPlan:
 
         def scatter(t0, t1, dk, dv):
             # window slot s of query block t is padded row (t - w) * b + s + w * b: add block by block
-            grad_k = self.front_grad("k", front_k)
-            grad_v = self.front_grad("v", front_v)
+            grad_k, grad_v = self.token_grads()
             for j in range(width):
-                grad_k[:, (t0 + j) * b:(t1 + j) * b] += dk[:, :, j * b:(j + 1) * b].transpose(0, 1).reshape(B * Hkv, -1, self.D)
-                grad_v[:, (t0 + j) * b:(t1 + j) * b] += dv[:, :, j * b:(j + 1) * b].transpose(0, 1).reshape(B * Hkv, -1, self.Dv)
+                _add_blocks(grad_k, t0 + j, dk[:, :, j * b:(j + 1) * b])
+                _add_blocks(grad_v, t0 + j, dv[:, :, j * b:(j + 1) * b])
+
+        def rel(t0, t1):   # slot s of every query block's window sits s - w * b tokens from the block's start
+            return (torch.arange(width * b, device=self.q.device, dtype=self.dtype) - w * b).view(1, 1, -1)
 
         self._front = (before, after)
         self.keys_per_block += width * b
-        return _Part(strided(front_k), strided(front_v), mask, scatter=scatter, dead=dead)
+        return _Part(strided(front_k), strided(front_v), mask, scatter=scatter, dead=dead, rel=rel)
 
-    def front_grad(self, name, like):
-        attr = "_front_grad_" + name
-        if getattr(self, attr) is None:
-            setattr(self, attr, torch.zeros_like(like))
-        return getattr(self, attr)
+    def token_grads(self):
+        """Token-major key and value gradients [(before + Tk + after) * b, B*Hkv, D] of the window and own-block
+        parts (rows as in the window's padded keys), added to the key gradients at the end of the backward."""
+        if self._token_grad_k is None:
+            before, after = self._front
+            rows = (before + self.tk + after) * self.b
+            self._token_grad_k = self.q.new_zeros(rows, self.B * self.Hkv, self.D)
+            self._token_grad_v = self.q.new_zeros(rows, self.B * self.Hkv, self.Dv)
+        return self._token_grad_k, self._token_grad_v
 
     # --- the own block under causal masking: per-row triangular mask --------------------------------
     def _own_part(self, block_idx, window) -> _Part:
@@ -247,13 +265,16 @@ class GatheredPlan:
         def dead(t0, t1):
             return _dead_rows(mask(t0, t1)[0])
 
+        def rel(t0, t1):
+            return torch.arange(b, device=self.q.device, dtype=self.dtype).view(1, 1, -1)
+
         self.keys_per_block += b
-        return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=self._own_scatter, dead=dead)
+        return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=self._own_scatter, dead=dead, rel=rel)
 
     def _own_scatter(self, t0, t1, dk, dv):
-        grad_k, grad_v = self.grads()
-        grad_k[:, t0 * self.b:t1 * self.b] += dk.transpose(0, 1).reshape(self.B * self.Hkv, -1, self.D)
-        grad_v[:, t0 * self.b:t1 * self.b] += dv.transpose(0, 1).reshape(self.B * self.Hkv, -1, self.Dv)
+        grad_k, grad_v = self.token_grads()
+        _add_blocks(grad_k, t0 + self._front[0], dk)
+        _add_blocks(grad_v, t0 + self._front[0], dv)
 
     def _plain_own_part(self, blocks) -> _Part:
         self.keys_per_block += self.b
@@ -353,7 +374,8 @@ class GatheredPlan:
             grad_k.view(B * Hkv * tk, b * self.D).index_add_(0, idx, dk.reshape(-1, b * self.D))
             grad_v.view(B * Hkv * tk, b * self.Dv).index_add_(0, idx, dv.reshape(-1, b * self.Dv))
 
-        return _Part(gathered(self.k_pad), gathered(self.v_pad), mask, scatter=scatter, dead=dead)
+        return _Part(gathered(self.k_pad), gathered(self.v_pad), mask, scatter=scatter, dead=dead,
+                     rel=None if key_pos is None else self._rel_of(key_pos))
 
     # --- listed tokens and summaries: one index_select from a key+summary table --------------------
     def _list_part(self, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos):
@@ -421,7 +443,15 @@ class GatheredPlan:
             self.table_grad[1].index_add_(0, idx, dv.reshape(-1, self.Dv))
 
         self.table_rows = (per_head, num_summaries, token_rows)
-        return _Part(gathered(flat_k), gathered(flat_v), mask, scatter=scatter, dead=dead)
+        return _Part(gathered(flat_k), gathered(flat_v), mask, scatter=scatter, dead=dead,
+                     rel=self._rel_of(key_pos) if self.slopes is not None else None)
+
+    def _rel_of(self, key_pos: Tensor):
+        """key_pos [Tq, B, Hkv, L] -> rel(t0, t1): [C, B*Hkv, L], positions from each query block's start."""
+        def rel(t0, t1):
+            r = key_pos[t0:t1].to(self.dtype) - self.block_start[t0:t1].to(self.dtype).view(-1, 1, 1, 1)
+            return r.reshape(t1 - t0, self.B * self.Hkv, r.shape[-1])
+        return rel
 
     def _ok_at(self, key_ok: Tensor, rows: Tensor) -> Tensor:
         return torch.gather(key_ok, 1, rows.reshape(self.B, -1)).view(rows.shape)
@@ -490,29 +520,48 @@ def gathered_forward(gp: GatheredPlan):
     return gp.to_output(out), gp.to_output(lse)[..., 0]
 
 
-def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tensor):
-    """Returns dq [B, H, Nq, D], dk, dv [B, Hkv, Nk, D], d_summary_k, d_summary_v (or None)."""
+def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tensor, need_slopes_grad: bool = False):
+    """Returns dq [B, H, Nq, D], dk, dv [B, Hkv, Nk, D], d_summary_k, d_summary_v (or None), d_slopes [H] (or None).
+
+    ``need_slopes_grad`` (causal ALiBi only, see ``slopes_grad_supported``): the bias of query row r of a
+    block and a key rel positions from the block's start is slope * (rel - r), so d loss / d slope =
+    sum over (row, key) of dS * (rel - r); the r term vanishes, since each row's dS sums to 0 over all
+    its keys (softmax; no lse gradient on this path). The flash backward returns
+    dq = scale * sum_j dS_ij k_j: keys extended by a column rel_j and queries by a 0 leave the logits
+    unchanged and make dq's extra column scale * sum_j dS_ij rel_j.
+    """
+    extra = 1 if need_slopes_grad else 0
+    if extra and not slopes_grad_supported(gp):
+        raise ValueError("the gathered executor computes the ALiBi slopes' gradient under causal masking only")
     go_all = gp.rows_layout(grad_out)
     o_all = gp.rows_layout(out)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))      # dead rows: every p is 0
     l_all = gp.rows_layout(lse[..., None])[..., 0]
-    dq = torch.zeros_like(gp.q_blocks)
+    dq = torch.zeros(*gp.q_blocks.shape[:3], gp.D + extra, dtype=gp.dtype, device=gp.q.device)
     for t0, t1 in gp.chunks():
         q = gp.q_blocks[t0:t1]
         go, o, l = go_all[t0:t1].contiguous(), o_all[t0:t1].contiguous(), l_all[t0:t1].contiguous()
+        if extra:
+            q, go, o = (F.pad(x, (0, extra)) for x in (q, go, o))
         for part in gp.parts:
             mask, offset = part.mask(t0, t1)
             l_part = l if offset is None else (l - offset).contiguous()
-            dq_p, dk_p, dv_p = _flash_backward(go, q, part.keys(t0, t1), part.values(t0, t1), o, l_part, 0.0,
-                                               part.causal, attn_mask=mask, scale=gp.scale)
+            keys, values = part.keys(t0, t1), part.values(t0, t1)
+            if extra:
+                keys, values = _with_position_column(keys, part.rel(t0, t1)), F.pad(values, (0, extra))
+            dq_p, dk_p, dv_p = _flash_backward(go, q, keys, values, o, l_part, 0.0, part.causal, attn_mask=mask,
+                                               scale=gp.scale)
             dq[t0:t1] += dq_p
-            part.scatter(t0, t1, dk_p, dv_p)
+            part.scatter(t0, t1, dk_p[..., :gp.D], dv_p[..., :gp.Dv])
+    dslopes = None
+    if extra:
+        dslopes = (dq[..., gp.D] / gp.scale).view(gp.tq, gp.B, gp.H, gp.b).sum((0, 1, 3))
+        dq = dq[..., :gp.D]
     grad_k, grad_v = gp.grads()
-    if gp._front_grad_k is not None:
-        before, after = gp._front
-        end = gp._front_grad_k.shape[1] - after * gp.b
-        grad_k += gp._front_grad_k[:, before * gp.b:end]
-        grad_v += gp._front_grad_v[:, before * gp.b:end]
+    if gp._token_grad_k is not None:
+        rows = slice(gp._front[0] * gp.b, (gp._front[0] + gp.tk) * gp.b)
+        grad_k += gp._token_grad_k[rows].transpose(0, 1)
+        grad_v += gp._token_grad_v[rows].transpose(0, 1)
     dsk = dsv = None
     if gp.table_grad is not None:
         per_head, num_summaries, n = gp.table_rows
@@ -530,4 +579,14 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
         dsv = gp.summary_grad[1].view(gp.B, gp.Hkv, -1, gp.Dv)
     dk = grad_k.view(gp.B, gp.Hkv, -1, gp.D)[:, :, :gp.nk]
     dv = grad_v.view(gp.B, gp.Hkv, -1, gp.Dv)[:, :, :gp.nk]
-    return gp.to_output(dq), dk, dv, dsk, dsv
+    return gp.to_output(dq), dk, dv, dsk, dsv, dslopes
+
+
+def slopes_grad_supported(gp: GatheredPlan) -> bool:
+    """Whether ``gathered_backward`` can return the ALiBi slopes' gradient: causal, every part's key positions known."""
+    return gp.causal and gp.slopes is not None and all(part.rel is not None for part in gp.parts)
+
+
+def _with_position_column(keys: Tensor, rel: Tensor) -> Tensor:
+    """keys [C, B*Hkv, L, D] + rel [C|1, B*Hkv|1, L] -> [C, B*Hkv, L, D + 1]: (k, rel)."""
+    return torch.cat([keys, rel.to(keys.dtype).expand(*keys.shape[:3])[..., None]], -1)

@@ -61,6 +61,30 @@ def test_fast_path_equals_reference(kind, causal, pad, Hkv):
         assert torch.allclose(a, b, atol=1e-11, rtol=0), name
 
 
+@pytest.mark.parametrize("Hkv,pad,plan_kw", [(4, False, dict(window=16, memory_size=8)),
+                                              (1, True, dict(window=32, memory_size=8, compress_rest=True)),
+                                              (2, True, dict(window=0, memory_size=4))])
+def test_alibi_slopes_gradient_on_the_gathered_path_equals_reference(Hkv, pad, plan_kw, monkeypatch):
+    # learnable ALiBi (DALA's default) under causal masking: the gathered path, not the reference, computes it
+    q, k, v, kpm = _inputs(4, Hkv, 150, pad=pad)
+    slopes = torch.tensor([0.05, 0.1, 0.3, 0.01], dtype=torch.float64)
+    plan = danon.attention_plan(q, k, v, kind="dala", causal=True, key_padding_mask=kpm, block_size=16,
+                                slopes=slopes, **plan_kw)
+    args = _op_args(plan, q, k, v, kpm)
+    window = -1 if plan.window is None else plan.window
+    out, lse = cpu.attention_forward(*args, 0.3, True, 16, window, -1, None)
+    grad_out = torch.randn_like(out)
+    slow = reference.reference_backward(grad_out, None, *args, out, lse, 0.3, True, 16, window, -1, None,
+                                        True, False, True, False)
+    monkeypatch.setattr(cpu, "reference_backward", None)   # the fast path must not fall back
+    fast = cpu.attention_backward(grad_out, torch.zeros_like(lse), *args, out, lse, 0.3, True, 16, window, -1, None,
+                                  True, False, True)
+    assert slow[6].abs().min() > 1e-3   # a real gradient to compare, per head
+    for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v", "d_mask", "d_slopes"], fast, slow):
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, atol=1e-10, rtol=0), name
+
+
 def _gradcheck(fn, *inputs):
     return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 

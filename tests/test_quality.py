@@ -15,7 +15,7 @@ if ROOT not in sys.path:   # bench/ is not an installed package
     sys.path.insert(0, ROOT)
 
 from bench.quality import tasks as T  # noqa: E402
-from bench.quality.models import FAMILIES, build_model, coverage, parameter_counts  # noqa: E402
+from bench.quality.models import FAMILIES, VARIANTS, build_model, coverage, parameter_counts  # noqa: E402
 from bench.quality.train import RunSpec, evaluate, train_run, train_runs  # noqa: E402
 
 
@@ -87,6 +87,26 @@ def test_families_match_in_size_and_are_sparse_at_512():
         assert cov["exact"] < 0.6 and cov["keys_per_query"] < 512, (f, cov)
 
 
+def test_variants_change_only_what_they_name():
+    """A variant is its base family with one default changed: same weights from the same seed, except
+    the changed slopes (dala-halfdecay), or the same weights and a plan that selects more at N = 2048."""
+    import danon
+    dala, half = build_model("dala", seed=3), build_model("dala-halfdecay", seed=3)
+    for (name, a), (_, b) in zip(dala.named_parameters(), half.named_parameters()):
+        if name.endswith("slopes"):
+            assert torch.equal(b, torch.cat([torch.zeros(2), danon.alibi_slopes(2)])), name
+            assert torch.equal(a, danon.alibi_slopes(4)), name
+        else:
+            assert torch.equal(a, b), name
+    ucsa, scaled = build_model("ucsa", seed=3), build_model("ucsa-scaled", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(ucsa.parameters(), scaled.parameters()))
+    assert coverage("ucsa-scaled", 2048)["exact"] > coverage("ucsa", 2048)["exact"]
+    assert coverage("ucsa-scaled", 512)["exact"] == pytest.approx(coverage("ucsa", 512)["exact"])   # 4 of 32 blocks
+    assert not set(VARIANTS) & set(FAMILIES)   # the default grid never runs a variant
+    with pytest.raises(ValueError, match="family must be one of"):
+        build_model("dala-nodecay", seed=0)
+
+
 def test_dense_learns_a_small_copy_instance():
     """A few hundred steps on N = 32 (spans of 4): dense attention must get most answers right
     (chance is 1/64); an untrained model must not, so the check can fail."""
@@ -138,3 +158,20 @@ def test_runs_of_two_lengths_share_the_curriculum_and_continue_it_exactly():
 def test_runs_that_differ_in_more_than_the_length_are_refused():
     with pytest.raises(ValueError, match="seed"):
         train_runs([_tiny(64), _tiny(128, seed=1)])
+
+
+def test_report_has_a_column_per_family_and_variant_that_ran():
+    from bench.quality.report import markdown
+    runs = [{"task": "needle", "seq_len": 512, "family": f, "seed": s, "accuracy": a, "train_s": 1.0,
+             "curriculum_s": 2.0, "eval_s": 0.5} for f, a0 in (("dala-halfdecay", 0.5), ("dala", 0.1)) for s, a in
+            enumerate((a0, a0 + 0.1))]
+    cov = {"exact": 0.5, "summary": 0.2, "skipped": 0.3, "keys_per_query": 100.0}
+    meta = {"date": "today", "machine": "cpu", "command": "run.py", "wall_min": 1.0, "short_steps": 3, "short_len": 32,
+            "steps": 2, "tokens_per_step": 64, "lr": 0.01, "warmup": 1, "eval_tokens": 64, "jobs": 1, "threads": 1,
+            "seeds": [0, 1], "tasks": ["needle"], "png": "x.png", "shared_curriculum": True,
+            "params": {"dala": {"total": 10, "trainable": 9}, "dala-halfdecay": {"total": 10, "trainable": 9}},
+            "coverage": {("dala", 512): cov, ("dala-halfdecay", 512): cov}}
+    text = markdown(runs, meta)
+    assert "| task | N | dala | dala-halfdecay |" in text                    # base family first, then the variant
+    assert "| needle | 512 | 0.150 ± 0.071 [0.10-0.20] | 0.550 ± 0.071 [0.50-0.60] |" in text
+    assert VARIANTS["dala-halfdecay"]["what"] in text

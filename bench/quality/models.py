@@ -46,6 +46,61 @@ SETTINGS: Dict[str, dict] = {
                    compress=True),
 }
 
+# Opt-in variants: a family with one default changed, to test a proposal of docs/quality.md in training
+# (`run.py --families dala dala-halfdecay ...`). Not in FAMILIES: the default grid runs the families as
+# danon defines them.
+VARIANTS: Dict[str, dict] = {
+    "dala-halfdecay": dict(base="dala", settings={}, slopes="half",
+                           what="DALA; half of the heads start with ALiBi slope 0 (no decay), the other half with "
+                                "ALiBi's slopes for H/2 heads (the slopes stay learnable)"),
+    "ucsa-scaled": dict(base="ucsa", settings=dict(sparsity_factor=0.1),
+                        what="UCSA; selects ceil(0.1 x key blocks) blocks instead of a fixed top 4"),
+}
+
+
+def base_family(family: str) -> str:
+    """The danon family a benchmark family or variant runs.
+
+    Example:
+        >>> base_family("dala-halfdecay"), base_family("msra")
+        ('dala', 'msra')
+    """
+    return VARIANTS[family]["base"] if family in VARIANTS else family
+
+
+def settings_of(family: str) -> dict:
+    """The attention settings a family or variant is built with (the factories' keyword arguments).
+
+    Example:
+        >>> settings_of("ucsa-scaled")["sparsity_factor"]
+        0.1
+    """
+    if family in VARIANTS:
+        return {**SETTINGS[VARIANTS[family]["base"]], **VARIANTS[family]["settings"]}
+    return SETTINGS[family]
+
+
+def ordered_families(names) -> list:
+    """``names`` in the report's order: the families, then the variants.
+
+    Example:
+        >>> ordered_families({"ucsa-scaled", "dense", "ucsa"})
+        ['dense', 'ucsa', 'ucsa-scaled']
+    """
+    order = list(FAMILIES) + list(VARIANTS)
+    return sorted(names, key=lambda f: order.index(f) if f in order else len(order))
+
+
+def _half_decay(model: torch.nn.Module) -> None:
+    """Slopes 0 for the first half of the heads, ALiBi's slopes for H/2 heads for the others, in every layer."""
+    with torch.no_grad():
+        for layer in model.layers:
+            slopes = layer.attention.slopes
+            half = slopes.numel() // 2
+            slopes.zero_()
+            slopes[half:] = danon.alibi_slopes(slopes.numel() - half)
+
+
 _FACTORIES = {
     "dense": danon.create_dense_model,
     "msra": danon.create_msra_model,
@@ -62,13 +117,15 @@ def build_model(family: str, *, seed: int, hidden_size: int = 64, **overrides) -
         >>> build_model("ucsa", seed=1).config.top_k_blocks
         4
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES))}, got {family!r}")
+    if family not in FAMILIES and family not in VARIANTS:
+        raise ValueError(f"family must be one of {', '.join(map(repr, FAMILIES + tuple(VARIANTS)))}, got {family!r}")
     torch.manual_seed(seed)
-    kwargs = {**COMMON, "hidden_size": hidden_size, **SETTINGS[family], **overrides}
-    model = _FACTORIES[family](**kwargs)
+    kwargs = {**COMMON, "hidden_size": hidden_size, **settings_of(family), **overrides}
+    model = _FACTORIES[base_family(family)](**kwargs)
     with torch.no_grad():
         model.embed_tokens.weight.normal_(0.0, EMBED_STD)
+    if VARIANTS.get(family, {}).get("slopes") == "half":   # after the draws: the weights stay those of the base family
+        _half_decay(model)
     return model
 
 
@@ -104,7 +161,7 @@ def coverage(family: str, seq_len: int, *, seed: int = 0) -> Dict[str, float]:
     with torch.no_grad():
         h = model.layers[0].attention_norm(model.embed_tokens(x))
         q, k, v, kpm = layer._project(h, None)
-        plans = _plans(family, layer, q, k, kpm, h)
+        plans = _plans(base_family(family), layer, q, k, kpm, h)
     out: Dict[str, float] = {}
     for name, plan in plans.items():
         cov = danon.plan_coverage(plan)

@@ -12,17 +12,18 @@ from __future__ import annotations
 import statistics
 from typing import Dict, List, Sequence
 
-from bench.quality.models import FAMILIES, SETTINGS
+from bench.quality.models import FAMILIES, VARIANTS, ordered_families, settings_of
 
 TASK_ORDER = ("mqar", "needle", "copy")
-TASK_TITLES = {"mqar": "MQAR (8 pairs at the start, queries in the 2nd half)",
+TASK_TITLES = {"mqar": "MQAR (4 key-value pairs in the first 8 tokens, each key asked once in the 2nd half)",
                "needle": "needle (1 pair at depth < 3N/4, asked at the end)",
                "copy": "local copy control (8-token spans, each repeated once)"}
 
 
 def _order(cell: Dict) -> tuple:
     t = TASK_ORDER.index(cell["task"]) if cell["task"] in TASK_ORDER else 99
-    f = FAMILIES.index(cell["family"]) if cell["family"] in FAMILIES else 99
+    order = list(FAMILIES) + list(VARIANTS)
+    f = order.index(cell["family"]) if cell["family"] in order else 99
     return (t, cell["seq_len"], f)
 
 
@@ -54,7 +55,7 @@ def plot_losses(runs: Sequence[Dict], path: str, smooth: int = 10) -> None:
     for i, task in enumerate(tasks):
         for j, n in enumerate(lens):
             ax = axes[i][j]
-            for family in FAMILIES:
+            for family in ordered_families({r["family"] for r in runs}):
                 curves = [r["losses"] for r in runs if r["task"] == task and r["seq_len"] == n and r["family"] == family]
                 if not curves:
                     continue
@@ -79,11 +80,12 @@ def plot_losses(runs: Sequence[Dict], path: str, smooth: int = 10) -> None:
     plt.close(fig)
 
 
-def _fmt_settings() -> List[str]:
+def _fmt_settings(families: Sequence[str]) -> List[str]:
     lines = []
-    for family in FAMILIES:
-        s = SETTINGS[family]
-        lines.append(f"- {family}: " + (", ".join(f"{k}={v!r}" for k, v in s.items()) if s else "exact attention (SDPA)"))
+    for family in families:
+        s = settings_of(family)
+        what = f" ({VARIANTS[family]['what']})" if family in VARIANTS else ""
+        lines.append(f"- {family}{what}: " + (", ".join(f"{k}={v!r}" for k, v in s.items()) if s else "exact attention (SDPA)"))
     return lines
 
 
@@ -107,6 +109,7 @@ def _cpu_minutes(runs: Sequence[Dict]) -> float:
 def markdown(runs: Sequence[Dict], meta: Dict) -> str:
     """The results page: setting, parameters, coverage, accuracy table, loss curves, timing."""
     rows = summarise(runs)
+    families = ordered_families({r["family"] for r in runs} | set(meta["params"]))
     out = ["# Do the sparse families learn? Long-range synthetic tasks vs dense attention", ""]
     out += [f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}`",
             (f"- wall time: {meta['wall_min']:.1f} min for {len(runs)} runs" if "wall_min" in meta else
@@ -132,18 +135,19 @@ def markdown(runs: Sequence[Dict], meta: Dict) -> str:
             "- tasks: " + "; ".join(f"{t}: {TASK_TITLES[t]}" for t in TASK_ORDER if t in meta["tasks"]),
             "- family settings (block 16 tokens, so that every window is a few blocks and the plans are sparse "
             "at both lengths):"]
-    out += ["  " + line for line in _fmt_settings()]
+    out += ["  " + line for line in _fmt_settings(families)]
     out += ["", "Parameters (DALA's router, 2 x 1108 weights, is frozen in danon: top-k routing sends it no gradient):", "",
             "| family | parameters | trainable | vs dense |", "|---|---:|---:|---:|"]
-    dense = meta["params"]["dense"]["total"]
-    for family in FAMILIES:
+    dense = meta["params"].get("dense", {}).get("total")
+    for family in families:
         if family in meta["params"]:
             p = meta["params"][family]
-            out.append(f"| {family} | {p['total']} | {p['trainable']} | {100 * (p['total'] / dense - 1):+.1f} % |")
+            vs = f"{100 * (p['total'] / dense - 1):+.1f} %" if dense else "-"
+            out.append(f"| {family} | {p['total']} | {p['trainable']} | {vs} |")
     out += ["", "Coverage of the first layer's plan (danon.plan_coverage, causal; share of the visible keys seen "
             "exactly / through summaries / not at all) and keys per query (list capacity):", "",
             "| family | N | exact | summary | skipped | keys per query |", "|---|---:|---:|---:|---:|---:|"]
-    for (family, n), cov in sorted(meta["coverage"].items(), key=lambda kv: (FAMILIES.index(kv[0][0]), kv[0][1])):
+    for (family, n), cov in sorted(meta["coverage"].items(), key=lambda kv: (families.index(kv[0][0]), kv[0][1])):
         parts = [p for p in ("msra", "dala", "ucsa") if f"{p}_exact" in cov] or [""]
         for part in parts:
             pre = f"{part}_" if part else ""
@@ -153,11 +157,11 @@ def markdown(runs: Sequence[Dict], meta: Dict) -> str:
     out += ["", "## Accuracy on the answer positions", "",
             "mean ± sample standard deviation over the seeds [min - max]; chance is 1/32 for MQAR and needle "
             "(32 values), 1/64 for copy", "",
-            "| task | N | " + " | ".join(f for f in FAMILIES) + " |", "|---|---:|" + "---:|" * len(FAMILIES)]
+            "| task | N | " + " | ".join(families) + " |", "|---|---:|" + "---:|" * len(families)]
     by_key = {(r["task"], r["seq_len"], r["family"]): r for r in rows}
     for task, n in sorted({(r["task"], r["seq_len"]) for r in rows}, key=lambda p: (TASK_ORDER.index(p[0]), p[1])):
         cells = []
-        for family in FAMILIES:
+        for family in families:
             r = by_key.get((task, n, family))
             if r is None:
                 cells.append("-")
@@ -170,20 +174,20 @@ def markdown(runs: Sequence[Dict], meta: Dict) -> str:
     out += ["", f"![training loss curves]({meta['png']})", "",
             f"Training time per run at N (s, mean over seeds; {meta['jobs']} jobs at a time, so a run shared the "
             "CPU with another; without the shared curriculum, which the next table holds):", "",
-            "| task | N | " + " | ".join(FAMILIES) + " |", "|---|---:|" + "---:|" * len(FAMILIES)]
+            "| task | N | " + " | ".join(families) + " |", "|---|---:|" + "---:|" * len(families)]
     for task, n in sorted({(r["task"], r["seq_len"]) for r in runs}, key=lambda p: (TASK_ORDER.index(p[0]), p[1])):
         cells = []
-        for family in FAMILIES:
+        for family in families:
             ts = [r["train_s"] for r in runs if (r["task"], r["seq_len"], r["family"]) == (task, n, family)]
             cells.append(f"{statistics.fmean(ts):.0f}" if ts else "-")
         out.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
     if any("curriculum_s" in r for r in runs):
         out += ["", f"Curriculum time per job (s, mean over seeds; {meta['short_steps']} steps at N = "
                 f"{meta['short_len']}, trained once and shared by the runs at every N):", "",
-                "| task | " + " | ".join(FAMILIES) + " |", "|---|" + "---:|" * len(FAMILIES)]
+                "| task | " + " | ".join(families) + " |", "|---|" + "---:|" * len(families)]
         for task in [t for t in TASK_ORDER if any(r["task"] == t for r in runs)]:
             cells = []
-            for family in FAMILIES:
+            for family in families:
                 ts = {r["seed"]: r["curriculum_s"] for r in runs
                       if (r["task"], r["family"]) == (task, family) and "curriculum_s" in r}
                 cells.append(f"{statistics.fmean(ts.values()):.0f}" if ts else "-")

@@ -6,7 +6,9 @@ it (bench/quality/train.py). Jobs go seed by seed, the slowest family first so t
 workers finish together; finished runs are appended to the JSON file as they end, and
 ``--resume`` skips them.
 
-    nice -n 10 python bench/quality/run.py                          # full: 3 tasks x N 512, 2048 x 5 families x 3 seeds
+    python bench/quality/run.py              # all: 3 tasks x N 512, 2048 x 5 families x 3 seeds, ~40 min on 2 cores
+    python bench/quality/run.py --steps 200 --out bench/results/quality_full_budget.md   # 200 steps at N, ~54 min
+    python bench/quality/run.py --tasks needle --families dala dala-halfdecay --out /tmp/v.md   # a variant
     python bench/quality/run.py --seq-lens 128 --steps 20 --seeds 0 --out /tmp/q.md   # smoke
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import datetime
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Dict, List
@@ -27,7 +30,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from bench._common import machine  # noqa: E402
-from bench.quality.models import FAMILIES, build_model, coverage, parameter_counts  # noqa: E402
+from bench.quality.models import FAMILIES, VARIANTS, base_family, build_model, coverage, parameter_counts  # noqa: E402
 from bench.quality.report import markdown, plot_losses, run_minutes  # noqa: E402
 from bench.quality.tasks import TASKS  # noqa: E402
 from bench.quality.train import RunSpec, train_runs  # noqa: E402
@@ -42,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Long-range synthetic tasks: sparse attention families vs dense.")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048])
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES) + list(VARIANTS),
+                   help="default: the five families; the variants (bench/quality/models.py VARIANTS) test a proposal "
+                        "of docs/quality.md and run only when named")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=RunSpec.steps, help="training steps per run (every family the same)")
     p.add_argument("--tokens-per-step", type=int, default=RunSpec.tokens_per_step, help="batch = this / N sequences")
@@ -119,7 +124,7 @@ def main(argv=None) -> None:
     done = {(r["task"], r["seq_len"], r["family"], r["seed"]) for r in runs}
     jobs = [(t, n, fam, s) for s in args.seeds for t in args.tasks for n in args.seq_lens for fam in args.families
             if (t, n, fam, s) not in done]
-    command = "python bench/quality/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python bench/quality/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     meta = {"machine": machine(), "command": command.strip(), "steps": args.steps, "short_steps": args.steps_short,
             "short_len": args.short_len, "jobs": args.jobs, "threads": args.threads, "tokens_per_step": args.tokens_per_step,
             "lr": args.lr, "warmup": args.warmup, "eval_tokens": args.eval_tokens, "seeds": args.seeds,
@@ -141,7 +146,7 @@ def main(argv=None) -> None:
             short_len=args.short_len, tokens_per_step=args.tokens_per_step, lr=args.lr, warmup=args.warmup,
             eval_tokens=args.eval_tokens))
     rank = {f: i for i, f in enumerate(_SLOWEST_FIRST)}
-    work = [groups[k] for k in sorted(groups, key=lambda k: (k[0], rank.get(k[2], len(rank)), k[1]))]
+    work = [groups[k] for k in sorted(groups, key=lambda k: (k[0], rank.get(base_family(k[2]), len(rank)), k[1]))]
     if args.jobs > 1 and len(work) > 1:
         import multiprocessing
         pool = multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_init_worker, initargs=(args.threads,))

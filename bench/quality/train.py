@@ -48,7 +48,7 @@ class RunSpec:
     family: str
     seq_len: int
     seed: int
-    steps: int = 200
+    steps: int = 120
     short_steps: int = 300
     short_len: int = 128
     tokens_per_step: int = 4096
