@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .dtypes import accumulation_dtype
-from .gather import GatheredPlan, gathered_backward, gathered_forward, slopes_grad_supported
+from .gather import GatheredPlan, gathered_backward, gathered_forward
 from .reference import reference_backward, reference_forward
 
 __all__ = ["attention_forward", "attention_backward"]
@@ -164,12 +164,11 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
     if path == "flash" and not use_lse and not need_mask_grad:
         return _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal) + (empty,) * 4
 
-    gp = None
-    if path == "gather" and not use_lse:
+    # the slopes' gradient is linear in the key's position only under causal masking (gathered_backward)
+    if path == "gather" and not use_lse and (not need_slopes_grad or causal):
         gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
                           summary_pos, key_padding_mask, slopes, scale, causal, block_size,
                           None if window < 0 else window, None if band < 0 else band)
-    if gp is not None and (not need_slopes_grad or slopes_grad_supported(gp)):
         dq, dk, dv, dsk, dsv, dslopes = gathered_backward(gp, grad_out, out, lse, need_slopes_grad)
         dsk = dsk.to(summary_k.dtype) if (dsk is not None and need_summary_grad) else empty
         dsv = dsv.to(summary_v.dtype) if (dsv is not None and need_summary_grad) else empty

@@ -80,15 +80,25 @@ def settings_of(family: str) -> dict:
     return SETTINGS[family]
 
 
+def family_rank(name: str) -> int:
+    """Where ``name`` goes in the report: the families in FAMILIES order, then the variants, then the rest.
+
+    Example:
+        >>> family_rank("dense"), family_rank("ucsa-scaled") > family_rank("hybrid")
+        (0, True)
+    """
+    order = list(FAMILIES) + list(VARIANTS)
+    return order.index(name) if name in order else len(order)
+
+
 def ordered_families(names) -> list:
-    """``names`` in the report's order: the families, then the variants.
+    """``names`` in the report's order (``family_rank``).
 
     Example:
         >>> ordered_families({"ucsa-scaled", "dense", "ucsa"})
         ['dense', 'ucsa', 'ucsa-scaled']
     """
-    order = list(FAMILIES) + list(VARIANTS)
-    return sorted(names, key=lambda f: order.index(f) if f in order else len(order))
+    return sorted(names, key=family_rank)
 
 
 def _half_decay(model: torch.nn.Module) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from typing import Dict, List, Sequence
 
-from bench.quality.models import FAMILIES, VARIANTS, ordered_families, settings_of
+from bench.quality.models import VARIANTS, family_rank, ordered_families, settings_of
 
 TASK_ORDER = ("mqar", "needle", "copy")
 TASK_TITLES = {"mqar": "MQAR (4 key-value pairs in the first 8 tokens, each key asked once in the 2nd half)",
@@ -22,9 +22,7 @@ TASK_TITLES = {"mqar": "MQAR (4 key-value pairs in the first 8 tokens, each key 
 
 def _order(cell: Dict) -> tuple:
     t = TASK_ORDER.index(cell["task"]) if cell["task"] in TASK_ORDER else 99
-    order = list(FAMILIES) + list(VARIANTS)
-    f = order.index(cell["family"]) if cell["family"] in order else 99
-    return (t, cell["seq_len"], f)
+    return (t, cell["seq_len"], family_rank(cell["family"]))
 
 
 def summarise(runs: Sequence[Dict]) -> List[Dict]:
