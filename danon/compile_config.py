@@ -147,15 +147,24 @@ class DanonConfig:
         return DEFAULT_MEMORY_BUDGET if self.memory_budget is None else float(self.memory_budget)
 
     @classmethod
+    def option_names(cls) -> Tuple[str, ...]:
+        """Every name `from_options` accepts: the backend's own options and every family's keywords.
+
+        Example:
+            >>> "window" in DanonConfig.option_names() and "attention" in DanonConfig.option_names()
+            True
+        """
+        own = {f.name for f in dataclasses.fields(cls)} - {"family_options"}
+        return tuple(sorted(own)) + tuple(sorted({k for keys in FAMILY_KEYWORDS.values() for k in keys} - own))
+
+    @classmethod
     def from_options(cls, options: Optional[Dict[str, Any]]) -> "DanonConfig":
         """Build from the flat dict torch.compile passes as `options` (family keywords included)."""
         options = dict(options or {})
         own = {f.name for f in dataclasses.fields(cls)} - {"family_options"}
-        family_keys = {k for keys in FAMILY_KEYWORDS.values() for k in keys}
         for key in options:
-            if key not in own and key not in family_keys:
-                allowed = sorted(own) + sorted(family_keys)
-                raise ValueError(f"unknown danon option {key!r}; allowed: {', '.join(allowed)}")
+            if key not in cls.option_names():
+                raise ValueError(f"unknown danon option {key!r}; allowed: {', '.join(cls.option_names())}")
         family = {k: options.pop(k) for k in list(options) if k not in own}
         config = cls(**options, family_options=family)
         if config.family_options:   # check the values once, as the functional op would

@@ -22,9 +22,11 @@ Interpretation details (fixed by the implementer):
   the remaining eligible blocks (eligible = not near, not global, at least one
   visible key; causal: strictly before the query block), scored by
   r(t_q, t) = sum over the kv group's query heads of qbar . kbar_t, qbar = mean
-  of q over every position (< Nq) of block t_q;
+  of q over every position (< Nq) of block t_q; causal: of block t_q - 1 (the
+  selection reads no position after any row of the block);
   k = ceil(sparsity_factor * number of key blocks) if sparsity_factor else
-  top_k_blocks; all eligible blocks are taken when fewer exist; summaries
+  top_k_blocks; causal: ceil(sparsity_factor * (t_q + 1)), the key blocks the
+  query block can see; all eligible blocks are taken when fewer exist; summaries
   (compress=True) one per remaining eligible block;
 * MSRA: level-l spans are c^l consecutive blocks, span u near at level l iff
   |u - floor(t_q / c^l)| <= W; exact = near level-0 blocks; summaries at
@@ -179,11 +181,13 @@ def oracle_plan(
                         if t not in exact_blocks and blk_vis[t] and (not causal or t < tq)
                     ]
                     if kw["sparsity_factor"] is not None:
-                        topk = math.ceil(float(kw["sparsity_factor"]) * nb)
+                        seen = min(tq + 1, nb) if causal else nb
+                        topk = math.ceil(float(kw["sparsity_factor"]) * seen)
                     else:
                         topk = int(kw["top_k_blocks"])
                     if eligible and topk > 0:
-                        qs = range(tq * b, min((tq + 1) * b, Nq))
+                        tsel = tq - 1 if causal else tq      # causal: eligible blocks exist only for tq >= 1
+                        qs = range(tsel * b, min((tsel + 1) * b, Nq))
                         qbar = qd[bi, g * group:(g + 1) * group, qs.start:qs.stop].mean(dim=1)  # [group, D]
                         qsum = qbar.sum(dim=0)  # sum over the kv group's query heads
                         scores = []

@@ -246,3 +246,40 @@ def test_sparse_family_under_dynamic_shapes_compiles_with_inductor_at_bounded_le
     q, k, v = _qkv(N=300)
     with torch.no_grad():
         assert _rel(compiled(q, k, v), danon.msra_attention(q, k, v, causal=True, **kw)) < 1e-5
+
+
+def test_explain_passes_keyword_inputs_to_a_transformers_model_and_options_to_danon():
+    """A padded batch of a transformers model, explained with its own keywords: the mask reaches the model
+    (the sites see key padding) and the family applies; the dict form and the old positional form agree."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=101, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 101, (2, 128))
+    mask = torch.ones(2, 128, dtype=torch.long)
+    mask[1, :40] = 0
+    family = dict(attention="msra", min_seq_len=0, target="eager", window=32, block_size=16, num_levels=2)
+    with torch.no_grad():
+        by_name = danon.explain(model, input_ids=ids, attention_mask=mask, **family)
+        torch._dynamo.reset()
+        by_dict = danon.explain(model, input_ids=ids, attention_mask=mask, options=family)
+        torch._dynamo.reset()
+        positional = danon.explain(model, ids, None, **family)          # (input_ids, attention_mask=None)
+    for report in (by_name, by_dict):
+        assert [(s.family, s.mask) for s in report.sites] == [("msra", "causal+key_padding")] * 2, str(report)
+    assert [(s.family, s.mask) for s in positional.sites] == [("msra", "causal")] * 2, str(positional)
+
+
+def test_explain_names_a_keyword_that_is_neither_an_option_nor_an_input_or_is_both():
+    class Windowed(torch.nn.Module):
+        def forward(self, q, window=None):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    q = torch.randn(1, 2, 64, 8)
+    with pytest.raises(TypeError, match="'atention' is neither a danon option .* nor a parameter of Windowed.forward"):
+        danon.explain(Windowed(), q, atention="msra")
+    with pytest.raises(TypeError, match="'window' is both a danon option and a parameter of Windowed.forward"):
+        danon.explain(Windowed(), q, window=3)
+    report = danon.explain(Windowed(), q, window=3, options={"target": "eager"})   # window goes to the model
+    assert len(report.sites) == 1

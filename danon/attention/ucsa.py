@@ -13,13 +13,55 @@ from .blocks import (block_counts, block_sums, compact, key_visibility, means, n
 from .plan import Plan
 
 
+def selection_queries(q: Tensor, b: int, num_kv_heads: int, causal: bool) -> Tensor:
+    """qbar [B, Hkv, Tq, D]: the query each query block selects with, summed over its kv group's heads.
+
+    Without causal masking, the mean query of the block itself. With it, the mean query of the
+    previous block: every row of block t_q sees positions < t_q b, none of it sees the block's later
+    rows, so the selection of a row never reads a position after it (block 0 selects nothing: no
+    block lies strictly before it).
+
+    Example:
+        >>> import torch
+        >>> q = torch.arange(8.0).view(1, 1, 8, 1)          # positions 0..7, blocks of 4
+        >>> selection_queries(q, 4, 1, causal=False).flatten().tolist()
+        [1.5, 5.5]
+        >>> selection_queries(q, 4, 1, causal=True).flatten().tolist()
+        [0.0, 1.5]
+    """
+    B, H, nq, D = q.shape
+    tq = num_blocks(nq, b)
+    q_sum = F.pad(q.to(summary_dtype(q)), (0, 0, 0, tq * b - nq)).reshape(B, H, tq, b, D).sum(-2)
+    if causal:
+        # shift by one block; block t_q - 1 < Tq - 1 is always full, so its mean divides by b
+        qbar = F.pad(q_sum[:, :, :-1], (0, 0, 1, 0)) / b
+    else:
+        q_rows = torch.clamp(nq - torch.arange(tq, device=q.device) * b, max=b).to(q_sum.dtype)
+        qbar = q_sum / q_rows[:, None]
+    return qbar.view(B, num_kv_heads, H // num_kv_heads, tq, D).sum(2)
+
+
+def causal_selection_counts(num_query_blocks, sparsity_factor: float, device) -> Tensor:
+    """int64 [Tq]: k(t_q) = ceil(sparsity_factor * (t_q + 1)), the fraction of the key blocks a causal
+    query block can see (blocks 0..t_q), not of all N: a prefix run selects what the full run does.
+
+    Example:
+        >>> causal_selection_counts(5, 0.5, "cpu").tolist()
+        [1, 1, 2, 2, 3]
+    """
+    seen = torch.arange(1, num_query_blocks + 1, device=device, dtype=torch.float64)
+    return torch.ceil(seen * sparsity_factor).to(torch.int64)
+
+
 def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
               block_size: int = 64, local_window_size: int = 512, global_tokens: int = 64, top_k_blocks: int = 16,
               sparsity_factor: Optional[float] = None, compress: bool = True) -> Plan:
     """Build the UCSA plan (DESIGN.md section 3).
 
-    Selection score r(t_q, t) = sum over the kv group's query heads of qbar . kbar_t, qbar the
-    mean query of block t_q, kbar_t the mean visible key of block t.
+    Selection score r(t_q, t) = sum over the kv group's query heads of qbar . kbar_t, kbar_t the mean
+    visible key of block t, qbar the mean query of block t_q; under causal masking the mean query of
+    block t_q - 1, and k = ceil(sparsity_factor * (t_q + 1)), so that a query's plan never depends on a
+    later position nor on how many follow (``selection_queries``, ``causal_selection_counts``).
 
     Example:
         >>> import torch
@@ -36,7 +78,7 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     w = window_blocks(local_window_size, b)
     g = min(num_blocks(global_tokens, b), tk)
     top_k = math.ceil(sparsity_factor * tk) if sparsity_factor is not None else top_k_blocks
-    top_k = max(0, min(top_k, tk))
+    top_k = max(0, min(top_k, tk))        # the lists' capacity; causal sparsity_factor takes fewer per block
     dev = q.device
 
     visible = key_visibility(key_padding_mask, B, nk, b, dev)
@@ -58,13 +100,13 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     kbar = means(k_sums, counts[:, None, :])
     exact = fixed.expand(B, Hkv, tq, tk)                               # listed blocks (the near ones are the window)
     if top_k > 0:
-        q_sum = F.pad(q.to(summary_dtype(q)), (0, 0, 0, tq * b - nq)).reshape(B, H, tq, b, D).sum(-2)
-        q_rows = torch.clamp(nq - torch.arange(tq, device=dev) * b, max=b).to(q_sum.dtype)
-        qbar = (q_sum / q_rows[:, None]).view(B, Hkv, H // Hkv, tq, D).sum(2)   # summed over the group
-        score = qbar @ kbar.transpose(-1, -2)                          # [B, Hkv, Tq, Tk]
+        score = selection_queries(q, b, Hkv, causal) @ kbar.transpose(-1, -2)   # [B, Hkv, Tq, Tk]
         score = score.masked_fill(~eligible, float("-inf"))
         top_val, top_idx = torch.topk(score, top_k, dim=-1)
-        chosen = torch.zeros_like(exact).scatter(-1, top_idx, top_val > float("-inf"))
+        take = top_val > float("-inf")
+        if causal and sparsity_factor is not None:
+            take = take & (torch.arange(top_k, device=dev) < causal_selection_counts(tq, sparsity_factor, dev)[:, None])
+        chosen = torch.zeros_like(exact).scatter(-1, top_idx, take)
         exact = exact | chosen
     listed = compact(exact, g + top_k) if g + top_k > 0 else None
     plan = Plan("ucsa", b, causal, nq, nk, window=w, block_idx=listed, key_block_counts=counts)
