@@ -256,7 +256,8 @@ def to_onnx(program: torch.export.ExportedProgram, opset: int = DEFAULT_OPSET):
                          f"opset 23); got {opset!r}")
     with _quiet():
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
-                                         custom_translation_table=translation_table(), verbose=False)
+                                         custom_translation_table=translation_table(), verbose=False,
+                                         optimize=False)
     repair_broadcast_shapes(onnx_program.model.graph)
     return onnx_program
 

@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from danon.compile_config import DanonConfig
+from danon.report import CompileReport
 
 __all__ = ["export", "default_dynamic_shapes", "ExportCheckError"]
 
@@ -27,7 +28,8 @@ def _tensors(tree) -> list:
 
 
 def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None):
-    """The sequence dim (dim 1) of every 2-D or 3-D tensor input is dynamic; everything else is static.
+    """The batch and sequence dims (0 and 1) of every 2-D or 3-D tensor input are dynamic; everything else
+    is static.
 
     Returns a dict by argument name (torch.export's `dynamic_shapes`).
 
@@ -36,7 +38,7 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: Optional
         >>> m = danon.create_dense_model(hidden_size=16, num_heads=2, num_layers=1, vocab_size=10)
         >>> ids = torch.zeros(1, 8, dtype=torch.long)
         >>> spec = default_dynamic_shapes(m, (ids,), {"attention_mask": torch.ones(1, 8)})
-        >>> sorted(spec), spec["input_ids"][1] is torch.export.Dim.DYNAMIC
+        >>> sorted(spec), spec["input_ids"][0] is spec["input_ids"][1] is torch.export.Dim.DYNAMIC
         (['attention_mask', 'input_ids'], True)
     """
     from torch.export import Dim
@@ -52,7 +54,7 @@ def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: Optional
         if isinstance(x, torch.Tensor) and x.dim() in (2, 3) and x.shape[1] > 1:
             # Dim.DYNAMIC rather than a named Dim: the model's own checks (N <= max_sequence_length)
             # refine the range, which a named Dim reports as a violation; equal lengths are unified by Dynamo
-            spec[name] = {1: Dim.DYNAMIC}
+            spec[name] = {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}
         else:
             spec[name] = None
     return spec
@@ -75,6 +77,18 @@ def _brief(err: Exception, limit: int = 1500) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def _without_cache_output(model, kwargs: dict) -> dict:
+    """kwargs with use_cache=False for a model whose config asks for a KV cache (transformers' default):
+    its cache object is no tensor an ONNX graph can return, so the file returns the logits alone. An
+    explicit use_cache=True is refused in one sentence."""
+    if "use_cache" not in inspect.signature(model.forward).parameters:
+        return kwargs
+    if kwargs.get("use_cache"):
+        raise ValueError("danon.export: use_cache=True cannot be exported (the KV cache is an object, not a tensor "
+                         "output); pass use_cache=False or leave it out (the file then returns the logits)")
+    return {**kwargs, "use_cache": False}
+
+
 def _capture(model, args, kwargs, dynamic_shapes):
     """Dynamo's torch-level graph of `model` with the model's own signature (parameters as attributes)."""
     try:
@@ -86,6 +100,32 @@ def _capture(model, args, kwargs, dynamic_shapes):
                            ) from err
 
 
+# backend options that danon.export does not carry into the file, and why: accepting them would drop them
+_NOT_EXPORTED = {
+    "target": "the file is ONNX; run it with ONNX Runtime, or compile with torch.compile(..., "
+              "options={'target': ...}) instead",
+    "checkpoint": "an exported graph is inference only (no backward to recompute activations for)",
+    "memory_budget": "it belongs to checkpoint='auto', which an inference-only export does not run",
+    "max_activation_bytes": "it belongs to checkpoint='auto', which an inference-only export does not run",
+    "quantize": "the file would hold float weights: int8/fp8 weights are not exported yet; quantize the saved "
+                "file with onnxruntime.quantization (e.g. quantize_dynamic), or use torch.compile(..., "
+                "options={'quantize': 'int8-weight'})",
+    "quantize_min_features": "it belongs to quantize, which export does not do",
+    "quantize_skip": "it belongs to quantize, which export does not do",
+    "quantize_tolerance": "it belongs to quantize, which export does not do",
+}
+
+
+def _refuse_options_export_cannot_honour(options: dict) -> None:
+    """Raise for a backend option `export` would otherwise accept and ignore (default values pass)."""
+    defaults = DanonConfig()
+    for name, why in _NOT_EXPORTED.items():
+        if name in options and options[name] != getattr(defaults, name) and \
+                not (name == "quantize_skip" and not options[name]):
+            raise ValueError(f"danon.export: option {name}={options[name]!r} is not supported: {why}")
+    options.pop("target", None)     # the default ("inductor") names nothing the file could hold either
+
+
 def export(model: torch.nn.Module, args, path, *, kwargs: Optional[dict] = None, dynamic_shapes=None,
            attention: str = "exact", **options) -> str:
     """Export `model` to an ONNX file at `path` with danon attention; returns the path.
@@ -94,7 +134,10 @@ def export(model: torch.nn.Module, args, path, *, kwargs: Optional[dict] = None,
     by argument name or position; default: `default_dynamic_shapes` (the sequence dim of 2-D and 3-D
     inputs). attention: "exact" | "ucsa" | "msra" | "dala" | "keep", and the other backend options
     (`min_seq_len`, default 0 here: an exported graph cannot switch family by length; family keywords
-    such as `window`). Export options: `opset` (23 or 24; default 23), `check` (default True: run
+    such as `window`; `report=True` prints the attention pass's report). The backend's options that
+    a file cannot carry (`target`, `checkpoint`, `quantize` and their settings) raise a ValueError
+    instead of being ignored. A model whose forward takes `use_cache` (transformers) is exported with
+    use_cache=False: the file returns the logits, not the KV cache object. Export options: `opset` (23 or 24; default 23), `check` (default True: run
     the file in ONNX Runtime on the example inputs and raise ExportCheckError with the measured
     relative error if it exceeds `tolerance`, default 1e-4).
 
@@ -117,12 +160,14 @@ def export(model: torch.nn.Module, args, path, *, kwargs: Optional[dict] = None,
     kwargs = dict(kwargs or {})
     order = list(inspect.signature(model.forward).parameters)   # torch.export orders kwargs by the signature
     kwargs = dict(sorted(kwargs.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    kwargs = _without_cache_output(model, kwargs)
     opset = options.pop("opset", onnx_backend.DEFAULT_OPSET)
     if opset not in onnx_backend.SUPPORTED_OPSETS:
         raise ValueError(f"opset must be one of {', '.join(map(str, onnx_backend.SUPPORTED_OPSETS))} (ONNX Attention "
                          f"needs opset 23); got {opset!r}")
     check = options.pop("check", True)
     tolerance = options.pop("tolerance", 1e-4)
+    _refuse_options_export_cannot_honour(options)
     options.setdefault("min_seq_len", 0)
     config = DanonConfig.from_options({"attention": attention, "target": "eager", **options})
     if dynamic_shapes is None:
@@ -130,7 +175,9 @@ def export(model: torch.nn.Module, args, path, *, kwargs: Optional[dict] = None,
 
     with torch.no_grad(), onnx_backend.export_tracing():
         gm = _capture(model, args, kwargs, dynamic_shapes)
-        gm, _ = rewrite_attention(gm, config)
+        gm, sites = rewrite_attention(gm, config)
+        if config.report:
+            print(CompileReport(sites))
         try:
             program = onnx_backend.export_program(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
         except Exception as err:

@@ -59,7 +59,7 @@ def _family_params():
 
 
 @pytest.mark.parametrize("family", _family_params())
-@pytest.mark.parametrize("n", [EXPORT_N, 64, 1000])
+@pytest.mark.parametrize("n", [EXPORT_N, 37, 64, 1000, 2500])
 def test_family_export_matches_eager_at_other_lengths(exported, family, n):
     model, _, sess = exported(family)
     ids = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n))
@@ -68,6 +68,33 @@ def test_family_export_matches_eager_at_other_lengths(exported, family, n):
     got = run_session(sess, [ids])[0]
     assert got.shape == want.shape
     assert relative_error(got, want) < TOL
+
+
+class _DALASite(torch.nn.Module):
+    def __init__(self, causal):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return danon.dala_attention(q, k, v, causal=self.causal, block_size=16, window=16, memory_size=8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dala_export_holds_at_lengths_far_beyond_the_export_length(tmp_path, causal):
+    """DALA's routed tokens exported at N = 128 (8 blocks): ONNX Runtime at shorter lengths and at many
+    times longer ones, none a multiple of the block or a power of two. Before the fix the capture kept
+    the routed-token tree of the export length (Dynamo answers isinstance(size, SymInt) with False), and
+    ONNX Runtime failed at N >= 700 ("GatherND ... invalid index")."""
+    from danon.backends.onnx import export_program, to_onnx
+    module = _DALASite(causal)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, EXPORT_N, 8, generator=g) for h in (4, 2, 2))
+    dim = torch.export.Dim.DYNAMIC
+    program = to_onnx(export_program(module, (q, k, v), dynamic_shapes=({2: dim}, {2: dim}, {2: dim})))
+    sess = session(program.model_proto)
+    for n in (5, 37, EXPORT_N, 700, 2100):
+        q, k, v = (torch.randn(1, h, n, 8, generator=g) for h in (4, 2, 2))
+        assert relative_error(run_session(sess, [q, k, v])[0], module(q, k, v)) < TOL, n
 
 
 def test_export_with_a_plan_level_of_one_span_runs_where_that_level_has_more(tmp_path):
@@ -301,3 +328,45 @@ def test_mismatch_is_reported_with_the_measured_error(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_backend, "run_session", lambda s, xs: [o + 1.0 for o in real(s, xs)])
     with pytest.raises(ExportCheckError, match=r"relative error \d\.\d+e[-+]\d+ \(tolerance 0\.0001\)"):
         export(model, ids, str(tmp_path / "m.onnx"))
+
+
+@pytest.mark.parametrize("option", [dict(quantize="int8-weight"), dict(quantize="fp8-weight", quantize_skip="lm_head"),
+                                    dict(target="onnxrt"), dict(checkpoint="auto"),
+                                    dict(checkpoint="auto", memory_budget=0.3)])
+def test_backend_options_a_file_cannot_carry_are_refused_not_ignored(tmp_path, option):
+    """quantize="int8-weight" used to be accepted and the file held float weights."""
+    model, ids = _tiny()
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"danon.export: option {name}="):
+        export(model, (ids,), str(tmp_path / "m.onnx"), **option)
+    assert not os.path.exists(tmp_path / "m.onnx")
+
+
+def test_export_prints_the_attention_report_when_asked(tmp_path, capsys):
+    model, ids = _tiny()
+    export(model, (ids,), str(tmp_path / "m.onnx"), report=True)
+    assert "site" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_transformers_causal_lm_with_its_default_config_exports_logits_with_dynamic_batch_and_length(tmp_path, arch):
+    """The default config has use_cache=True: the capture failed on the DynamicCache output. Now the file
+    returns the logits, and holds at other batch sizes and lengths."""
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    cfg = config_cls(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=4096)
+    assert cfg.use_cache
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    ids = torch.randint(0, 101, (2, 96), generator=torch.Generator().manual_seed(7))
+    sess = session(onnx.load(export(model, (ids,), str(tmp_path / f"{arch}.onnx"))))
+    for batch, n in ((2, 96), (1, 33), (3, 700)):
+        ids = torch.randint(0, 101, (batch, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            want = model(ids).logits
+        got = run_session(sess, [ids])
+        assert len(got) == 1 and relative_error(got[0], want) < TOL, (batch, n)
+    with pytest.raises(ValueError, match="use_cache=True cannot be exported"):
+        export(model, (ids,), str(tmp_path / "cache.onnx"), kwargs={"use_cache": True})

@@ -122,9 +122,10 @@ def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tens
     B, Hkv, nk = scores.shape
     tk = num_blocks(nk, b)
     # Eager and torch.compile pad to a power of two P (torch.compile guards on it, so the tree's sizes stay
-    # concrete); torch.export with a symbolic length keeps P = Tk symbolic and builds the same lists as a
-    # table (see _topk_table).
-    exporting = torch.compiler.is_exporting() and isinstance(tk, torch.SymInt)
+    # concrete); under export P = Tk and the same lists come from a table (see _topk_table) whose shape
+    # holds at every length. Not `isinstance(tk, torch.SymInt)`: Dynamo (danon.export's capture, strict
+    # torch.export) answers False for a symbolic size, and the export then kept one length's tree.
+    exporting = torch.compiler.is_exporting()
     P = tk if exporting else 1 << max(0, (tk - 1).bit_length())
     build = _topk_table if exporting else _topk_tree
     vals = F.pad(scores, (0, P * b - nk), value=float("-inf")).view(B, Hkv, P, b)
