@@ -23,6 +23,7 @@ from torch import Tensor
 
 from danon import ops as _ops  # noqa: F401  (registers torch.ops.danon.attention)
 from danon.kernels.dtypes import accumulation_dtype
+from danon.plan_op import plan_decompositions
 from danon.kernels.reference import Problem
 
 __all__ = ["is_dense_plan", "attention_aten", "sparse_decompositions", "all_decompositions"]
@@ -150,10 +151,11 @@ def _sparse_only(*args, **kwargs):
 
 
 def sparse_decompositions() -> Dict[object, Callable]:
-    """Decomposition table for `ExportedProgram.run_decompositions`: sparse plans to ATen, dense plans kept."""
-    return {torch.ops.danon.attention.default: _sparse_only}
+    """Decomposition table for `ExportedProgram.run_decompositions`: sparse plans to ATen, dense plans kept,
+    plan building (`danon::plan`) back to the builder's ATen ops."""
+    return {torch.ops.danon.attention.default: _sparse_only, **plan_decompositions()}
 
 
 def all_decompositions() -> Dict[object, Callable]:
     """Decomposition table that leaves no danon op: every plan to ATen (TensorRT)."""
-    return {torch.ops.danon.attention.default: attention_aten}
+    return {torch.ops.danon.attention.default: attention_aten, **plan_decompositions()}

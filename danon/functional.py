@@ -13,6 +13,7 @@ from torch import Tensor
 from danon import _checks as checks
 from danon.attention import Plan, dala_plan, exact_plan, msra_plan, plan_coverage, ucsa_plan
 from danon.ops import run_plan
+from danon.plan_op import build_plan
 
 __all__ = ["check_family_options", "exact_attention", "ucsa_attention", "msra_attention", "dala_attention", "attention", "attention_plan",
            "plan_coverage", "KINDS"]
@@ -31,33 +32,33 @@ def _exact_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_s
                       sliding_window=sliding_window)
 
 
-def _ucsa_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, local_window_size=512,
-                       global_tokens=64, top_k_blocks=16, sparsity_factor=None, compress=True):
+def _ucsa_keywords(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, local_window_size=512,
+                   global_tokens=64, top_k_blocks=16, sparsity_factor=None, compress=True) -> dict:
     checks.check_qkv(q, k, v, self_attention=True)
     checks.check_block_size(block_size)
     for name, value in (("local_window_size", local_window_size), ("global_tokens", global_tokens),
                         ("top_k_blocks", top_k_blocks)):
         checks.check_nonneg_int(name, value)
     kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
-    return ucsa_plan(q, k, v, causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size,
-                     local_window_size=local_window_size, global_tokens=global_tokens, top_k_blocks=top_k_blocks,
-                     sparsity_factor=checks.check_sparsity_factor(sparsity_factor),
-                     compress=checks.check_bool("compress", compress))
+    return dict(causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size,
+                local_window_size=local_window_size, global_tokens=global_tokens, top_k_blocks=top_k_blocks,
+                sparsity_factor=checks.check_sparsity_factor(sparsity_factor),
+                compress=checks.check_bool("compress", compress))
 
 
-def _msra_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, window=256, num_levels=3,
-                       compression_factor=4):
+def _msra_keywords(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, window=256, num_levels=3,
+                   compression_factor=4) -> dict:
     checks.check_qkv(q, k, v, self_attention=True)
     checks.check_block_size(block_size)
     checks.check_nonneg_int("window", window)
     kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
-    return msra_plan(q, k, v, causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size, window=window,
-                     num_levels=checks.check_num_levels(num_levels),
-                     compression_factor=checks.check_compression_factor(compression_factor))
+    return dict(causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size, window=window,
+                num_levels=checks.check_num_levels(num_levels),
+                compression_factor=checks.check_compression_factor(compression_factor))
 
 
-def _dala_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, window=256, memory_size=64,
-                       importance=None, decay="alibi", slopes=None, compress_rest=True):
+def _dala_keywords(q, k, v, *, causal=False, key_padding_mask=None, block_size=64, window=256, memory_size=64,
+                   importance=None, decay="alibi", slopes=None, compress_rest=True) -> dict:
     checks.check_qkv(q, k, v, self_attention=True)
     checks.check_block_size(block_size)
     checks.check_nonneg_int("window", window)
@@ -69,9 +70,21 @@ def _dala_plan_checked(q, k, v, *, causal=False, key_padding_mask=None, block_si
     checks.check_same_device(q, importance=importance, slopes=slopes)
     if slopes is not None and decay != "alibi":
         raise ValueError(f"slopes are the ALiBi decay's: pass them with decay='alibi', not decay={decay!r}")
-    return dala_plan(q, k, v, causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size, window=window,
-                     memory_size=memory_size, importance=importance, decay=decay, slopes=slopes,
-                     compress_rest=checks.check_bool("compress_rest", compress_rest))
+    return dict(causal=checks.check_bool("causal", causal), key_padding_mask=kpm, block_size=block_size, window=window,
+                memory_size=memory_size, importance=importance, decay=decay, slopes=slopes,
+                compress_rest=checks.check_bool("compress_rest", compress_rest))
+
+
+def _ucsa_plan_checked(q, k, v, **keywords):
+    return ucsa_plan(q, k, v, **_ucsa_keywords(q, k, v, **keywords))
+
+
+def _msra_plan_checked(q, k, v, **keywords):
+    return msra_plan(q, k, v, **_msra_keywords(q, k, v, **keywords))
+
+
+def _dala_plan_checked(q, k, v, **keywords):
+    return dala_plan(q, k, v, **_dala_keywords(q, k, v, **keywords))
 
 
 def _empty_output(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
@@ -165,9 +178,10 @@ def ucsa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     empty = _empty_output(q, k, v)
     if empty is not None:
         return empty
-    plan = _ucsa_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
+    keywords = _ucsa_keywords(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
                               local_window_size=local_window_size, global_tokens=global_tokens,
                               top_k_blocks=top_k_blocks, sparsity_factor=sparsity_factor, compress=compress)
+    plan = build_plan("ucsa", q, k, v, keywords)
     return run_plan(q, k, v, plan, scale=checks.check_scale(scale, q.shape[-1]), key_padding_mask=key_padding_mask)
 
 
@@ -186,8 +200,9 @@ def msra_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     empty = _empty_output(q, k, v)
     if empty is not None:
         return empty
-    plan = _msra_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
+    keywords = _msra_keywords(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
                               window=window, num_levels=num_levels, compression_factor=compression_factor)
+    plan = build_plan("msra", q, k, v, keywords)
     return run_plan(q, k, v, plan, scale=checks.check_scale(scale, q.shape[-1]), key_padding_mask=key_padding_mask)
 
 
@@ -209,9 +224,10 @@ def dala_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     empty = _empty_output(q, k, v)
     if empty is not None:
         return empty
-    plan = _dala_plan_checked(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
+    keywords = _dala_keywords(q, k, v, causal=causal, key_padding_mask=key_padding_mask, block_size=block_size,
                               window=window, memory_size=memory_size, importance=importance, decay=decay,
                               slopes=slopes, compress_rest=compress_rest)
+    plan = build_plan("dala", q, k, v, keywords)
     return run_plan(q, k, v, plan, scale=checks.check_scale(scale, q.shape[-1]), key_padding_mask=key_padding_mask)
 
 

@@ -144,9 +144,9 @@ def plot_plan(plan: Plan, path: str, title: str = "", batch: int = 0, kv_head: i
 def capture_plans():
     """Record every plan the families build at run time (not while Dynamo traces) inside the block.
 
-    The functional ops call their planner through module globals of danon.functional (`_msra_plan_checked`,
-    ..., and the `_PLANNERS` table) looked up on each call; wrapping those is the one place every family's
-    plan passes through (no hook exists for it).
+    The sparse families build their plans in `danon::plan` (danon/plan_op.py), which tells its `observers`;
+    the exact family calls its planner through module globals of danon.functional (`_exact_plan_checked`
+    and the `_PLANNERS` table) looked up on each call, which are wrapped here.
 
     Example:
         >>> import torch, danon
@@ -156,7 +156,7 @@ def capture_plans():
         >>> [p.kind for p in plans]
         ['msra']
     """
-    from danon import functional
+    from danon import functional, plan_op
     plans: List[Plan] = []
     saved = dict(functional._PLANNERS)
     names = [f"_{kind}_plan_checked" for kind in saved]
@@ -173,9 +173,11 @@ def capture_plans():
     functional._PLANNERS.update({k: wrap(v) for k, v in saved.items()})
     for name, fn in saved_globals.items():
         setattr(functional, name, wrap(fn))
+    plan_op.observers.append(plans.append)
     try:
         yield plans
     finally:
+        plan_op.observers.remove(plans.append)
         functional._PLANNERS.update(saved)
         for name, fn in saved_globals.items():
             setattr(functional, name, fn)
@@ -212,14 +214,15 @@ class AttentionVisualizer:
         attention sites the danon backend rewrites (compiled with `options`, target "eager")."""
         self.model.eval()
         with torch.no_grad(), capture_plans() as plans:
-            self.model(input_ids)                                   # danon attention layers plan at run time
-            if options.get("attention", "exact") != "keep":
+            if options.get("attention", "exact") == "keep":
+                self.model(input_ids)                               # danon attention layers plan at run time
+            else:
+                # compiled, both plan at run time: the model's own danon layers in danon::plan, the rewritten
+                # sites in the eager target's calls; nothing is recorded while Dynamo traces
                 torch._dynamo.reset()
-                opts = {**options, "target": "eager"}               # eager: the sites' plans are built at run time
+                opts = {**options, "target": "eager"}
                 torch.compile(self.model, backend="danon", options=opts)(input_ids)
                 torch._dynamo.reset()
-        # planners Dynamo traces into the compiled graph are not recorded (is_compiling), so the plans after
-        # the eager run's are the rewritten sites' only
         return plans
 
     def plot_plans(self, input_ids: torch.Tensor, out_dir: str, **options) -> List[str]:

@@ -101,7 +101,8 @@ def test_variants_change_only_what_they_name():
     ucsa, scaled = build_model("ucsa", seed=3), build_model("ucsa-scaled", seed=3)
     assert all(torch.equal(a, b) for a, b in zip(ucsa.parameters(), scaled.parameters()))
     assert coverage("ucsa-scaled", 2048)["exact"] > coverage("ucsa", 2048)["exact"]
-    assert coverage("ucsa-scaled", 512)["exact"] == pytest.approx(coverage("ucsa", 512)["exact"])   # 4 of 32 blocks
+    # causal: query block t selects ceil(0.1 (t + 1)) blocks, at N = 512 (32 blocks) at most UCSA's 4
+    assert coverage("ucsa-scaled", 512)["exact"] < coverage("ucsa", 512)["exact"]
     assert not set(VARIANTS) & set(FAMILIES)   # the default grid never runs a variant
     with pytest.raises(ValueError, match="family must be one of"):
         build_model("dala-nodecay", seed=0)
