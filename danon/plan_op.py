@@ -77,8 +77,13 @@ def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
 
 @plan_op.register_fake
 def _plan_fake(q, k, v, key_padding_mask, importance, kind, options):
-    # the builders have no data-dependent shapes: run on fake tensors, they give the real plan's shapes
-    return [x.new_empty(x.shape) for x in _pack(_run_builder(kind, q, k, v, key_padding_mask, importance, options), q)]
+    # the builders have no data-dependent shapes: run on fake tensors, they give the real plan's shapes.
+    # Size-oblivious: a plan size that happens to be 1 at this length (one MSRA span at the top level) must
+    # not guard the compiled graph to the lengths where it is 1 (a recompile at every such boundary)
+    import torch.fx.experimental._config as fx_config
+    with fx_config.patch(backed_size_oblivious=True):
+        plan = _run_builder(kind, q, k, v, key_padding_mask, importance, options)
+        return [x.new_empty(x.shape) for x in _pack(plan, q)]
 
 
 def _autograd_inside_op():

@@ -86,7 +86,7 @@ def compact(mask: Tensor, capacity: int) -> Tensor:
     result's shape never depends on the data.
     """
     n = mask.shape[-1]
-    capacity = min(capacity, n)
+    capacity = torch.sym_min(capacity, n)      # symbolic, not a guard on which is smaller (no recompile at that length)
     pos = torch.arange(n, device=mask.device)
     key = torch.where(mask, pos, pos + n)
     key = torch.topk(key, capacity, dim=-1, largest=False, sorted=True).values
