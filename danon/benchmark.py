@@ -453,8 +453,8 @@ HEAD = ["model", "N", "backend", "compile s", "latency ms median (min-max)", "x 
 # what a reader of the Markdown table needs to know to read the columns right
 LEGEND = [
     "- compile s: the first call at this N. Each backend compiles one model for all lengths, so at the second"
-    " and later N this is Dynamo's recompile with a dynamic length (slower for the sparse families: their plan"
-    " building is compiled with a symbolic N).",
+    " and later N this is Dynamo's recompile with a dynamic length (the first compile and the recompile against"
+    " Inductor's, per model: bench/results/compile_cpu.md).",
     "- peak MiB: resident memory one call needs above what was resident before it. ONNX Runtime keeps its"
     " buffers in an arena between calls, so danon-onnxrt reads near 0 after the warm-up calls.",
     "- rel. error vs fp64: against the eager model in float64. The exact backends must be at float32 rounding;"
