@@ -3,7 +3,8 @@
 Each cell (model, backend, dynamic) runs in a fresh subprocess: compile and call the model at the first
 length (the first compile), then call it at the second length (with dynamic=None Dynamo recompiles with a
 symbolic length; with dynamic=True the first graph is already symbolic and the second call may reuse it).
-Times are wall seconds of those first calls, minus nothing; the ratio column is danon's time over
+Times are wall seconds of those first calls, with Inductor's FX graph and autotune caches off (else a
+cell would reuse what an earlier run compiled); the ratio column is danon's time over
 Inductor's for the same model, dynamic setting and call, measured in the same run.
 
 Models (random weights, batch 1, no_grad, float32): the danon factories (hidden 256, 4 heads, 2 kv heads,
@@ -59,7 +60,8 @@ def worker(model_name: str, backend: str, dynamic: str, seq_lens: list) -> dict:
     else:
         compiled = torch.compile(model, backend="inductor", **kwargs)
     times = []
-    with torch.no_grad():
+    # no cache: an earlier cell's (or run's) compiled graphs would answer from disk and time nothing
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
         for n in seq_lens:
             ids = torch.randint(0, 4096, (1, n))
             t0 = time.perf_counter()

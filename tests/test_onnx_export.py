@@ -79,7 +79,7 @@ class _DALASite(torch.nn.Module):
         return danon.dala_attention(q, k, v, causal=self.causal, block_size=16, window=16, memory_size=8)
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])   # 38 s more: -m slow
 def test_dala_export_holds_at_lengths_far_beyond_the_export_length(tmp_path, causal):
     """DALA's routed tokens exported at N = 128 (8 blocks): ONNX Runtime at shorter lengths and at many
     times longer ones, none a multiple of the block or a power of two. Before the fix the capture kept
