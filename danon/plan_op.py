@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from danon.attention import Plan, dala_plan, msra_plan, ucsa_plan
+from danon.attention import Plan, alibi_slopes, dala_plan, msra_plan, ucsa_plan
 from danon.attention.blocks import window_blocks
 
 __all__ = ["build_plan", "plan_op", "plan_backward_op", "plan_decompositions"]
@@ -82,8 +82,7 @@ def _plan_fake(q, k, v, key_padding_mask, importance, kind, options):
     # not guard the compiled graph to the lengths where it is 1 (a recompile at every such boundary)
     import torch.fx.experimental._config as fx_config
     with fx_config.patch(backed_size_oblivious=True):
-        plan = _run_builder(kind, q, k, v, key_padding_mask, importance, options)
-        return [x.new_empty(x.shape) for x in _pack(plan, q)]
+        return [x.new_empty(x.shape) for x in _plan_decomposition(q, k, v, key_padding_mask, importance, kind, options)]
 
 
 def _autograd_inside_op():
@@ -157,7 +156,6 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     plan = Plan(kind, options["block_size"], options["causal"], q.shape[2], k.shape[2],
                 window=window_blocks(options[_WINDOW_OPTION[kind]], options["block_size"]), **fields)
     if kind == "dala" and options["decay"] == "alibi":
-        from danon.attention import alibi_slopes
         plan.slopes = alibi_slopes(q.shape[1], q.device) if slopes is None else slopes
     return plan
 
