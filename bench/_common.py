@@ -23,10 +23,11 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def run_cell(script: str, args: list) -> dict:
-    """Run `script --worker ARGS` in a fresh interpreter; its last stdout line is the cell's JSON."""
+def run_cell(script: str, args: list, env: dict = None) -> dict:
+    """Run `script --worker ARGS` in a fresh interpreter (`env`: variables to set in it); its last stdout
+    line is the cell's JSON."""
     done = subprocess.run([sys.executable, os.path.abspath(script), "--worker", *map(str, args)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=None if env is None else {**os.environ, **env})
     if done.returncode != 0:
         raise RuntimeError(f"benchmark cell {args} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -4,7 +4,7 @@ Why an op: traced op by op, a plan builder's index arithmetic (block ids, top-k,
 levels, DALA's routed-token lists) is what Inductor spent minutes on once sizes went symbolic (sympy
 in its loop tiling; a recompile of a 2-layer model at N = 4096 took over 100 s). As an op, Inductor
 calls it as an extern kernel and compiles only what surrounds it; Dynamo and AOTAutograd still see
-its output shapes through the fake impl, which runs the same builder on fake tensors.
+its output shapes through the fake impl, the builder's sizes in closed form (attention/plan_shapes.py).
 
 The summaries (means of k and v) are differentiable: the backward, `danon::plan_backward`, rebuilds
 the plan under autograd and takes the vector-Jacobian product of the summary keys and values
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from danon.attention import Plan, alibi_slopes, dala_plan, msra_plan, ucsa_plan
 from danon.attention.blocks import window_blocks
+from danon.attention.plan_shapes import plan_shapes
 
 __all__ = ["build_plan", "plan_op", "plan_backward_op", "plan_decompositions"]
 
@@ -44,10 +45,12 @@ _WINDOW_OPTION = {"ucsa": "local_window_size", "msra": "window", "dala": "window
 observers: List = []
 
 
-def _run_builder(kind: str, q, k, v, key_padding_mask, importance, options: str) -> Plan:
+def _run_builder(kind: str, q, k, v, key_padding_mask, importance, sparsity_factor, options: str) -> Plan:
     kw = json.loads(options)
     if kind == "dala":
         kw["importance"] = importance
+    if kind == "ucsa":
+        kw["sparsity_factor"] = sparsity_factor
     return BUILDERS[kind](q, k, v, key_padding_mask=key_padding_mask, **kw)
 
 
@@ -57,17 +60,20 @@ def _pack(plan: Plan, like: Tensor) -> List[Tensor]:
 
 @torch.library.custom_op("danon::plan", mutates_args=())
 def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], importance: Optional[Tensor],
-            kind: str, options: str) -> List[Tensor]:
-    """The plan tensors of family `kind` (FIELDS order); `options` is the builder's keywords as JSON.
+            sparsity_factor: Optional[float], kind: str, options: str) -> List[Tensor]:
+    """The plan tensors of family `kind` (FIELDS order); `options` is the builder's other keywords as JSON.
+
+    UCSA's sparsity_factor is an argument of its own: under dynamic=True Dynamo makes a module's float
+    attribute a SymFloat, which no JSON constant can hold.
 
     Example:
         >>> import torch
         >>> q = torch.randn(1, 1, 64, 8)
-        >>> out = torch.ops.danon.plan(q, q, q, None, None, "ucsa", '{"block_size": 16, "causal": true}')
+        >>> out = torch.ops.danon.plan(q, q, q, None, None, None, "ucsa", '{"block_size": 16, "causal": true}')
         >>> len(out), out[0].dtype
         (8, torch.int32)
     """
-    plan = _run_builder(kind, q, k, v, key_padding_mask, importance, options)
+    plan = _run_builder(kind, q, k, v, key_padding_mask, importance, sparsity_factor, options)
     for observe in observers:
         observe(plan)
     # a custom op's outputs may not alias its inputs nor each other (a builder may return a view of either);
@@ -76,13 +82,16 @@ def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
 
 
 @plan_op.register_fake
-def _plan_fake(q, k, v, key_padding_mask, importance, kind, options):
-    # the builders have no data-dependent shapes: run on fake tensors, they give the real plan's shapes.
-    # Size-oblivious: a plan size that happens to be 1 at this length (one MSRA span at the top level) must
-    # not guard the compiled graph to the lengths where it is 1 (a recompile at every such boundary)
+def _plan_fake(q, k, v, key_padding_mask, importance, sparsity_factor, kind, options):
+    # the plan's sizes in closed form (attention/plan_shapes.py): the builder itself, run on fake tensors,
+    # costs seconds of sympy per call under symbolic sizes, and a compile asks about a dozen times
+    # Size-oblivious: an empty tensor's strides ask whether each size is 1; a plan size that happens to be 1 at
+    # this length must not guard the graph to the lengths where it is (a recompile at every such boundary)
     import torch.fx.experimental._config as fx_config
+    options = dict(json.loads(options), **({"sparsity_factor": sparsity_factor} if kind == "ucsa" else {}))
     with fx_config.patch(backed_size_oblivious=True):
-        return [x.new_empty(x.shape) for x in _plan_decomposition(q, k, v, key_padding_mask, importance, kind, options)]
+        shapes = plan_shapes(kind, q, k, v, key_padding_mask, importance, options)
+        return [q.new_empty(shapes[f][0], dtype=shapes[f][1]) if f in shapes else q.new_empty(0) for f in FIELDS]
 
 
 def _autograd_inside_op():
@@ -98,12 +107,12 @@ def _autograd_inside_op():
 
 @torch.library.custom_op("danon::plan_backward", mutates_args=())
 def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                     key_padding_mask: Optional[Tensor], importance: Optional[Tensor], kind: str,
-                     options: str) -> tuple[Tensor, Tensor]:
+                     key_padding_mask: Optional[Tensor], importance: Optional[Tensor],
+                     sparsity_factor: Optional[float], kind: str, options: str) -> tuple[Tensor, Tensor]:
     """(dk, dv) of the plan's summary keys and values, by rebuilding the plan under autograd."""
     with torch.enable_grad(), _autograd_inside_op():
         k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
-        plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, importance, options)
+        plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, importance, sparsity_factor, options)
         pairs = [(out, g) for out, g in ((plan.summary_k, grad_summary_k), (plan.summary_v, grad_summary_v))
                  if out is not None and g.numel() and out.requires_grad]
         grads = (None, None)
@@ -113,14 +122,15 @@ def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, 
 
 
 @plan_backward_op.register_fake
-def _plan_backward_fake(grad_summary_k, grad_summary_v, q, k, v, key_padding_mask, importance, kind, options):
+def _plan_backward_fake(grad_summary_k, grad_summary_v, q, k, v, key_padding_mask, importance, sparsity_factor,
+                        kind, options):
     return k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, importance, kind, options = inputs
+    q, k, v, key_padding_mask, importance, sparsity_factor, kind, options = inputs
     ctx.save_for_backward(q, k, v, key_padding_mask, importance)
-    ctx.kind, ctx.options = kind, options
+    ctx.sparsity_factor, ctx.kind, ctx.options = sparsity_factor, kind, options
 
 
 def _backward(ctx, grads):
@@ -128,8 +138,9 @@ def _backward(ctx, grads):
     gk, gv = grads[_SUMMARY_K], grads[_SUMMARY_V]
     gk = q.new_empty(0) if gk is None else gk
     gv = q.new_empty(0) if gv is None else gv
-    dk, dv = plan_backward_op(gk, gv, q, k, v, key_padding_mask, importance, ctx.kind, ctx.options)
-    return None, dk, dv, None, None, None, None
+    dk, dv = plan_backward_op(gk, gv, q, k, v, key_padding_mask, importance, ctx.sparsity_factor, ctx.kind,
+                              ctx.options)
+    return None, dk, dv, None, None, None, None, None
 
 
 plan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -151,7 +162,8 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     kpm = options.pop("key_padding_mask", None)
     importance = options.pop("importance", None)
     slopes = options.pop("slopes", None)
-    outs = torch.ops.danon.plan(q, k, v, kpm, importance, kind, _json(options))
+    sparsity_factor = options.pop("sparsity_factor", None)
+    outs = torch.ops.danon.plan(q, k, v, kpm, importance, sparsity_factor, kind, _json(options))
     fields = {f: (None if x.dim() == 1 else x) for f, x in zip(FIELDS, outs)}
     plan = Plan(kind, options["block_size"], options["causal"], q.shape[2], k.shape[2],
                 window=window_blocks(options[_WINDOW_OPTION[kind]], options["block_size"]), **fields)
@@ -160,8 +172,8 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     return plan
 
 
-def _plan_decomposition(q, k, v, key_padding_mask, importance, kind, options):
-    return _pack(_run_builder(kind, q, k, v, key_padding_mask, importance, options), q)
+def _plan_decomposition(q, k, v, key_padding_mask, importance, sparsity_factor, kind, options):
+    return _pack(_run_builder(kind, q, k, v, key_padding_mask, importance, sparsity_factor, options), q)
 
 
 def plan_decompositions() -> dict:

@@ -76,9 +76,11 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     b = block_size
     tq, tk = num_blocks(nq, b), num_blocks(nk, b)
     w = window_blocks(local_window_size, b)
-    g = min(num_blocks(global_tokens, b), tk)
+    g = torch.sym_min(num_blocks(global_tokens, b), tk)
     top_k = math.ceil(sparsity_factor * tk) if sparsity_factor is not None else top_k_blocks
-    top_k = max(0, min(top_k, tk))        # the lists' capacity; causal sparsity_factor takes fewer per block
+    top_k = torch.sym_min(top_k, tk)      # the lists' capacity; causal sparsity_factor takes fewer per block
+    # whether blocks are selected is a fact of the options (Tk >= 1): no guard on the length
+    selects = sparsity_factor > 0 if sparsity_factor is not None else top_k_blocks > 0
     dev = q.device
 
     visible = key_visibility(key_padding_mask, B, nk, b, dev)
@@ -99,7 +101,7 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     k_sums = block_sums(k, visible, b, key_padding_mask is not None)                                 # [B, Hkv, Tk, D]
     kbar = means(k_sums, counts[:, None, :])
     exact = fixed.expand(B, Hkv, tq, tk)                               # listed blocks (the near ones are the window)
-    if top_k > 0:
+    if selects:
         score = selection_queries(q, b, Hkv, causal) @ kbar.transpose(-1, -2)   # [B, Hkv, Tq, Tk]
         score = score.masked_fill(~eligible, float("-inf"))
         top_val, top_idx = torch.topk(score, top_k, dim=-1)
@@ -108,7 +110,7 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
             take = take & (torch.arange(top_k, device=dev) < causal_selection_counts(tq, sparsity_factor, dev)[:, None])
         chosen = torch.zeros_like(exact).scatter(-1, top_idx, take)
         exact = exact | chosen
-    listed = compact(exact, g + top_k) if g + top_k > 0 else None
+    listed = compact(exact, g + top_k) if global_tokens > 0 or selects else None
     plan = Plan("ucsa", b, causal, nq, nk, window=w, block_idx=listed, key_block_counts=counts)
     if compress:
         rest = ~exact & ~near[None, None] & past[None, None] & has_keys
