@@ -22,16 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from danon import ops as _ops  # noqa: F401  (registers torch.ops.danon.attention)
+from danon.attention.plan import is_dense_plan
 from danon.kernels.dtypes import accumulation_dtype
 from danon.plan_op import plan_decompositions
 from danon.kernels.reference import Problem
 
-__all__ = ["is_dense_plan", "attention_aten", "sparse_decompositions", "all_decompositions"]
-
-
-def is_dense_plan(block_idx, token_idx, summary_idx, window: int) -> bool:
-    """True for the exact family's dense plan: no lists and no window (every visible key is seen)."""
-    return block_idx is None and token_idx is None and summary_idx is None and window < 0
+__all__ = ["attention_aten", "sparse_decompositions", "all_decompositions"]
 
 
 def _near_blocks(tq, tk, window: int, causal: bool, B: int, Hkv: int, device) -> Tensor:

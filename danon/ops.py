@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from danon.attention.plan import is_dense_plan
 from danon.kernels import cpu as cpu_kernel
 from danon.kernels.dtypes import accumulation_dtype
 
@@ -137,7 +138,7 @@ def _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape
     nk = k_shape[2]
     if band >= 1 and block_idx_shape is None and token_idx_shape is None and summary_idx_shape is None:
         return min(nk, band if causal else 2 * band - 1)
-    if block_idx_shape is None and token_idx_shape is None and summary_idx_shape is None and window < 0:
+    if is_dense_plan(block_idx_shape, token_idx_shape, summary_idx_shape, window):
         return nk / 2 if causal else nk
     n = 0 if window < 0 else min(nk, ((window + 1) if causal else (2 * window + 1)) * block_size)
     if block_idx_shape is not None:

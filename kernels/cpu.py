@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from danon.attention.plan import is_dense_plan
+
 from .dtypes import accumulation_dtype
 from .gather import GatheredPlan, gathered_backward, gathered_forward
 from .reference import reference_backward, reference_forward
@@ -119,7 +121,7 @@ def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, sum
     if q.numel() == 0 or k.shape[2] == 0:   # nothing to attend to (the fused kernels cannot take empty sizes)
         return (q.new_zeros(*q.shape[:3], v.shape[3]),
                 q.new_full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q.dtype)))
-    dense = block_idx is None and token_idx is None and summary_idx is None and window < 0
+    dense = is_dense_plan(block_idx, token_idx, summary_idx, window)
     if band == 0 or band < -1:
         raise ValueError(f"band must be >= 1 (a sliding window of tokens) or -1 (none), got {band}")
     if band >= 0 and window < 0:
@@ -157,7 +159,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
                 torch.zeros_like(summary_v) if need_summary_grad and summary_v is not None else q.new_empty(0),
                 torch.zeros_like(attn_mask) if need_mask_grad and attn_mask is not None else q.new_empty(0),
                 torch.zeros_like(slopes) if need_slopes_grad and slopes is not None else q.new_empty(0))
-    dense = block_idx is None and token_idx is None and summary_idx is None and window < 0
+    dense = is_dense_plan(block_idx, token_idx, summary_idx, window)
     use_lse = grad_lse is not None and bool((grad_lse != 0).any())
     empty = q.new_empty(0)
     path = _path(q, k, v, dense, slopes, softcap, band, block_idx, token_idx, causal, block_size)

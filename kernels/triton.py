@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from danon.attention.plan import is_dense_plan
+
 __all__ = ["triton_attention", "triton_attention_backward", "attention_forward", "attention_backward", "supports"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -141,7 +143,7 @@ class _Launch:
         self.block_idx = _list(block_idx, B, Hkv, tq, "block_idx")
         self.token_idx = _list(token_idx, B, Hkv, tq, "token_idx")
         self.summary_idx = _list(summary_idx, B, Hkv, tq, "summary_idx")
-        self.dense = block_idx is None and token_idx is None and summary_idx is None and window < 0
+        self.dense = is_dense_plan(block_idx, token_idx, summary_idx, window)
         self.near = self.dense or window >= 0
         cfg = _config(self.dense, b, D, Dv, self.cuda, backward)
         self.cfg = cfg

@@ -13,6 +13,18 @@ import torch
 from torch import Tensor
 
 
+def is_dense_plan(block_idx: Optional[Tensor], token_idx: Optional[Tensor], summary_idx: Optional[Tensor],
+                  window: int) -> bool:
+    """True for the exact family's dense plan, in the op's argument form (window -1: none): no lists and no
+    window, so every visible key is seen. The one definition; executors, lowerings and Plan.is_dense use it.
+
+    Example:
+        >>> is_dense_plan(None, None, None, -1), is_dense_plan(None, None, None, 2)
+        (True, False)
+    """
+    return block_idx is None and token_idx is None and summary_idx is None and window < 0
+
+
 @dataclasses.dataclass
 class Plan:
     """Which keys each query block attends to, for one attention call.
@@ -66,7 +78,7 @@ class Plan:
     @property
     def is_dense(self) -> bool:
         """True for the exact plan that sees every key (no lists to gather)."""
-        return self.window is None and self.block_idx is None and self.token_idx is None and self.summary_idx is None
+        return is_dense_plan(self.block_idx, self.token_idx, self.summary_idx, -1 if self.window is None else self.window)
 
     @property
     def num_query_blocks(self) -> int:
