@@ -23,7 +23,7 @@ from torch import Tensor
 
 from danon import ops as _ops  # noqa: F401  (registers torch.ops.danon.attention)
 from danon.attention.plan import is_dense_plan
-from danon.kernels.dtypes import accumulation_dtype
+from danon.attention.dtypes import accumulation_dtype
 from danon.plan_op import plan_decompositions
 from danon.kernels.reference import Problem
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from danon.attention.plan import is_dense_plan
 from danon.kernels import cpu as cpu_kernel
-from danon.kernels.dtypes import accumulation_dtype
+from danon.attention.dtypes import accumulation_dtype
 
 __all__ = ["attention_op", "attention_backward_op", "run_plan"]
 

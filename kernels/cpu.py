@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from danon.attention.dtypes import accumulation_dtype
 from danon.attention.plan import is_dense_plan
 
-from .dtypes import accumulation_dtype
 from .gather import GatheredPlan, gathered_backward, gathered_forward
 from .reference import reference_backward, reference_forward
 

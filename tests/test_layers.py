@@ -19,9 +19,7 @@ FOLDERS = {"danon": "danon", "passes": "danon.passes", "kernels": "danon.kernels
 FLOOR = ("danon.attention", "danon.plan_op", "danon.ops", "danon._checks")
 
 KNOWN_UPWARD = {
-    ("danon.attention.blocks", "danon.kernels.dtypes"),
     ("danon.ops", "danon.kernels.cpu"),
-    ("danon.ops", "danon.kernels.dtypes"),
     ("danon.ops", "danon.kernels.triton"),
     ("danon.passes.attention", "danon.compile_config"),
     ("danon.passes.attention", "danon.functional"),

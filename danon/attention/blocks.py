@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from danon.kernels.dtypes import accumulation_dtype
+from .dtypes import accumulation_dtype
 
 
 def num_blocks(n: int, b: int) -> int:

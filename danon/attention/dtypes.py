@@ -1,4 +1,7 @@
-"""The one accumulation rule: fp64 inputs accumulate in fp64, every other float dtype in fp32."""
+"""The one accumulation rule: fp64 inputs accumulate in fp64, every other float dtype in fp32.
+
+Part of the op's contract (DESIGN.md section 7), so it sits in the floor: plan builders, the op and
+every executor read it from here."""
 import torch
 
 
