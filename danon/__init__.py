@@ -11,11 +11,11 @@ from danon.attention import Plan, alibi_slopes
 from danon.functional import (KINDS, attention, attention_plan, dala_attention, exact_attention, msra_attention,
                               plan_coverage, ucsa_attention)
 from danon.compile_config import DanonConfig
-from danon.report import CompileReport, SiteReport
+from danon.passes.report import CompileReport, SiteReport
 from danon.backend import danon_backend, explain
 from danon.shard import ShardPlan, shard, shard_plan
 from danon.quantize import quantize
-from danon.report import CheckpointReport, LinearReport, QuantizeReport
+from danon.passes.report import CheckpointReport, LinearReport, QuantizeReport
 from danon.export import export
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from danon.compile_config import DanonConfig
 from danon.passes.attention import rewrite_attention
 from danon.passes.checkpoint import checkpoint_lowering
 from danon.passes.quantize import quantize_graph
-from danon.report import CompileReport
+from danon.passes.report import CompileReport
 
 _collectors: List[CompileReport] = []   # reports of the graphs compiled inside `collect_reports()`
 

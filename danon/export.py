@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from danon.compile_config import DanonConfig
-from danon.report import CompileReport
+from danon.passes.report import CompileReport
 
 __all__ = ["export", "default_dynamic_shapes", "ExportCheckError"]
 

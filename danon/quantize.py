@@ -14,7 +14,7 @@ from torch import nn
 
 from danon.compile_config import QUANTIZE_CHOICES
 from danon.passes.quantize import decide, output_error, quantized_weight, torchao_config
-from danon.report import QuantizeReport
+from danon.passes.report import QuantizeReport
 
 MODES = tuple(m for m in QUANTIZE_CHOICES if m != "none")
 

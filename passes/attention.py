@@ -17,7 +17,6 @@ import torch.fx as fx
 
 from danon.compile_config import DanonConfig
 from danon.functional import attention_plan
-from danon.report import SiteReport
 from danon.sites import attention_site
 
 # Hand-written recognisers rather than Inductor's pattern matcher: its patterns (fuse_attention.py) fire
@@ -27,6 +26,7 @@ from .inputs import normalize_kv
 from .manual import find_manual_sites
 from .masks import classify_mask
 from .modules import expand_module_calls
+from .report import SiteReport
 from .sdpa import find_sdpa_sites
 from .sites import Site
 

@@ -31,7 +31,8 @@ from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils.flop_counter import flop_registry
 
 from danon.compile_config import DanonConfig
-from danon.report import CheckpointReport
+
+from .report import CheckpointReport
 
 _ATTENTION = "danon::attention"
 _ATTENTION_BACKWARD = "danon::attention_backward"

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from danon.compile_config import DanonConfig
-from danon.report import LinearReport
+
+from .report import LinearReport
 
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16)

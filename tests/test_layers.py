@@ -23,12 +23,9 @@ KNOWN_UPWARD = {
     ("danon.ops", "danon.kernels.triton"),
     ("danon.passes.attention", "danon.compile_config"),
     ("danon.passes.attention", "danon.functional"),
-    ("danon.passes.attention", "danon.report"),
     ("danon.passes.attention", "danon.sites"),
     ("danon.passes.checkpoint", "danon.compile_config"),
-    ("danon.passes.checkpoint", "danon.report"),
     ("danon.passes.quantize", "danon.compile_config"),
-    ("danon.passes.quantize", "danon.report"),
 }
 
 
