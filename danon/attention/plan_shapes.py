@@ -3,7 +3,8 @@
 Why: `danon::plan`'s fake impl must give the plan's shapes to Dynamo, AOTAutograd and Inductor about a
 dozen times per compile. Running the builder on fake tensors with symbolic sizes costs seconds (sympy on
 every op's meta function); these formulas cost microseconds. Each function mirrors its builder's
-arithmetic (same names as in msra.py, ucsa.py, dala.py); tests/test_plan_shapes.py checks them against
+arithmetic (same names as in msra.py, ucsa.py, dala.py; UCSA's list capacity is the builder's own
+function); tests/test_plan_op.py checks them against
 the built plans at many lengths and options, and `torch.library.opcheck` checks the op's fake against
 its kernel. Size comparisons are torch.sym_min, as in the builders: the same number, and no guard on
 a symbolic length (a guard would recompile where, say, the global blocks outnumber Tk).
@@ -18,7 +19,6 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from .blocks import num_blocks, summary_dtype, window_blocks
 from .msra import auto_levels
+from .ucsa import list_capacity
 
 __all__ = ["plan_shapes"]
 
@@ -65,13 +66,10 @@ def _ucsa(q, k, v, key_padding_mask, importance, *, causal=False, block_size=64,
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     b = block_size
     tq, tk = num_blocks(nq, b), num_blocks(nk, b)
-    g = torch.sym_min(num_blocks(global_tokens, b), tk)
-    top_k = math.ceil(sparsity_factor * tk) if sparsity_factor is not None else top_k_blocks
-    top_k = torch.sym_min(top_k, tk)
+    g, top_k, _, lists = list_capacity(tk, b, global_tokens, top_k_blocks, sparsity_factor)
     acc_k, acc_v = summary_dtype(k), summary_dtype(v)
     shapes = {"key_block_counts": ((B, tk), _counts_dtype(key_padding_mask))}
-    selects = sparsity_factor > 0 if sparsity_factor is not None else top_k_blocks > 0
-    if global_tokens > 0 or selects:
+    if lists:
         shapes["block_idx"] = ((B, Hkv, tq, torch.sym_min(g + top_k, tk)), torch.int32)
     if compress:
         shapes.update({"summary_idx": ((B, Hkv, tq, tk), torch.int32),

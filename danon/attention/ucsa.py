@@ -53,6 +53,21 @@ def causal_selection_counts(num_query_blocks, sparsity_factor: float, device) ->
     return torch.ceil(seen * sparsity_factor).to(torch.int64)
 
 
+def list_capacity(tk, b: int, global_tokens: int, top_k_blocks: int, sparsity_factor: Optional[float]) -> tuple:
+    """(g, top_k, selects, lists): global blocks and top-k, each clamped to Tk without a guard
+    (torch.sym_min); whether blocks are selected and whether the plan lists blocks at all, facts of the
+    options (Tk >= 1), so no guard on the length either. Shared with plan_shapes.py.
+
+    Example:
+        >>> list_capacity(4, 16, 64, 16, None), list_capacity(8, 16, 0, 0, 0.25)
+        ((4, 4, True, True), (0, 2, True, True))
+    """
+    g = torch.sym_min(num_blocks(global_tokens, b), tk)
+    top_k = math.ceil(sparsity_factor * tk) if sparsity_factor is not None else top_k_blocks
+    selects = sparsity_factor > 0 if sparsity_factor is not None else top_k_blocks > 0
+    return g, torch.sym_min(top_k, tk), selects, global_tokens > 0 or selects
+
+
 def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
               block_size: int = 64, local_window_size: int = 512, global_tokens: int = 64, top_k_blocks: int = 16,
               sparsity_factor: Optional[float] = None, compress: bool = True) -> Plan:
@@ -76,11 +91,8 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     b = block_size
     tq, tk = num_blocks(nq, b), num_blocks(nk, b)
     w = window_blocks(local_window_size, b)
-    g = torch.sym_min(num_blocks(global_tokens, b), tk)
-    top_k = math.ceil(sparsity_factor * tk) if sparsity_factor is not None else top_k_blocks
-    top_k = torch.sym_min(top_k, tk)      # the lists' capacity; causal sparsity_factor takes fewer per block
-    # whether blocks are selected is a fact of the options (Tk >= 1): no guard on the length
-    selects = sparsity_factor > 0 if sparsity_factor is not None else top_k_blocks > 0
+    # the lists' capacity g + top_k; causal sparsity_factor takes fewer per block
+    g, top_k, selects, lists = list_capacity(tk, b, global_tokens, top_k_blocks, sparsity_factor)
     dev = q.device
 
     visible = key_visibility(key_padding_mask, B, nk, b, dev)
@@ -110,7 +122,7 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
             take = take & (torch.arange(top_k, device=dev) < causal_selection_counts(tq, sparsity_factor, dev)[:, None])
         chosen = torch.zeros_like(exact).scatter(-1, top_idx, take)
         exact = exact | chosen
-    listed = compact(exact, g + top_k) if global_tokens > 0 or selects else None
+    listed = compact(exact, g + top_k) if lists else None
     plan = Plan("ucsa", b, causal, nq, nk, window=w, block_idx=listed, key_block_counts=counts)
     if compress:
         rest = ~exact & ~near[None, None] & past[None, None] & has_keys
