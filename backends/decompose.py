@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from danon import ops as _ops  # noqa: F401  (registers torch.ops.danon.attention)
-from danon.attention.plan import is_dense_plan
-from danon.attention.dtypes import accumulation_dtype
-from danon.plan_op import plan_decompositions
+from danon.core import attention_op as _attention_op  # noqa: F401  (registers torch.ops.danon.attention)
+from danon.core.plan import is_dense_plan
+from danon.core.dtypes import accumulation_dtype
+from danon.core.plan_op import plan_decompositions
 from danon.kernels.reference import Problem
 
 __all__ = ["attention_aten", "sparse_decompositions", "all_decompositions"]

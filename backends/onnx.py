@@ -33,7 +33,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from danon.attention.plan import is_dense_plan
+from danon.core.plan import is_dense_plan
 from danon.backends.decompose import sparse_decompositions
 
 __all__ = ["SUPPORTED_OPSETS", "DEFAULT_OPSET", "attention_to_onnx", "export_program", "to_onnx", "session",

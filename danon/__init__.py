@@ -6,8 +6,8 @@ Example:
     >>> danon.msra_attention(q, q, q, causal=True, window=128).shape
     torch.Size([1, 4, 1024, 32])
 """
-from danon import ops  # registers the danon::attention op  # noqa: F401
-from danon.attention import Plan, alibi_slopes
+from danon.core import attention_op  # registers the danon::attention op  # noqa: F401
+from danon.core import Plan, alibi_slopes
 from danon.functional import (KINDS, attention, attention_plan, dala_attention, exact_attention, msra_attention,
                               plan_coverage, ucsa_attention)
 from danon.compile_config import DanonConfig

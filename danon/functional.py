@@ -1,6 +1,6 @@
 """Functional API: each attention family as one call (q [B, H, N, D]; k, v [B, Hkv, N, D]).
 
-Each function checks its arguments, builds the family's plan (danon.attention) and runs the
+Each function checks its arguments, builds the family's plan (danon.core) and runs the
 `danon::attention` op on it. Returns [B, H, N, Dv] in q's dtype.
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from danon import _checks as checks
-from danon.attention import Plan, dala_plan, exact_plan, msra_plan, plan_coverage, ucsa_plan
-from danon.ops import run_plan
-from danon.plan_op import build_plan
+from danon.core import checks
+from danon.core import Plan, dala_plan, exact_plan, msra_plan, plan_coverage, ucsa_plan
+from danon.core.attention_op import run_plan
+from danon.core.plan_op import build_plan
 
 __all__ = ["check_family_options", "exact_attention", "ucsa_attention", "msra_attention", "dala_attention", "attention", "attention_plan",
            "plan_coverage", "KINDS"]

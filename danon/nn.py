@@ -65,7 +65,7 @@ def _functional():
     return fn
 
 
-from danon.attention.dala import alibi_slopes  # noqa: E402  (one definition of the default slopes)
+from danon.core.dala import alibi_slopes  # noqa: E402  (one definition of the default slopes)
 
 
 def _validated(owner: str, config_cls: type, **fields) -> BaseConfig:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from danon.attention import Plan
+from danon.core import Plan
 
 __all__ = ["CATEGORIES", "COLORS", "plan_grid", "plot_plan", "capture_plans", "AttentionVisualizer"]
 
@@ -144,7 +144,7 @@ def plot_plan(plan: Plan, path: str, title: str = "", batch: int = 0, kv_head: i
 def capture_plans():
     """Record every plan the families build at run time (not while Dynamo traces) inside the block.
 
-    The sparse families build their plans in `danon::plan` (danon/plan_op.py), which tells its `observers`;
+    The sparse families build their plans in `danon::plan` (core/plan_op.py), which tells its `observers`;
     the exact family calls its planner through module globals of danon.functional (`_exact_plan_checked`
     and the `_PLANNERS` table) looked up on each call, which are wrapped here.
 

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from danon.attention.dtypes import accumulation_dtype
-from danon.attention.plan import is_dense_plan
+from danon.core.dtypes import accumulation_dtype
+from danon.core.plan import is_dense_plan
 
 from .gather import GatheredPlan, gathered_backward, gathered_forward
 from .reference import reference_backward, reference_forward

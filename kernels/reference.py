@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from danon.attention.dtypes import accumulation_dtype
+from danon.core.dtypes import accumulation_dtype
 
 # Elements of the logit tensor one chunk may hold: bounds the executor's working memory.
 LOGIT_BUDGET = 1 << 22

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from danon.attention.plan import is_dense_plan
+from danon.core.plan import is_dense_plan
 
 __all__ = ["triton_attention", "triton_attention_backward", "attention_forward", "attention_backward", "supports"]
 
@@ -329,7 +329,7 @@ def triton_cdiv(a: int, b: int) -> int:
 # --- the public entry: a plan in, (out, lse) out, differentiable ------------------------------------------
 def _plan_args(q, plan, scale, causal, key_padding_mask, slopes, softcap):
     """The op-level arguments for `plan`; keyword arguments override the plan's own values."""
-    from danon import _checks as checks
+    from danon.core import checks
     if causal is not None and bool(causal) != bool(plan.causal):
         raise ValueError(f"causal={causal} contradicts the plan, which was built with causal={plan.causal}: "
                          f"build the plan with the masking you run it with (or pass causal=None)")
@@ -388,7 +388,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: Optional[f
         ...                atol=1e-5)
         True
     """
-    from danon import _checks as checks
+    from danon.core import checks
     checks.check_qkv(q, k, v, self_attention=False)
     checks.check_key_padding_mask(key_padding_mask, q, k)
     a = _plan_args(q, plan, scale, causal, key_padding_mask, slopes, softcap)

@@ -2,7 +2,7 @@
 which the backward recomputes, under a memory budget.
 
 The decision is AOTAutograd's: its min-cut partitioner with `activation_memory_budget` (a knapsack over
-recomputation, costed by FLOPs; danon/ops.py registers FLOP formulas for danon::attention and its
+recomputation, costed by FLOPs; core/attention_op.py registers FLOP formulas for danon::attention and its
 backward, so the knapsack sees attention as expensive to recompute, not free). danon adds three things,
 all inside one partition function (`CheckpointPartitioner`) used for this compile only:
 
@@ -37,7 +37,7 @@ from .report import CheckpointReport
 _ATTENTION = "danon::attention"
 _ATTENTION_BACKWARD = "danon::attention_backward"
 _QKV = 3            # q, k, v are the first three arguments of both danon ops
-_PLAN_END = 10      # block_idx .. summary_pos: the plan tensors (danon/ops.py argument order)
+_PLAN_END = 10      # block_idx .. summary_pos: the plan tensors (core/attention_op.py argument order)
 _BW_PLAN = (5, 12)  # the same plan tensors in danon::attention_backward (after grad_out, grad_lse, q, k, v)
 _RETRIES = 4        # partitions tried above budget 0 when the knapsack's estimate overshoots the target
 

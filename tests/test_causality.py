@@ -114,7 +114,7 @@ def test_gradients_of_a_prefix_loss_never_reach_later_positions_and_equal_the_pr
 def test_the_properties_catch_the_old_ucsa_selection():
     """The checks above can fail: the whole-block mean (the pre-fix rule, still the non-causal one)
     read into a causal plan leaks the block's later rows into its earlier ones."""
-    from danon.attention import ucsa as ucsa_module
+    from danon.core import ucsa as ucsa_module
     q, k, v, _ = _inputs(3, 256, (4, 2), False)
     t = 200
     kw = dict(local_window_size=32, global_tokens=16, top_k_blocks=2)

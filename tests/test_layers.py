@@ -1,7 +1,7 @@
 """The layer rule, as a ratchet: no import may point up a layer, except the ones listed in KNOWN_UPWARD.
 
-Layers, bottom to top (issue 18 moves the floor into its own package; until then it is these modules):
-  0 floor     danon.attention, danon.plan_op, danon.ops, danon._checks (plans, the ops, argument checks)
+Layers, bottom to top:
+  0 floor     danon.core (core/: the op, the plan, the families' plan builders, argument checks)
   1 kernels   danon.kernels (executors)   and   passes: danon.passes (graph rewrites); neither imports the other
   2 backends  danon.backends (lowering)
   3 roof      the rest of danon (user API, models, CLI, benchmark, monitoring)
@@ -15,12 +15,12 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FOLDERS = {"danon": "danon", "passes": "danon.passes", "kernels": "danon.kernels", "backends": "danon.backends"}
-FLOOR = ("danon.attention", "danon.plan_op", "danon.ops", "danon._checks")
+FOLDERS = {"danon": "danon", "core": "danon.core", "passes": "danon.passes", "kernels": "danon.kernels", "backends": "danon.backends"}
+FLOOR = ("danon.core",)
 
 KNOWN_UPWARD = {
-    ("danon.ops", "danon.kernels.cpu"),
-    ("danon.ops", "danon.kernels.triton"),
+    ("danon.core.attention_op", "danon.kernels.cpu"),
+    ("danon.core.attention_op", "danon.kernels.triton"),
     ("danon.passes.attention", "danon.compile_config"),
     ("danon.passes.attention", "danon.functional"),
     ("danon.passes.attention", "danon.sites"),
@@ -40,7 +40,7 @@ def _is_module(name: str) -> bool:
     for folder, package in FOLDERS.items():
         if name == package or name.startswith(package + "."):
             rest = name[len(package):].lstrip(".").split(".") if name != package else []
-            if folder == "danon" and rest and rest[0] in ("passes", "kernels", "backends"):
+            if folder == "danon" and rest and rest[0] in ("core", "passes", "kernels", "backends"):
                 continue
             base = ROOT / folder / pathlib.Path(*rest) if rest else ROOT / folder
             return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
@@ -58,7 +58,7 @@ def _imports(module: str, path: pathlib.Path):
             if node.level:
                 kept = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(kept + ([base] if base else []))
-            # `from danon import ops` imports the module danon.ops, not the package's namespace
+            # `from danon.core import checks` imports the module danon.core.checks, not the package's namespace
             subs = [f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}")]
             yield from (subs or [base])
 
@@ -99,6 +99,6 @@ def test_the_list_of_known_upward_imports_only_shrinks():
 def test_the_walk_sees_imports_inside_functions_and_relative_ones():
     """The checker itself: a module known to import lazily and one using relative imports are read."""
     triton = dict(_modules())["danon.kernels.triton"]
-    assert "danon._checks" in set(_imports("danon.kernels.triton", triton))
-    msra = dict(_modules())["danon.attention.msra"]
-    assert {"danon.attention.blocks", "danon.attention.plan"} <= set(_imports("danon.attention.msra", msra))
+    assert "danon.core.checks" in set(_imports("danon.kernels.triton", triton))
+    msra = dict(_modules())["danon.core.msra"]
+    assert {"danon.core.blocks", "danon.core.plan"} <= set(_imports("danon.core.msra", msra))

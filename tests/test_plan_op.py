@@ -1,4 +1,4 @@
-"""`danon::plan`: its fake impl (closed-form sizes, danon/attention/plan_shapes.py) against the built plans,
+"""`danon::plan`: its fake impl (closed-form sizes, core/plan_shapes.py) against the built plans,
 torch.library's opcheck of the op, and compiles over symbolic lengths that neither guard nor change results."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import danon
-from danon.attention.plan_shapes import plan_shapes
-from danon.plan_op import FIELDS, _pack, _run_builder
+from danon.core.plan_shapes import plan_shapes
+from danon.core.plan_op import FIELDS, _pack, _run_builder
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import danon
-from danon.attention.dala import _routed_tokens
+from danon.core.dala import _routed_tokens
 
 
 def _exact_members(plan, B, Hkv, nk):
@@ -120,7 +120,7 @@ def test_dala_routing_tree_equals_brute_force_top_k(n, b, m, w, causal, seed):
 def test_dala_export_table_reads_the_same_lists_as_the_tree(blocks, m):
     """torch.export builds DALA's routed-token lists from a table whose levels keep every block
     (_topk_table); the lists it reads must be the tree's, values and ids, for any block count."""
-    from danon.attention.dala import _prefix_lists, _topk_table, _topk_tree
+    from danon.core.dala import _prefix_lists, _topk_table, _topk_tree
     g = torch.Generator().manual_seed(blocks * 10 + m)
     b = 8
     vals = torch.randn(2, 3, blocks, b, generator=g)
@@ -136,7 +136,7 @@ def test_dala_export_table_reads_the_same_lists_as_the_tree(blocks, m):
 
 
 def test_msra_auto_levels_follow_the_definition():
-    from danon.attention import auto_levels
+    from danon.core import auto_levels
     for tk in range(1, 300):
         for w in range(0, 4):
             for c in (2, 4):

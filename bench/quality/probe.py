@@ -36,8 +36,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import danon  # noqa: E402
-from danon.attention.blocks import compact  # noqa: E402
-from danon.ops import run_plan  # noqa: E402
+from danon.core.blocks import compact  # noqa: E402
+from danon.core.attention_op import run_plan  # noqa: E402
 
 D = 16
 B16 = dict(block_size=16)

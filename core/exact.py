@@ -18,7 +18,7 @@ def exact_plan(q: Tensor, k: Tensor, *, causal: bool = False, key_padding_mask: 
 
     Example:
         >>> import torch
-        >>> from danon.attention import exact_plan
+        >>> from danon.core import exact_plan
         >>> exact_plan(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8)).is_dense
         True
         >>> exact_plan(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8), block_size=16, sliding_window=20).window

@@ -80,7 +80,7 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     Example:
         >>> import torch
-        >>> from danon.attention import ucsa_plan
+        >>> from danon.core import ucsa_plan
         >>> q = torch.randn(1, 4, 256, 16); k = torch.randn(1, 2, 256, 16)
         >>> p = ucsa_plan(q, k, k, block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2)
         >>> p.window, p.block_idx.shape  # near blocks: the window; listed: global 1 + top-k 2

@@ -173,7 +173,7 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     Example:
         >>> import torch
-        >>> from danon.attention import dala_plan
+        >>> from danon.core import dala_plan
         >>> q = torch.randn(1, 2, 256, 16)
         >>> p = dala_plan(q, q, q, causal=True, block_size=16, window=16, memory_size=8)
         >>> p.token_idx.shape, p.summary_idx.shape  # the near blocks are the plan's window

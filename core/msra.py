@@ -38,7 +38,7 @@ def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     Example:
         >>> import torch
-        >>> from danon.attention import msra_plan
+        >>> from danon.core import msra_plan
         >>> q = torch.randn(1, 2, 512, 16)
         >>> p = msra_plan(q, q, q, causal=True, block_size=16, window=16, num_levels=2, compression_factor=2)
         >>> p.summary_k.shape  # levels 0, 1, 2 hold 32 + 16 + 8 spans

@@ -1,4 +1,7 @@
-"""The attention families as plan builders (DESIGN.md section 3)."""
+"""danon.core, the floor: the attention op, the plan and its builders, one per family (DESIGN.md sections 2-3).
+
+It imports only torch; every other layer (kernels, passes, backends, the user API) imports it.
+"""
 from .dala import alibi_slopes, dala_plan
 from .exact import exact_plan
 from .msra import auto_levels, msra_plan

@@ -11,7 +11,7 @@ a symbolic length (a guard would recompile where, say, the global blocks outnumb
 
 Example:
     >>> import torch
-    >>> from danon.attention.plan_shapes import plan_shapes
+    >>> from danon.core.plan_shapes import plan_shapes
     >>> q = torch.randn(1, 2, 512, 16)
     >>> plan_shapes("msra", q, q, q, None, None, dict(causal=True, block_size=16, window=16,
     ...                                               num_levels=2, compression_factor=2))["summary_k"]

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from danon.attention.plan import is_dense_plan
+from danon.core.plan import is_dense_plan
 from danon.kernels import cpu as cpu_kernel
-from danon.attention.dtypes import accumulation_dtype
+from danon.core.dtypes import accumulation_dtype
 
 __all__ = ["attention_op", "attention_backward_op", "run_plan"]
 
@@ -180,7 +180,7 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: float, key_padding
 
     Example:
         >>> import torch, danon
-        >>> from danon.ops import run_plan
+        >>> from danon.core.attention_op import run_plan
         >>> q = torch.randn(1, 2, 64, 8)
         >>> plan = danon.attention_plan(q, q, q, kind="msra", block_size=16, window=16, num_levels=1)
         >>> run_plan(q, q, q, plan, scale=8 ** -0.5).shape

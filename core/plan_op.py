@@ -4,7 +4,7 @@ Why an op: traced op by op, a plan builder's index arithmetic (block ids, top-k,
 levels, DALA's routed-token lists) is what Inductor spent minutes on once sizes went symbolic (sympy
 in its loop tiling; a recompile of a 2-layer model at N = 4096 took over 100 s). As an op, Inductor
 calls it as an extern kernel and compiles only what surrounds it; Dynamo and AOTAutograd still see
-its output shapes through the fake impl, the builder's sizes in closed form (attention/plan_shapes.py).
+its output shapes through the fake impl, the builder's sizes in closed form (core/plan_shapes.py).
 
 The summaries (means of k and v) are differentiable: the backward, `danon::plan_backward`, rebuilds
 the plan under autograd and takes the vector-Jacobian product of the summary keys and values
@@ -13,7 +13,7 @@ ATen ops (`plan_decompositions`), so ONNX files hold the plan building as standa
 
 Example:
     >>> import torch, danon
-    >>> from danon.plan_op import build_plan
+    >>> from danon.core.plan_op import build_plan
     >>> q = torch.randn(1, 2, 256, 16)
     >>> plan = build_plan("msra", q, q, q, dict(causal=True, block_size=16, window=32, num_levels=2,
     ...                                          compression_factor=4, key_padding_mask=None))
@@ -28,9 +28,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from danon.attention import Plan, alibi_slopes, dala_plan, msra_plan, ucsa_plan
-from danon.attention.blocks import window_blocks
-from danon.attention.plan_shapes import plan_shapes
+from danon.core import Plan, alibi_slopes, dala_plan, msra_plan, ucsa_plan
+from danon.core.blocks import window_blocks
+from danon.core.plan_shapes import plan_shapes
 
 __all__ = ["build_plan", "plan_op", "plan_backward_op", "plan_decompositions"]
 
@@ -83,7 +83,7 @@ def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
 
 @plan_op.register_fake
 def _plan_fake(q, k, v, key_padding_mask, importance, sparsity_factor, kind, options):
-    # the plan's sizes in closed form (attention/plan_shapes.py): the builder itself, run on fake tensors,
+    # the plan's sizes in closed form (core/plan_shapes.py): the builder itself, run on fake tensors,
     # costs seconds of sympy per call under symbolic sizes, and a compile asks about a dozen times
     # Size-oblivious: an empty tensor's strides ask whether each size is 1; a plan size that happens to be 1 at
     # this length must not guard the graph to the lengths where it is (a recompile at every such boundary)
