@@ -10,7 +10,7 @@ from danon.core import attention_op  # registers the danon::attention op  # noqa
 from danon.core import Plan, alibi_slopes
 from danon.functional import (KINDS, attention, attention_plan, dala_attention, exact_attention, msra_attention,
                               plan_coverage, ucsa_attention)
-from danon.compile_config import DanonConfig
+from danon.passes.options import DanonConfig
 from danon.passes.report import CompileReport, SiteReport
 from danon.backend import danon_backend, explain
 from danon.shard import ShardPlan, shard, shard_plan

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from danon.backends.inductor import lower
-from danon.compile_config import DanonConfig
+from danon.passes.options import DanonConfig
 from danon.passes.attention import rewrite_attention
 from danon.passes.checkpoint import checkpoint_lowering
 from danon.passes.quantize import quantize_graph

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 
-from danon.compile_config import DanonConfig
+from danon.passes.options import DanonConfig
 from danon.passes.report import CompileReport
 
 __all__ = ["export", "default_dynamic_shapes", "ExportCheckError"]

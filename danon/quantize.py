@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from danon.compile_config import QUANTIZE_CHOICES
+from danon.passes.options import QUANTIZE_CHOICES
 from danon.passes.quantize import decide, output_error, quantized_weight, torchao_config
 from danon.passes.report import QuantizeReport
 

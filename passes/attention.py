@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from danon.compile_config import DanonConfig
+from .options import DanonConfig
 from danon.functional import attention_plan
 from danon.sites import attention_site
 
@@ -156,7 +156,7 @@ def rewrite_attention(gm: fx.GraphModule, config: DanonConfig):
 
     Example:
         >>> import torch, torch.nn.functional as F
-        >>> from danon.compile_config import DanonConfig
+        >>> from danon.passes.options import DanonConfig
         >>> class Attn(torch.nn.Module):
         ...     def forward(self, q, k, v):
         ...         return F.scaled_dot_product_attention(q, k, v, is_causal=True)

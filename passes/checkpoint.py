@@ -30,7 +30,7 @@ from torch._functorch import config as functorch_config
 from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils.flop_counter import flop_registry
 
-from danon.compile_config import DanonConfig
+from .options import DanonConfig
 
 from .report import CheckpointReport
 
@@ -247,7 +247,7 @@ def checkpoint_lowering(gm: fx.GraphModule, example_inputs, config: DanonConfig,
 
     Example:
         >>> import torch
-        >>> from danon.compile_config import DanonConfig
+        >>> from danon.passes.options import DanonConfig
         >>> gm = torch.fx.symbolic_trace(lambda x, w: (torch.tanh(torch.tanh(x @ w) @ w).sum(),))
         >>> x, w = torch.randn(4, 8), torch.randn(8, 8, requires_grad=True)
         >>> lower = lambda gm, inputs, target: gm.forward

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from danon.compile_config import DanonConfig
+from .options import DanonConfig
 
 from .report import LinearReport
 
@@ -285,7 +285,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs, config: DanonConfig
 
     Example:
         >>> import torch
-        >>> from danon.compile_config import DanonConfig
+        >>> from danon.passes.options import DanonConfig
         >>> lin = torch.nn.Linear(64, 64)
         >>> rows = []
         >>> def backend(gm, inputs):

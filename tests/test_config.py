@@ -194,9 +194,9 @@ def test_docstring_mentions_attention_dropout_semantics():
 
 
 # ------------------------------------------------------------------------------------------------
-# Backend options of the memory passes (danon.compile_config.DanonConfig)
+# Backend options of the memory passes (danon.passes.options.DanonConfig)
 
-from danon.compile_config import DanonConfig  # noqa: E402
+from danon.passes.options import DanonConfig  # noqa: E402
 
 
 def test_memory_options_defaults_and_values():

@@ -21,11 +21,9 @@ FLOOR = ("danon.core",)
 KNOWN_UPWARD = {
     ("danon.core.attention_op", "danon.kernels.cpu"),
     ("danon.core.attention_op", "danon.kernels.triton"),
-    ("danon.passes.attention", "danon.compile_config"),
     ("danon.passes.attention", "danon.functional"),
+    ("danon.passes.options", "danon.functional"),
     ("danon.passes.attention", "danon.sites"),
-    ("danon.passes.checkpoint", "danon.compile_config"),
-    ("danon.passes.quantize", "danon.compile_config"),
 }
 
 
