@@ -1,5 +1,5 @@
-"""The `danon` torch.compile backend: capture -> attention pass -> checkpoint and quantize passes -> lower,
-with a compile report.
+"""The `danon` torch.compile backend: capture -> the passes (passes/pipeline.py: attention, checkpoint,
+quantize) -> lower, with a compile report.
 
 `backend="danon"` is registered through the `torch_dynamo_backends` entry point, so it works in a
 fresh interpreter that never imported danon.
@@ -14,9 +14,7 @@ import torch
 
 from danon.backends.inductor import lower
 from danon.passes.options import DanonConfig
-from danon.passes.attention import rewrite_attention
-from danon.passes.checkpoint import checkpoint_lowering
-from danon.passes.quantize import quantize_graph
+from danon.passes.pipeline import run_pipeline
 from danon.passes.report import CompileReport
 
 _collectors: List[CompileReport] = []   # reports of the graphs compiled inside `collect_reports()`
@@ -45,24 +43,14 @@ def danon_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[Di
         True
     """
     config = DanonConfig.from_options(options)
-    gm, sites = rewrite_attention(gm, config)
-    report = CompileReport(sites)
-    extra: list = []
-    if config.quantize != "none":      # inference only: raises for a graph that needs a backward
-        gm, extra, report.linears = quantize_graph(gm, example_inputs, config)
-    inputs = list(example_inputs) + extra
+    run = run_pipeline(gm, example_inputs, config)
     # checkpointing happens inside lowering: AOTAutograd's partitioner runs while the graph compiles
-    compiled, report.checkpoint = checkpoint_lowering(gm, inputs, config, lower)
+    compiled = run.lower(lower)
     for collector in _collectors:
-        collector.extend(report)
+        collector.extend(run.report)
     if config.report:
-        print(report)
-    if not extra:
-        return compiled
-
-    def run(*args):     # the quantized weights are inputs of the rewritten graph after Dynamo's own
-        return compiled(*args, *extra)
-    return run
+        print(run.report)
+    return compiled
 
 
 def split_explain_keywords(model, options: Optional[Dict[str, Any]], keywords: Dict[str, Any]):

@@ -1,8 +1,8 @@
-"""`danon.export`: a model to an ONNX file, through the same attention pass as the backend.
+"""`danon.export`: a model to an ONNX file, through the same passes and driver as the backend.
 
-capture (Dynamo) -> attention pass -> torch.export (sequence length dynamic) -> sparse danon ops
-decomposed to ATen -> torch.onnx (danon's onnxscript translations) -> the file, checked by
-running it in ONNX Runtime on the example inputs against eager.
+capture (Dynamo) -> the passes (passes/pipeline.py; here the attention pass) -> torch.export (sequence
+length dynamic) -> sparse danon ops decomposed to ATen -> torch.onnx (danon's onnxscript translations)
+-> the file, checked by running it in ONNX Runtime on the example inputs against eager.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 import torch.utils._pytree as pytree
 
 from danon.passes.options import DanonConfig
-from danon.passes.report import CompileReport
 
 __all__ = ["export", "default_dynamic_shapes", "ExportCheckError"]
 
@@ -151,7 +150,7 @@ def export(model: torch.nn.Module, args, path, *, kwargs: Optional[dict] = None,
         True
     """
     from danon.backends import onnx as onnx_backend
-    from danon.passes.attention import rewrite_attention
+    from danon.passes.pipeline import run_pipeline
 
     path = _check_path(path)
     if not isinstance(model, torch.nn.Module):
@@ -175,9 +174,14 @@ def export(model: torch.nn.Module, args, path, *, kwargs: Optional[dict] = None,
 
     with torch.no_grad(), onnx_backend.export_tracing():
         gm = _capture(model, args, kwargs, dynamic_shapes)
-        gm, sites = rewrite_attention(gm, config)
+        # the backend's passes and driver: what export cannot honour was refused above, the rest runs here
+        run = run_pipeline(gm, pytree.tree_leaves((args, kwargs)), config)
+        gm = run.gm
+        if run.state.extra_inputs or run.state.lowering is not None:   # a pass added what a file cannot carry
+            raise RuntimeError(f"danon.export: passes {', '.join(run.ran)} left graph inputs or a lowering that a "
+                               "file cannot carry; their options belong in _NOT_EXPORTED")
         if config.report:
-            print(CompileReport(sites))
+            print(run.report)
         try:
             program = onnx_backend.export_program(gm, args, kwargs, dynamic_shapes=dynamic_shapes)
         except Exception as err:

@@ -20,7 +20,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_leaves
 
-from danon.passes.shard import Block, find_blocks, merge_blocks
+from danon.passes.options import DanonConfig
+from danon.passes.pipeline import run_pipeline
+from danon.passes.shard import Block, merge_blocks
 
 __all__ = ["ShardPlan", "shard", "shard_plan", "local_parameter_bytes"]
 
@@ -161,13 +163,14 @@ def _sizes_not_remembered():
         pgo._CODE_STATE, pgo._INIT_CODE_STATE = saved
 
 
-def _capture(model: torch.nn.Module, example_inputs) -> List[torch.fx.GraphModule]:
-    """Dynamo's graphs of model(*example_inputs) (one per graph break), captured by a backend of our own."""
+def _capture(model: torch.nn.Module, example_inputs) -> List[Tuple[torch.fx.GraphModule, list]]:
+    """Dynamo's graphs of model(*example_inputs) (one per graph break) with their example inputs, captured
+    by a backend of our own."""
     args, kwargs = _args(example_inputs)
-    graphs: List[torch.fx.GraphModule] = []
+    graphs: List[Tuple[torch.fx.GraphModule, list]] = []
 
     def capture(gm, inputs):     # a fresh backend: Dynamo traces afresh instead of answering from its cache
-        graphs.append(gm)
+        graphs.append((gm, list(inputs)))
         return gm.forward
 
     with torch.no_grad(), _sizes_not_remembered():
@@ -222,7 +225,10 @@ def shard_plan(model: torch.nn.Module, example_inputs, world_size: int) -> Shard
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(_is_dtensor(p) for p in model.parameters()):
         raise ValueError("model already holds DTensor parameters (it was sharded before); pass the unsharded model")
-    blocks = merge_blocks([find_blocks(gm, model, world_size) for gm in _capture(model, example_inputs)])
+    # the backend's pass list and driver, stopped after the shard decisions: nothing is compiled here
+    runs = [run_pipeline(gm, inputs, DanonConfig(), model=model, world_size=world_size, stop_after="shard")
+            for gm, inputs in _capture(model, example_inputs)]
+    blocks = merge_blocks([run.rows["shard"] for run in runs])
     total, per_rank = _estimate(model, blocks, world_size)
     return ShardPlan(world_size, blocks, total, per_rank)
 

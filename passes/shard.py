@@ -5,7 +5,7 @@ Graph in, decisions out (no rewrite: the split is applied to the *module* by
 the nodes' `nn_module_stack` (Dynamo records, for every node, the modules it was called inside).
 
 - Attention block: an attention site (SDPA calls and hand-written chains, found by the attention
-  pass's own recognisers, and calls of `danon::attention`) whose q, k and v are each one `nn.Linear`
+  pass's entry point `find_sites`, and calls of `danon::attention`) whose q, k and v are each one `nn.Linear`
   seen through reshapes, transposes, casts and per-element ops (rotary embeddings), and whose output
   reaches one `nn.Linear` through the same kind of ops. q/k/v projections become column-parallel
   (each rank computes heads/world_size query heads and kv heads/world_size kv heads, whole GQA
@@ -30,10 +30,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .inputs import normalize_kv
-from .manual import find_manual_sites
-from .modules import expand_module_calls
-from .sdpa import find_sdpa_sites
+from .attention import find_sites
+from .sites import Site
 
 LINEAR_FNS = {F.linear, torch._C._nn.linear}
 DANON_OPS = ("danon.attention",)   # str(node.target) of the danon op's overloads
@@ -222,29 +220,17 @@ def consumer_linear(node: fx.Node, names: ModuleNames) -> Tuple[Optional[fx.Node
     return None, f"no projection found after the attention output of {node.name}"
 
 
-@dataclasses.dataclass
-class _Site:
-    node: fx.Node        # the attention output [B, H, Nq, Dv]
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-
-
-def attention_sites(gm: fx.GraphModule) -> List[_Site]:
-    """Attention sites in a Dynamo graph: the attention pass's recognisers, plus danon::attention calls."""
-    expand_module_calls(gm)              # nn.MultiheadAttention & co. -> projections + SDPA
-    found = []
-    for site in find_sdpa_sites(gm) + find_manual_sites(gm):
-        if site.q is None or site.k is None or site.v is None:
-            continue
-        if site.kept is None:
-            normalize_kv(gm, site)       # see through repeat_kv: k, v with their own kv heads
-        found.append(_Site(site.node, site.q, site.k, site.v))
+def attention_sites(gm: fx.GraphModule) -> List[Site]:
+    """Attention sites in a Dynamo graph: the attention pass's own (`find_sites`: k, v seen through
+    repeat_kv, so they carry their own kv heads), those with q, k and v known, plus danon::attention calls."""
+    # one recogniser entry point for the rewrite and the split: a pattern the attention pass learns is a
+    # block the shard pass sees, with the same q, k, v nodes
+    found = [site for site in find_sites(gm) if site.q is not None and site.k is not None and site.v is not None]
     for node in gm.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith(DANON_OPS):
             outs = [u for u in node.users if _name(u) == "getitem" and u.args[1] == 0]
             if len(outs) == 1:
-                found.append(_Site(outs[0], node.args[0], node.args[1], node.args[2]))
+                found.append(Site(outs[0], "danon", q=node.args[0], k=node.args[1], v=node.args[2]))
     return found
 
 
@@ -279,7 +265,7 @@ def _head_attrs(model: torch.nn.Module, module: str, heads: int, kv_heads: int) 
     return tuple(out)
 
 
-def _attention_block(site: _Site, names: ModuleNames, world_size: int) -> Optional[Block]:
+def _attention_block(site: Site, names: ModuleNames, world_size: int) -> Optional[Block]:
     model = names.model
     q, k, v = _value(site.q), _value(site.k), _value(site.v)
     if q is None or k is None or v is None or q.dim() != 4 or k.dim() != 4:

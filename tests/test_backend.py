@@ -283,3 +283,39 @@ def test_explain_names_a_keyword_that_is_neither_an_option_nor_an_input_or_is_bo
         danon.explain(Windowed(), q, window=3)
     report = danon.explain(Windowed(), q, window=3, options={"target": "eager"})   # window goes to the model
     assert len(report.sites) == 1
+
+
+def test_backend_export_and_shard_plan_run_one_pass_list(monkeypatch, tmp_path):
+    """danon_backend, danon.export and danon.shard_plan all run passes/pipeline.py's PASSES through one
+    driver: the options a pass reads reach it from each of them (export once ran the attention pass alone
+    and dropped quantize=)."""
+    import dataclasses
+
+    from danon.export import export
+    from danon.passes import pipeline
+
+    seen = []
+
+    def spied(p):
+        def apply(gm, state):
+            seen.append((p.name, state.config.attention, state.config.quantize))
+            return p.apply(gm, state)
+        return dataclasses.replace(p, apply=apply)
+
+    monkeypatch.setattr(pipeline, "PASSES", tuple(spied(p) for p in pipeline.PASSES))
+    model = danon.create_dense_model(hidden_size=32, num_heads=2, num_layers=1, vocab_size=50).eval()
+    model.requires_grad_(False)          # quantize is for inference graphs
+    ids = torch.randint(0, 50, (1, 64))
+
+    report = danon.explain(model, ids, options={"attention": "msra", "min_seq_len": 0, "window": 16,
+                                                "block_size": 16, "quantize": "int8-weight", "target": "eager"})
+    assert seen and set(seen) == {("attention", "msra", "int8-weight"), ("quantize", "msra", "int8-weight")}
+    assert report.linears and report.sites[0].family == "msra"
+
+    seen.clear()
+    export(model, (ids,), str(tmp_path / "m.onnx"), attention="msra", window=16, block_size=16, check=False)
+    assert seen == [("attention", "msra", "none")]
+
+    seen.clear()
+    plan = danon.shard_plan(model, ids, world_size=2)
+    assert {name for name, *_ in seen} == {"shard"} and len(plan.sharded) == 2   # decisions only: no rewrite
