@@ -6,7 +6,7 @@ How the danon op becomes ONNX:
   causal masking, key padding, a general mask, softcap and GQA (4-D inputs with fewer kv heads);
   where Attention cannot express the site it falls back to MatMul/Softmax;
 - sparse plans are decomposed first (`ExportedProgram.run_decompositions`) into the gather-based
-  ATen computation of backends/decompose.py, which the exporter translates op by op, so the model
+  ATen computation of kernels/aten.py, which the exporter translates op by op, so the model
   keeps their cost and never builds an N x N tensor. Plan building is ordinary torch ops already.
 
 Example:
@@ -31,10 +31,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from danon.core.plan import is_dense_plan
-from danon.backends.decompose import sparse_decompositions
+from danon.core.torch_internals import backed_size_oblivious, tree_unflatten
+from danon.kernels.aten import sparse_decompositions
 
 __all__ = ["SUPPORTED_OPSETS", "DEFAULT_OPSET", "attention_to_onnx", "export_program", "to_onnx", "session",
            "run_session", "relative_error", "export_tracing", "translation_table", "symint_floordiv",
@@ -77,7 +77,7 @@ def attention_to_onnx(q, k, v, block_idx=None, token_idx=None, summary_idx=None,
 
     if not is_dense_plan(block_idx, token_idx, summary_idx, window):
         raise NotImplementedError("danon: sparse plans are decomposed to ATen before the ONNX translation "
-                                  "(backends/decompose.py); a sparse danon::attention reached attention_to_onnx")
+                                  "(kernels/aten.py); a sparse danon::attention reached attention_to_onnx")
     q_len, k_len = q.shape[2], k.shape[2]
     neg_inf = op.CastLike(op.Constant(value_float=float("-inf")), q)
     zero = op.CastLike(op.Constant(value_float=0.0), q)
@@ -227,8 +227,7 @@ def export_tracing():
     Without it, the stride bookkeeping of views guards on whether a symbolic size is 1 (e.g. the
     number of level-2 MSRA spans), which narrows the range of sequence lengths the export is valid for.
     """
-    import torch.fx.experimental._config as fx_config
-    with fx_config.patch(backed_size_oblivious=True):
+    with backed_size_oblivious():
         yield
 
 
@@ -397,7 +396,7 @@ class OnnxRuntimeGraph:
             self.sessions[key] = self._build(args)
         sess, out_spec = self.sessions[key]
         outputs = run_session(sess, tensors)
-        return pytree.tree_unflatten(outputs, out_spec)
+        return tree_unflatten(outputs, out_spec)
 
 
 def compile_onnxrt(gm: fx.GraphModule, example_inputs, opset: int = DEFAULT_OPSET) -> Callable:

@@ -1,7 +1,7 @@
 """TensorRT lowering: the rewritten graph with every danon op decomposed to ATen, to torch_tensorrt.
 
 TensorRT cannot call a custom op, so `danon::attention` becomes the gather-based ATen computation
-of backends/decompose.py (dense plans: SDPA, which TensorRT converts). torch-tensorrt is an
+of kernels/aten.py (dense plans: SDPA, which TensorRT converts). torch-tensorrt is an
 optional extra and needs CUDA; without either, compiling fails at once with one clear error.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable, List
 import torch
 import torch.fx as fx
 
-from danon.backends.decompose import all_decompositions
+from danon.kernels.aten import all_decompositions
 
 __all__ = ["missing_requirements", "decompose_for_tensorrt", "compile_tensorrt"]
 

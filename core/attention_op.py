@@ -1,46 +1,37 @@
 """The `danon::attention` op (DESIGN.md section 2), registered with torch.library.
 
-It carries every attention site through the pipeline: a fake impl for tracing, the CPU executor
-as its kernel, autograd through `danon::attention_backward`, and FLOP formulas so that cost
-models (the flop counter, AOTAutograd's partitioner) see its real cost.
+It carries every attention site through the pipeline: a fake impl for tracing, the registered
+executors as its kernel (core/executors.py picks one per call), autograd through
+`danon::attention_backward`, and FLOP formulas so that cost models (the flop counter, AOTAutograd's
+partitioner) see its real cost. Both schemas come from core/attention_args.py, the one place the
+argument list is written.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from danon.core.plan import is_dense_plan
-from danon.kernels import cpu as cpu_kernel
-from danon.core.dtypes import accumulation_dtype
+from .attention_args import (BACKWARD_SCHEMA, FORWARD_SCHEMA, GRADIENTS, AttentionArgs, BackwardArgs, attention_args,
+                             backward_call, split_backward)
+from .dtypes import accumulation_dtype
+from .executors import executor_for, prefer, preferred
+from .plan import is_dense_plan
 
 __all__ = ["attention_op", "attention_backward_op", "run_plan"]
 
 
-def _executor(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]):
-    """CUDA tensors run the Triton executor where it applies (no general mask, no fp64); all else kernels/cpu.py."""
-    if q.device.type == "cuda":
-        from danon.kernels import triton as triton_kernel   # on the first CUDA call: CPU-only use needs no Triton
-        if triton_kernel.supports(q, k, v, attn_mask):
-            return triton_kernel
-    return cpu_kernel
-
-
-@torch.library.custom_op("danon::attention", mutates_args=())
-def attention_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Optional[Tensor], token_idx: Optional[Tensor],
-                 summary_idx: Optional[Tensor], summary_k: Optional[Tensor], summary_v: Optional[Tensor],
-                 summary_count: Optional[Tensor], summary_pos: Optional[Tensor],
-                 key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], slopes: Optional[Tensor],
-                 scale: float, causal: bool, block_size: int, window: int, band: int,
-                 softcap: Optional[float]) -> tuple[Tensor, Tensor]:
+def _attention(*args) -> tuple[Tensor, Tensor]:
     """Attention over a plan: returns (out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] fp32/fp64).
 
-    window >= 0 adds the near blocks (|t - t_q| <= window; causal t_q - window <= t <= t_q) to the
-    exact blocks of every query block; -1 means none. With no lists and window -1 the plan is dense.
-    band >= 1 limits exact keys to a sliding window of tokens: query i sees key j only if i - j < band
-    (and j - i < band without causal masking); -1 means none.
+    The arguments are core/attention_args.py's ARGUMENTS. window >= 0 adds the near blocks
+    (|t - t_q| <= window; causal t_q - window <= t <= t_q) to the exact blocks of every query block;
+    -1 means none. With no lists and window -1 the plan is dense. band >= 1 limits exact keys to a
+    sliding window of tokens: query i sees key j only if i - j < band (and j - i < band without causal
+    masking); -1 means none.
 
     Example:
         >>> import torch, danon
@@ -50,84 +41,84 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, block_idx: Optional[Tensor], t
         >>> out.shape
         torch.Size([1, 2, 32, 8])
     """
-    out, lse = _executor(q, k, v, attn_mask).attention_forward(
-        q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-        key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap)
+    a = AttentionArgs(*args)
+    out, lse = executor_for(a).forward(a)
     return out.contiguous(), lse.contiguous()   # the layout the fake impl promises
 
 
+attention_op = torch.library.custom_op("danon::attention", _attention, mutates_args=(), schema=FORWARD_SCHEMA)
+
+
 @attention_op.register_fake
-def _attention_fake(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                    key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap):
-    out = q.new_empty(*q.shape[:3], v.shape[3])
-    return out, q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
+def _attention_fake(*args):
+    a = AttentionArgs(*args)
+    out = a.q.new_empty(*a.q.shape[:3], a.v.shape[3])
+    return out, a.q.new_empty(a.q.shape[:3], dtype=accumulation_dtype(a.q.dtype))
 
 
-@torch.library.custom_op("danon::attention_backward", mutates_args=())
-def attention_backward_op(grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                          block_idx: Optional[Tensor], token_idx: Optional[Tensor], summary_idx: Optional[Tensor],
-                          summary_k: Optional[Tensor], summary_v: Optional[Tensor],
-                          summary_count: Optional[Tensor], summary_pos: Optional[Tensor],
-                          key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-                          slopes: Optional[Tensor], out: Tensor, lse: Tensor, scale: float, causal: bool,
-                          block_size: int, window: int, band: int, softcap: Optional[float], need_summary_grad: bool,
-                          need_mask_grad: bool, need_slopes_grad: bool
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _attention_backward(*args) -> tuple:
     """Gradients of `danon::attention`: (dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes).
 
     Gradients that are not asked for come back as empty tensors.
     """
-    grads = _executor(q, k, v, attn_mask).attention_backward(
-        grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-        summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal, block_size, window, band, softcap,
-        need_summary_grad, need_mask_grad, need_slopes_grad)
+    g, a = split_backward(args)
+    grads = executor_for(a).backward(a, g)
     # contiguous, as the fake impl promises; and a custom op's outputs may not alias its inputs
-    needed = (True, True, True, need_summary_grad, need_summary_grad, need_mask_grad, need_slopes_grad)
-    grads = [q.new_empty(0) if not wanted else g.clone() if g.numel() == 0 else g.contiguous()
-             for g, wanted in zip(grads, needed)]        # every empty result a tensor of its own
-    return tuple(g.clone() if any(g is x for x in (q, k, v, summary_k, summary_v, attn_mask, slopes)) else g
-                 for g in grads)
+    needed = (True, True, True, g.need_summary_grad, g.need_summary_grad, g.need_mask_grad, g.need_slopes_grad)
+    grads = [a.q.new_empty(0) if not wanted else x.clone() if x.numel() == 0 else x.contiguous()
+             for x, wanted in zip(grads, needed)]        # every empty result a tensor of its own
+    inputs = [getattr(a, name) for name in GRADIENTS]
+    return tuple(x.clone() if any(x is y for y in inputs) else x for x in grads)
+
+
+attention_backward_op = torch.library.custom_op("danon::attention_backward", _attention_backward, mutates_args=(),
+                                                schema=BACKWARD_SCHEMA)
 
 
 @attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
-                             summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale,
-                             causal, block_size, window, band, softcap, need_summary_grad, need_mask_grad, need_slopes_grad):
-    empty = q.new_empty(0)
-
-    def like(x, needed):
-        return x.new_empty(x.shape) if (x is not None and needed) else empty
-
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            like(summary_k, need_summary_grad), like(summary_v, need_summary_grad),
-            like(attn_mask, need_mask_grad), like(slopes, need_slopes_grad))
+def _attention_backward_fake(*args):
+    g, a = split_backward(args)
+    empty = a.q.new_empty(0)
+    wanted = {"summary_k": g.need_summary_grad, "summary_v": g.need_summary_grad, "attn_mask": g.need_mask_grad,
+              "slopes": g.need_slopes_grad}
+    grads = []
+    for name in GRADIENTS:
+        x = getattr(a, name)
+        grads.append(x.new_empty(x.shape) if x is not None and wanted.get(name, True) else empty)
+    return tuple(grads)
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-     key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap) = inputs
+    a = AttentionArgs(*inputs)
     out, lse = output
-    ctx.save_for_backward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                          summary_pos, key_padding_mask, attn_mask, slopes, out, lse)
-    ctx.options = (scale, causal, block_size, window, band, softcap)
+    tensors = [(i, x) for i, x in enumerate(a) if isinstance(x, Tensor)]
+    ctx.save_for_backward(*(x for _, x in tensors), out, lse)
+    ctx.tensor_positions = [i for i, _ in tensors]
+    ctx.scalars = tuple(None if isinstance(x, Tensor) else x for x in a)
+    ctx.executor = preferred()   # an eager call under `prefer` runs its backward on the same executor
+
+
+def _saved_args(ctx):
+    *saved, out, lse = ctx.saved_tensors
+    values = list(ctx.scalars)
+    for i, x in zip(ctx.tensor_positions, saved):
+        values[i] = x
+    return AttentionArgs(*values), out, lse
 
 
 def _backward(ctx, grad_out, grad_lse):
-    (q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-     key_padding_mask, attn_mask, slopes, out, lse) = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    need_summary = summary_k is not None and (needs[6] or needs[7])
-    need_mask = attn_mask is not None and attn_mask.is_floating_point() and needs[11]
-    need_slopes = slopes is not None and needs[12]
+    a, out, lse = _saved_args(ctx)
+    needs = dict(zip(AttentionArgs._fields, ctx.needs_input_grad))
+    need_summary = a.summary_k is not None and (needs["summary_k"] or needs["summary_v"])
+    need_mask = a.attn_mask is not None and a.attn_mask.is_floating_point() and needs["attn_mask"]
+    need_slopes = a.slopes is not None and needs["slopes"]
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    dq, dk, dv, dsk, dsv, dmask, dslopes = attention_backward_op(
-        grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-        summary_pos, key_padding_mask, attn_mask, slopes, out, lse, *ctx.options, need_summary, need_mask,
-        need_slopes)
-    return (dq, dk, dv, None, None, None, dsk if need_summary else None, dsv if need_summary else None,
-            None, None, None, dmask if need_mask else None, dslopes if need_slopes else None,
-            None, None, None, None, None, None)
+    g = BackwardArgs(grad_out, grad_lse, out, lse, need_summary, need_mask, need_slopes)
+    with prefer(ctx.executor) if ctx.executor is not None else contextlib.nullcontext():
+        grads = dict(zip(GRADIENTS, attention_backward_op(*backward_call(g, a))))
+    wanted = {"summary_k": need_summary, "summary_v": need_summary, "attn_mask": need_mask, "slopes": need_slopes}
+    return tuple(grads[name] if name in grads and wanted.get(name, True) else None for name in AttentionArgs._fields)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -186,9 +177,7 @@ def run_plan(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: float, key_padding
         >>> run_plan(q, q, q, plan, scale=8 ** -0.5).shape
         torch.Size([1, 2, 64, 8])
     """
-    out, _ = torch.ops.danon.attention(
-        q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k, plan.summary_v,
-        plan.summary_count, plan.summary_pos, key_padding_mask, attn_mask, plan.slopes, float(scale),
-        bool(plan.causal), int(plan.block_size), -1 if plan.window is None else int(plan.window),
-        -1 if plan.band is None else int(plan.band), None if softcap is None else float(softcap))
+    a = attention_args(q, k, v, plan, scale=scale, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                       softcap=softcap)
+    out, _ = torch.ops.danon.attention(*a)
     return out

@@ -13,7 +13,12 @@ from .plan import Plan
 
 
 def auto_levels(num_key_blocks: int, w_blocks: int, factor: int) -> int:
-    """The smallest L >= 1 for which ceil(num_key_blocks / c^L) <= 2W + 1."""
+    """The smallest L >= 1 for which ceil(num_key_blocks / c^L) <= 2W + 1.
+
+    Example:
+        >>> auto_levels(256, 4, 4)   # 256 / 4^2 = 16 > 9 summaries, 256 / 4^3 = 4 <= 9
+        3
+    """
     levels = 1
     while num_blocks(num_key_blocks, factor ** levels) > 2 * w_blocks + 1:
         levels += 1

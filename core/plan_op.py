@@ -29,16 +29,17 @@ import torch
 from torch import Tensor
 
 from danon.core import Plan, alibi_slopes, dala_plan, msra_plan, ucsa_plan
+from danon.core.attention_args import PLAN_TENSORS
 from danon.core.blocks import window_blocks
 from danon.core.plan_shapes import plan_shapes
+from danon.core.torch_internals import autograd_inside_op, backed_size_oblivious
 
 __all__ = ["build_plan", "plan_op", "plan_backward_op", "plan_decompositions"]
 
 BUILDERS = {"ucsa": ucsa_plan, "msra": msra_plan, "dala": dala_plan}
 # the plan's tensors, in the op's output order (a field the family leaves None is a 1-D empty tensor: every
 # real plan tensor has two or more dims)
-FIELDS = ("block_idx", "token_idx", "summary_idx", "summary_k", "summary_v", "summary_count", "summary_pos",
-          "key_block_counts")
+FIELDS = PLAN_TENSORS + ("key_block_counts",)
 _SUMMARY_K, _SUMMARY_V = FIELDS.index("summary_k"), FIELDS.index("summary_v")
 _WINDOW_OPTION = {"ucsa": "local_window_size", "msra": "window", "dala": "window"}
 # callables given every plan the op builds on real tensors (danon.visualization.capture_plans)
@@ -87,22 +88,10 @@ def _plan_fake(q, k, v, key_padding_mask, importance, sparsity_factor, kind, opt
     # costs seconds of sympy per call under symbolic sizes, and a compile asks about a dozen times
     # Size-oblivious: an empty tensor's strides ask whether each size is 1; a plan size that happens to be 1 at
     # this length must not guard the graph to the lengths where it is (a recompile at every such boundary)
-    import torch.fx.experimental._config as fx_config
     options = dict(json.loads(options), **({"sparsity_factor": sparsity_factor} if kind == "ucsa" else {}))
-    with fx_config.patch(backed_size_oblivious=True):
+    with backed_size_oblivious():
         shapes = plan_shapes(kind, q, k, v, key_padding_mask, importance, options)
         return [q.new_empty(shapes[f][0], dtype=shapes[f][1]) if f in shapes else q.new_empty(0) for f in FIELDS]
-
-
-def _autograd_inside_op():
-    """Re-enable autograd recording inside a custom op's kernel (the dispatcher excludes the autograd keys
-    below the op). Written by hand: torch.library offers no VJP of a composite inside an opaque kernel; the
-    guard is the one functorch uses (torch._C._ForceDispatchKeyGuard)."""
-    excluded = torch._C._dispatch_tls_local_exclude_set()
-    for key in (torch._C.DispatchKey.AutogradCPU, torch._C.DispatchKey.AutogradOther,
-                torch._C.DispatchKey.ADInplaceOrView):
-        excluded = excluded.remove(key)
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
 
 
 @torch.library.custom_op("danon::plan_backward", mutates_args=())
@@ -110,7 +99,7 @@ def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, 
                      key_padding_mask: Optional[Tensor], importance: Optional[Tensor],
                      sparsity_factor: Optional[float], kind: str, options: str) -> tuple[Tensor, Tensor]:
     """(dk, dv) of the plan's summary keys and values, by rebuilding the plan under autograd."""
-    with torch.enable_grad(), _autograd_inside_op():
+    with torch.enable_grad(), autograd_inside_op():
         k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
         plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, importance, sparsity_factor, options)
         pairs = [(out, g) for out, g in ((plan.summary_k, grad_summary_k), (plan.summary_v, grad_summary_v))
@@ -157,6 +146,14 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
 
     `options` holds key_padding_mask, the DALA tensors importance and slopes, and the scalar keywords;
     DALA's slopes stay outside the op (a learnable parameter's gradient reaches it unchanged).
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 2, 128, 16)
+        >>> plan = build_plan("ucsa", q, q, q, dict(causal=True, block_size=16, local_window_size=32,
+        ...                                          global_tokens=16, top_k_blocks=2, key_padding_mask=None))
+        >>> plan.kind, plan.block_idx.shape[:3]
+        ('ucsa', torch.Size([1, 2, 8]))
     """
     options = dict(options)
     kpm = options.pop("key_padding_mask", None)
@@ -178,5 +175,11 @@ def _plan_decomposition(q, k, v, key_padding_mask, importance, sparsity_factor, 
 
 def plan_decompositions() -> dict:
     """{danon::plan: the builder} for ExportedProgram.run_decompositions: exports keep the plan building
-    as ordinary ATen ops (ONNX, TensorRT)."""
+    as ordinary ATen ops (ONNX, TensorRT).
+
+    Example:
+        >>> import torch
+        >>> list(plan_decompositions()) == [torch.ops.danon.plan.default]
+        True
+    """
     return {torch.ops.danon.plan.default: _plan_decomposition}

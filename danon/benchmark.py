@@ -33,6 +33,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from danon.core.torch_internals import dynamo_config_patch, dynamo_reset
+
 __all__ = ["MODELS", "BACKENDS", "QUICK", "available_models", "build_model", "backend_compiler", "run_bench",
            "format_table", "markdown_table", "write_json", "write_markdown", "write_plots", "machine_info",
            "versions", "SCHEMA_PATH"]
@@ -259,7 +261,7 @@ QUICK = dict(models=["danon-dense"], seq_lens=[256, 512], batch=1, repeats=3, wa
 
 
 def _fresh_dynamo() -> None:
-    torch._dynamo.reset()
+    dynamo_reset()
 
 
 def run_bench(models: Sequence[str], backends: Sequence[str], seq_lens: Sequence[int], *, batch: int = 1,
@@ -291,10 +293,10 @@ def run_bench(models: Sequence[str], backends: Sequence[str], seq_lens: Sequence
     cells = []
     max_len = max(seq_lens)
     # every backend on every N: more recompiles of one forward than Dynamo's default limit of 8 allows
-    limits = {k: 1024 for k in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                                "accumulated_cache_size_limit") if hasattr(torch._dynamo.config, k)}
+    limits = dict.fromkeys(("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                            "accumulated_cache_size_limit"), 1024)
     try:
-        with torch._dynamo.config.patch(**limits), torch.no_grad():
+        with dynamo_config_patch(**limits), torch.no_grad():
             for model_name in models:
                 model = build_model(model_name, model_size, max_len, seed).to(dev)
                 reference = copy.deepcopy(model).to(dev, torch.float64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from danon.cli_args import model_and_example_ids, parse_assignment
+from danon.core.torch_internals import dynamo_reset
 
 
 # ------------------------------------------------------------------------------------------------ bench
@@ -128,7 +129,7 @@ def cmd_explain(args) -> int:
     model, ids = model_and_example_ids(args)
     options = dict(args.option)
     options.update(attention=args.attention, min_seq_len=args.min_seq_len, target=args.target)
-    torch._dynamo.reset()   # explain must compile afresh, not answer from an earlier cache entry
+    dynamo_reset()   # explain must compile afresh, not answer from an earlier cache entry
     with torch.no_grad():
         report = danon.explain(model, ids, **options)
     print(report)

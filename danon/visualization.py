@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from danon.core import Plan
+from danon.core.torch_internals import dynamo_reset
 
 __all__ = ["CATEGORIES", "COLORS", "plan_grid", "plot_plan", "capture_plans", "AttentionVisualizer"]
 
@@ -156,7 +157,8 @@ def capture_plans():
         >>> [p.kind for p in plans]
         ['msra']
     """
-    from danon import functional, plan_op
+    from danon import functional
+    from danon.core import plan_op
     plans: List[Plan] = []
     saved = dict(functional._PLANNERS)
     names = [f"_{kind}_plan_checked" for kind in saved]
@@ -219,10 +221,10 @@ class AttentionVisualizer:
             else:
                 # compiled, both plan at run time: the model's own danon layers in danon::plan, the rewritten
                 # sites in the eager target's calls; nothing is recorded while Dynamo traces
-                torch._dynamo.reset()
+                dynamo_reset()
                 opts = {**options, "target": "eager"}
                 torch.compile(self.model, backend="danon", options=opts)(input_ids)
-                torch._dynamo.reset()
+                dynamo_reset()
         return plans
 
     def plot_plans(self, input_ids: torch.Tensor, out_dir: str, **options) -> List[str]:

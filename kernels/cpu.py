@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from danon.core.attention_args import GRADIENTS, AttentionArgs, BackwardArgs
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
 
@@ -86,99 +87,92 @@ def _rows_without_keys(q, k, key_padding_mask, attn_mask, causal) -> Optional[Te
     return (~kpm.any(-1))[:, None, None].expand(B, 1, nq)
 
 
-def _path(q, k, v, dense: bool, slopes, softcap, band: int, block_idx, token_idx, causal: bool,
-          block_size: int) -> str:
+def _path(a: AttentionArgs, dense: bool) -> str:
     """Which executor runs this call: "flash" (dense), "gather" (sparse) or "reference" (everything else)."""
-    if q.device.type != "cpu" or softcap is not None or v.shape[3] != q.shape[3]:
+    q, k, v = a.q, a.k, a.v
+    if q.device.type != "cpu" or a.softcap is not None or v.shape[3] != q.shape[3]:
         return "reference"   # the fused kernel is CPU-only, has no softcap, and needs Dv = D
     if dense:
-        return "flash" if slopes is None else "reference"
-    if band >= 0 and (token_idx is not None or block_idx is not None):
+        return "flash" if a.slopes is None else "reference"
+    if a.band >= 0 and (a.token_idx is not None or a.block_idx is not None):
         return "reference"   # the band is applied in the window and own-block parts only
     if q.shape[2] > k.shape[2]:
         return "reference"   # the window views assume no more query blocks than key blocks
-    if causal and token_idx is not None and token_idx.numel():
-        starts = (torch.arange(token_idx.shape[2], device=q.device) * block_size).view(1, 1, -1, 1)
+    token_idx = a.token_idx
+    if a.causal and token_idx is not None and token_idx.numel():
+        starts = (torch.arange(token_idx.shape[2], device=q.device) * a.block_size).view(1, 1, -1, 1)
         if bool((token_idx.long() >= starts).any()):
             return "reference"   # a hand-made plan listing tokens inside the query's own block
     return "gather"
 
 
-def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                      key_padding_mask, attn_mask, slopes, scale: float, causal: bool, block_size: int,
-                      window: int, band: int, softcap: Optional[float]):
+def attention_forward(a: AttentionArgs):
     """Execute a plan: returns out [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] in fp32 (fp64).
 
     Example:
         >>> import torch
-        >>> from kernels.cpu import attention_forward  # installed as danon.kernels.cpu
+        >>> from danon.core.attention_args import attention_args
+        >>> from danon.kernels.cpu import attention_forward
         >>> q = torch.randn(1, 2, 40, 8)
-        >>> out, lse = attention_forward(q, q, q, *[None] * 10, scale=8 ** -0.5, causal=True,
-        ...                              block_size=16, window=-1, band=-1, softcap=None)
+        >>> out, lse = attention_forward(attention_args(q, q, q, scale=8 ** -0.5, causal=True, block_size=16))
         >>> out.shape, lse.shape
         (torch.Size([1, 2, 40, 8]), torch.Size([1, 2, 40]))
     """
+    q, k, v = a.q, a.k, a.v
     if q.numel() == 0 or k.shape[2] == 0:   # nothing to attend to (the fused kernels cannot take empty sizes)
         return (q.new_zeros(*q.shape[:3], v.shape[3]),
                 q.new_full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q.dtype)))
-    dense = is_dense_plan(block_idx, token_idx, summary_idx, window)
-    if band == 0 or band < -1:
-        raise ValueError(f"band must be >= 1 (a sliding window of tokens) or -1 (none), got {band}")
-    if band >= 0 and window < 0:
+    dense = is_dense_plan(a.block_idx, a.token_idx, a.summary_idx, a.window)
+    if a.band == 0 or a.band < -1:
+        raise ValueError(f"band must be >= 1 (a sliding window of tokens) or -1 (none), got {a.band}")
+    if a.band >= 0 and a.window < 0:
         raise ValueError("band (a sliding window of tokens) needs the plan's block window (window >= 0)")
-    if attn_mask is not None and not dense:
+    if a.attn_mask is not None and not dense:
         raise ValueError("attn_mask (a general mask) is supported by the dense exact plan only; sparse plans take "
                          "causal and key_padding_mask")
-    path = _path(q, k, v, dense, slopes, softcap, band, block_idx, token_idx, causal, block_size)
+    path = _path(a, dense)
     if path == "flash":
-        return _flash_forward(q, k, v, key_padding_mask, attn_mask, scale, causal)
+        return _flash_forward(q, k, v, a.key_padding_mask, a.attn_mask, a.scale, a.causal)
     if path == "gather":
-        gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                          summary_pos, key_padding_mask, slopes, scale, causal, block_size,
-                          None if window < 0 else window, None if band < 0 else band)
-        out, lse = gathered_forward(gp)
+        out, lse = gathered_forward(GatheredPlan(a))
         return out.to(q.dtype), lse
-    return reference_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                             summary_pos, key_padding_mask, attn_mask, slopes, scale, causal, block_size, window,
-                             band, softcap)
+    return reference_forward(a)
 
 
-def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
-                       summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse,
-                       scale: float, causal: bool, block_size: int, window: int,
-                       band: int, softcap: Optional[float], need_summary_grad: bool, need_mask_grad: bool,
-                       need_slopes_grad: bool):
+def attention_backward(a: AttentionArgs, g: BackwardArgs):
     """Gradients of the executor: (dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes).
 
     Grads that are not needed come back as empty tensors. Each path recomputes what it needs chunk
     by chunk from q, k, v, out and lse (flash-style: nothing else is saved from the forward).
     """
+    q, k, v = a.q, a.k, a.v
     if q.numel() == 0 or k.shape[2] == 0:
-        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
-                torch.zeros_like(summary_k) if need_summary_grad and summary_k is not None else q.new_empty(0),
-                torch.zeros_like(summary_v) if need_summary_grad and summary_v is not None else q.new_empty(0),
-                torch.zeros_like(attn_mask) if need_mask_grad and attn_mask is not None else q.new_empty(0),
-                torch.zeros_like(slopes) if need_slopes_grad and slopes is not None else q.new_empty(0))
-    dense = is_dense_plan(block_idx, token_idx, summary_idx, window)
-    use_lse = grad_lse is not None and bool((grad_lse != 0).any())
+        return tuple(torch.zeros_like(x) if x is not None and wanted else q.new_empty(0)
+                     for x, wanted in _wanted(a, g))
+    dense = is_dense_plan(a.block_idx, a.token_idx, a.summary_idx, a.window)
+    use_lse = g.grad_lse is not None and bool((g.grad_lse != 0).any())
     empty = q.new_empty(0)
-    path = _path(q, k, v, dense, slopes, softcap, band, block_idx, token_idx, causal, block_size)
-    if path == "flash" and not use_lse and not need_mask_grad:
-        return _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal) + (empty,) * 4
+    path = _path(a, dense)
+    if path == "flash" and not use_lse and not g.need_mask_grad:
+        return _flash_backward(g.grad_out, q, k, v, a.key_padding_mask, a.attn_mask, g.out, g.lse, a.scale,
+                               a.causal) + (empty,) * 4
 
     # the slopes' gradient is linear in the key's position only under causal masking (gathered_backward)
-    if path == "gather" and not use_lse and (not need_slopes_grad or causal):
-        gp = GatheredPlan(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                          summary_pos, key_padding_mask, slopes, scale, causal, block_size,
-                          None if window < 0 else window, None if band < 0 else band)
-        dq, dk, dv, dsk, dsv, dslopes = gathered_backward(gp, grad_out, out, lse, need_slopes_grad)
-        dsk = dsk.to(summary_k.dtype) if (dsk is not None and need_summary_grad) else empty
-        dsv = dsv.to(summary_v.dtype) if (dsv is not None and need_summary_grad) else empty
-        dslopes = dslopes.to(slopes.dtype) if need_slopes_grad else empty
+    if path == "gather" and not use_lse and (not g.need_slopes_grad or a.causal):
+        dq, dk, dv, dsk, dsv, dslopes = gathered_backward(GatheredPlan(a), g.grad_out, g.out, g.lse,
+                                                          g.need_slopes_grad)
+        dsk = dsk.to(a.summary_k.dtype) if (dsk is not None and g.need_summary_grad) else empty
+        dsv = dsv.to(a.summary_v.dtype) if (dsv is not None and g.need_summary_grad) else empty
+        dslopes = dslopes.to(a.slopes.dtype) if g.need_slopes_grad else empty
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsk, dsv, empty, dslopes
-    return reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
-                              summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal,
-                              block_size, window, band, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse)
+    return reference_backward(a, g, use_lse)
+
+
+def _wanted(a: AttentionArgs, g: BackwardArgs):
+    """(input, whether its gradient is asked for) in GRADIENTS order."""
+    need = {"summary_k": g.need_summary_grad, "summary_v": g.need_summary_grad, "attn_mask": g.need_mask_grad,
+            "slopes": g.need_slopes_grad}
+    return [(getattr(a, name), need.get(name, True)) for name in GRADIENTS]
 
 
 def _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal):

@@ -18,12 +18,12 @@ flash backward of each part with the merged out and lse, and adds the key gradie
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from danon.core.attention_args import AttentionArgs
 from danon.core.dtypes import accumulation_dtype
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -71,11 +71,13 @@ class _Part:
 class GatheredPlan:
     """A plan laid out for the flash kernel: queries [Tq, B*H, b, D] and its key parts."""
 
-    def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                 summary_pos, key_padding_mask, slopes, scale: float, causal: bool, block_size: int,
-                 window: Optional[int], band: Optional[int] = None):
+    def __init__(self, a: AttentionArgs):
+        q, k, v, slopes, causal, block_size = a.q, a.k, a.v, a.slopes, a.causal, a.block_size
+        key_padding_mask, summary_k = a.key_padding_mask, a.summary_k
+        window = None if a.window < 0 else a.window
+        band = None if a.band < 0 else a.band
         dt = accumulation_dtype(q.dtype)
-        self.dtype, self.scale, self.causal, self.b = dt, scale, causal, block_size
+        self.dtype, self.scale, self.causal, self.b = dt, a.scale, causal, block_size
         self.band = band
         B, H, nq, D = q.shape
         Hkv, nk = k.shape[1], k.shape[2]
@@ -99,7 +101,7 @@ class GatheredPlan:
         self.table_grad = self.summary_grad = None
         # an empty list (capacity 0) is no part at all: the flash kernel cannot take zero keys
         block_idx, token_idx, summary_idx = (None if x is None or x.shape[-1] == 0 else x
-                                             for x in (block_idx, token_idx, summary_idx))
+                                             for x in (a.block_idx, a.token_idx, a.summary_idx))
         self.parts = []
         self.keys_per_block = 0
         if window is not None and (window > 0 or not causal):   # causal with W = 0: the own block is all
@@ -108,14 +110,14 @@ class GatheredPlan:
             self.parts.append(self._own_part(block_idx, window))
         if summary_idx is not None and slopes is None and summary_idx.shape[-1] * 2 >= summary_k.shape[2]:
             # most of the summary table is in use: attend to all of it, masked, rather than gather it
-            self.parts.append(self._summary_table_part(summary_idx, summary_k, summary_v, summary_count))
+            self.parts.append(self._summary_table_part(summary_idx, summary_k, a.summary_v, a.summary_count))
             summary_idx = None
         if block_idx is not None:   # whole blocks: gathered block by block (b * D contiguous values each)
             self.parts.append(self._block_list_part(block_idx))
             block_idx = None
         if token_idx is not None or summary_idx is not None:
-            self.parts.append(self._list_part(token_idx, summary_idx, summary_k, summary_v,
-                                              summary_count, summary_pos))
+            self.parts.append(self._list_part(token_idx, summary_idx, summary_k, a.summary_v,
+                                              a.summary_count, a.summary_pos))
 
     # --- helpers ---------------------------------------------------------------------------------
     def _per_head(self, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from danon.core.attention_args import AttentionArgs, BackwardArgs
 from danon.core.dtypes import accumulation_dtype
 
 # Elements of the logit tensor one chunk may hold: bounds the executor's working memory.
@@ -32,9 +33,9 @@ def _with_window(block_idx, window, tq, tk, causal, B, Hkv, device):
 class Problem:
     """One attention call, padded to whole blocks and upcast to the accumulation dtype."""
 
-    def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                 summary_pos, key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band,
-                 softcap):
+    def __init__(self, a: AttentionArgs):
+        q, k, v, block_idx, block_size, window, causal = a.q, a.k, a.v, a.block_idx, a.block_size, a.window, a.causal
+        token_idx, summary_idx, summary_k, summary_v = a.token_idx, a.summary_idx, a.summary_k, a.summary_v
         self.dtype = accumulation_dtype(q.dtype)
         self.B, self.H, self.nq, self.D = q.shape
         self.Hkv, self.nk = k.shape[1], k.shape[2]
@@ -42,24 +43,24 @@ class Problem:
         self.G = self.H // self.Hkv
         self.b = b = block_size
         self.tq, self.tk = -(-self.nq // b), -(-self.nk // b)
-        self.scale, self.causal, self.softcap = scale, causal, softcap
-        self.band = band if band >= 0 else None
+        self.scale, self.causal, self.softcap = a.scale, causal, a.softcap
+        self.band = a.band if a.band >= 0 else None
         if window >= 0:   # the near window as explicit blocks, ahead of the listed ones
             block_idx = _with_window(block_idx, window, self.tq, self.tk, causal, q.shape[0], k.shape[1], q.device)
         self.dense = block_idx is None and token_idx is None and summary_idx is None
         self.block_idx, self.token_idx, self.summary_idx = block_idx, token_idx, summary_idx
-        self.summary_count, self.summary_pos = summary_count, summary_pos
-        self.attn_mask = attn_mask
+        self.summary_count, self.summary_pos = a.summary_count, a.summary_pos
+        self.attn_mask = a.attn_mask
         # padded inputs in the accumulation dtype
         self.q = self.pad_rows(q, self.tq * b)
         self.k = self.pad_rows(k, self.tk * b)
         self.v = self.pad_rows(v, self.tk * b)
         self.summary_k = None if summary_k is None else summary_k.to(self.dtype)
         self.summary_v = None if summary_v is None else summary_v.to(self.dtype)
-        self.slopes = None if slopes is None else slopes.to(self.dtype)
+        self.slopes = None if a.slopes is None else a.slopes.to(self.dtype)
         key_ok = torch.ones(self.B, self.nk, dtype=torch.bool, device=q.device)
-        if key_padding_mask is not None:
-            key_ok = key_padding_mask.to(torch.bool).expand(self.B, self.nk)
+        if a.key_padding_mask is not None:
+            key_ok = a.key_padding_mask.to(torch.bool).expand(self.B, self.nk)
         self.key_ok = F.pad(key_ok, (0, self.tk * b - self.nk), value=False)       # [B, Tk*b]
         self.work = self.keys_per_query()
 
@@ -276,11 +277,10 @@ class Problem:
         return self.to_chunk_rows(m, 0, t1 - t0)
 
 
-def reference_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                      key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap):
+def reference_forward(a: AttentionArgs):
     """out [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] in the accumulation dtype."""
-    prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap)
+    prob = Problem(a)
+    q = a.q
     B, H, b = prob.B, prob.H, prob.b
     out = q.new_full((B, H, prob.tq * b, prob.Dv), float("nan"), dtype=prob.dtype)   # poisoned until written
     lse = q.new_full((B, H, prob.tq * b), float("nan"), dtype=prob.dtype)
@@ -291,31 +291,29 @@ def reference_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, sum
     return out[:, :, :prob.nq].to(q.dtype), lse[:, :, :prob.nq]
 
 
-def reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
-                       summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse, scale, causal,
-                       block_size, window, band, softcap, need_summary_grad, need_mask_grad, need_slopes_grad, use_lse):
+def reference_backward(a: AttentionArgs, g: BackwardArgs, use_lse: bool):
     """(dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes); grads not asked for are empty.
 
     Written out by hand (no autograd inside: a custom op's kernel runs below the autograd key).
     """
+    q, k, v, attn_mask = a.q, a.k, a.v, a.attn_mask
     empty = q.new_empty(0)
-    prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap)
+    prob = Problem(a)
     b, rows = prob.b, prob.tq * prob.b
     # Contiguous tables whatever the inputs' strides: add_key_grads scatters into them through flat views.
     dense = dict(memory_format=torch.contiguous_format)
     grads = {"k": torch.zeros_like(prob.k, **dense), "v": torch.zeros_like(prob.v, **dense)}
-    if need_summary_grad and prob.summary_k is not None:
+    if g.need_summary_grad and prob.summary_k is not None:
         grads["sk"] = torch.zeros_like(prob.summary_k, **dense)
         grads["sv"] = torch.zeros_like(prob.summary_v, **dense)
-    if need_mask_grad and attn_mask is not None:
+    if g.need_mask_grad and attn_mask is not None:
         grads["mask"] = torch.zeros(prob.B, prob.H, rows, prob.tk * b, dtype=prob.dtype, device=q.device)
-    if need_slopes_grad and prob.slopes is not None:
+    if g.need_slopes_grad and prob.slopes is not None:
         grads["slopes"] = torch.zeros_like(prob.slopes)
-    go = prob.pad_rows(grad_out, rows)
-    o = prob.pad_rows(out, rows)
-    l = F.pad(lse.to(prob.dtype), (0, rows - prob.nq))
-    gl = F.pad(grad_lse.to(prob.dtype), (0, rows - prob.nq)) if use_lse else None
+    go = prob.pad_rows(g.grad_out, rows)
+    o = prob.pad_rows(g.out, rows)
+    l = F.pad(g.lse.to(prob.dtype), (0, rows - prob.nq))
+    gl = F.pad(g.grad_lse.to(prob.dtype), (0, rows - prob.nq)) if use_lse else None
     dq = torch.zeros_like(prob.q)
     for t0, t1 in prob.chunks():
         dq_rows = prob.backward_chunk(t0, t1, go, o, prob.to_chunk_rows(l, t0, t1), gl, grads)
@@ -329,4 +327,4 @@ def reference_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
         full = grads["mask"][:, :, :prob.nq, :prob.nk]
         d_mask = full.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
     return (dq[:, :, :prob.nq].to(q.dtype), grad_of("k", k)[:, :, :prob.nk], grad_of("v", v)[:, :, :prob.nk],
-            grad_of("sk", summary_k), grad_of("sv", summary_v), d_mask, grad_of("slopes", slopes))
+            grad_of("sk", a.summary_k), grad_of("sv", a.summary_v), d_mask, grad_of("slopes", a.slopes))

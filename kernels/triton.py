@@ -4,16 +4,15 @@ The kernels are in kernels/triton_kernels.py. CUDA tensors run them compiled; CP
 in Triton's interpreter (what TRITON_INTERPRET=1 does, whether or not it is set), which is how the
 CPU test suite checks the very code the GPU runs.
 
-- `triton_attention(q, k, v, plan, ...)` -> (out, lse): differentiable (autograd.Function); the
-  summary keys and values get gradients, which autograd carries to k and v through the means.
+- `attention_forward(a)` / `attention_backward(a, g)`: the executor (core/executors.py), registered by
+  kernels/__init__.py for CUDA tensors it supports.
+- `triton_attention(q, k, v, plan, ...)` -> (out, lse): the `danon::attention` op with this executor
+  preferred, on CUDA or (interpreted) CPU tensors; differentiable as the op is.
 - `triton_attention_backward(grad_out, q, k, v, plan, out, lse, ...)`: the gradients as a dict.
-- `attention_forward` / `attention_backward`: the same signatures as kernels/cpu.py, for the
-  `danon::attention` op's CUDA path.
 """
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 from typing import Optional
@@ -21,6 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from danon.core.attention_args import GRADIENTS, AttentionArgs, BackwardArgs, attention_args
+from danon.core.executors import prefer
 from danon.core.plan import is_dense_plan
 
 __all__ = ["triton_attention", "triton_attention_backward", "attention_forward", "attention_backward", "supports"]
@@ -68,17 +69,19 @@ def _compiled(x: Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def supports(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> bool:
-    """Whether the Triton executor runs this call (else the op uses the CPU module's reference path).
+def supports(a: AttentionArgs) -> bool:
+    """Whether the Triton executor runs this call (else the op uses the CPU executor's reference path).
 
     Example:
         >>> import torch
-        >>> from kernels.triton import supports  # installed as danon.kernels.triton
+        >>> from danon.core.attention_args import attention_args
+        >>> from danon.kernels.triton import supports
         >>> x = torch.randn(1, 2, 8, 16)
-        >>> supports(x, x, x, None), supports(x.double(), x.double(), x.double(), None)
+        >>> supports(attention_args(x, x, x, scale=0.25)), supports(attention_args(*[x.double()] * 3, scale=0.25))
         (True, False)
     """
-    return (q.device.type in ("cpu", "cuda") and attn_mask is None and q.dtype in _DTYPES
+    q, k, v = a.q, a.k, a.v
+    return (q.device.type in ("cpu", "cuda") and a.attn_mask is None and q.dtype in _DTYPES
             and q.dtype == k.dtype == v.dtype)
 
 
@@ -118,9 +121,8 @@ def _list(idx: Optional[Tensor], B: int, Hkv: int, tq: int, name: str):
 class _Launch:
     """The arguments every kernel shares, prepared once per call (contiguous plan tables, flags)."""
 
-    def __init__(self, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count,
-                 summary_pos, key_padding_mask, slopes, scale, causal, block_size, window, band, softcap,
-                 backward: bool):
+    def __init__(self, a: AttentionArgs, backward: bool):
+        q, k, v = a.q, a.k, a.v
         for name, x in (("q", q), ("k", k), ("v", v)):
             if x.dtype not in _DTYPES:
                 raise ValueError(f"{name} has dtype {x.dtype}; the Triton executor takes float16, bfloat16 or "
@@ -130,49 +132,49 @@ class _Launch:
                                  f"CPU tensors (interpreted)")
         if not (q.dtype == k.dtype == v.dtype):
             raise ValueError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-        if band == 0 or band < -1:
-            raise ValueError(f"band must be >= 1 (a sliding window of tokens) or -1 (none), got {band}")
-        if band >= 0 and window < 0:
+        if a.band == 0 or a.band < -1:
+            raise ValueError(f"band must be >= 1 (a sliding window of tokens) or -1 (none), got {a.band}")
+        if a.band >= 0 and a.window < 0:
             raise ValueError("band (a sliding window of tokens) needs the plan's block window (window >= 0)")
         B, H, nq, D = q.shape
         Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         self.B, self.H, self.Hkv, self.nq, self.nk, self.D, self.Dv = B, H, Hkv, nq, nk, D, Dv
         self.cuda = _compiled(q)
-        b = block_size
+        b = a.block_size
         tq = -(-nq // b)
-        self.block_idx = _list(block_idx, B, Hkv, tq, "block_idx")
-        self.token_idx = _list(token_idx, B, Hkv, tq, "token_idx")
-        self.summary_idx = _list(summary_idx, B, Hkv, tq, "summary_idx")
-        self.dense = is_dense_plan(block_idx, token_idx, summary_idx, window)
-        self.near = self.dense or window >= 0
+        self.block_idx = _list(a.block_idx, B, Hkv, tq, "block_idx")
+        self.token_idx = _list(a.token_idx, B, Hkv, tq, "token_idx")
+        self.summary_idx = _list(a.summary_idx, B, Hkv, tq, "summary_idx")
+        self.dense = is_dense_plan(a.block_idx, a.token_idx, a.summary_idx, a.window)
+        self.near = self.dense or a.window >= 0
         cfg = _config(self.dense, b, D, Dv, self.cuda, backward)
         self.cfg = cfg
         self.b = cfg["b"]
         self.tq = -(-nq // self.b)
         # the dense plan is a window that reaches every key block from every query block
-        self.window = (self.tq + -(-nk // self.b) + 1) if self.dense else max(window, 0)
+        self.window = (self.tq + -(-nk // self.b) + 1) if self.dense else max(a.window, 0)
         dev = q.device
         f32 = torch.float32
         dummy = torch.zeros(1, dtype=f32, device=dev)
         self.S = 0
         self.summary_k = self.summary_v = self.summary_count = self.summary_pos = dummy
         if self.summary_idx is not None:
-            S = summary_k.shape[2]
+            S = a.summary_k.shape[2]
             self.S = S
-            self.summary_shapes = (summary_k.shape, summary_v.shape)
-            self.summary_k = summary_k.expand(B, Hkv, S, D).contiguous()
-            self.summary_v = summary_v.expand(B, Hkv, S, Dv).contiguous()
-            self.summary_count = summary_count.to(f32).expand(B, Hkv, S).contiguous()
-            if summary_pos is not None:
-                self.summary_pos = summary_pos.to(f32).expand(B, Hkv, S).contiguous()
-        self.has_spos = self.summary_idx is not None and summary_pos is not None
-        self.kpm = dummy if key_padding_mask is None else \
-            key_padding_mask.to(torch.bool).expand(B, nk).to(torch.uint8).contiguous()
-        self.slopes = dummy if slopes is None else slopes.detach().to(f32).contiguous()
-        self.has_slopes, self.has_kpm = slopes is not None, key_padding_mask is not None
-        self.scale, self.causal, self.band = float(scale), bool(causal), band
-        self.softcap = 1.0 if softcap is None else float(softcap)
-        self.has_softcap = softcap is not None
+            self.summary_shapes = (a.summary_k.shape, a.summary_v.shape)
+            self.summary_k = a.summary_k.expand(B, Hkv, S, D).contiguous()
+            self.summary_v = a.summary_v.expand(B, Hkv, S, Dv).contiguous()
+            self.summary_count = a.summary_count.to(f32).expand(B, Hkv, S).contiguous()
+            if a.summary_pos is not None:
+                self.summary_pos = a.summary_pos.to(f32).expand(B, Hkv, S).contiguous()
+        self.has_spos = self.summary_idx is not None and a.summary_pos is not None
+        self.kpm = dummy if a.key_padding_mask is None else \
+            a.key_padding_mask.to(torch.bool).expand(B, nk).to(torch.uint8).contiguous()
+        self.slopes = dummy if a.slopes is None else a.slopes.detach().to(f32).contiguous()
+        self.has_slopes, self.has_kpm = a.slopes is not None, a.key_padding_mask is not None
+        self.scale, self.causal, self.band = float(a.scale), bool(a.causal), a.band
+        self.softcap = 1.0 if a.softcap is None else float(a.softcap)
+        self.has_softcap = a.softcap is not None
         # fp32 follows torch's matmul setting (tf32 only where the user allowed it); 16-bit: Triton's default
         if q.dtype != f32:
             self.ip = None
@@ -219,30 +221,28 @@ class _Null:
         return False
 
 
-# --- the op-level entry points (kernels/cpu.py's signatures) -----------------------------------------
-def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                      key_padding_mask, attn_mask, slopes, scale: float, causal: bool, block_size: int,
-                      window: int, band: int, softcap: Optional[float]):
+# --- the executor's entry points (the signatures of every executor, core/executors.py) ---------------------
+def attention_forward(a: AttentionArgs):
     """Execute a plan: out [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] fp32 (-inf where no key is seen).
 
     Example:
         >>> import torch
-        >>> from kernels.triton import attention_forward  # installed as danon.kernels.triton
+        >>> from danon.core.attention_args import attention_args
+        >>> from danon.kernels.triton import attention_forward
         >>> q = torch.randn(1, 2, 40, 16)
-        >>> out, lse = attention_forward(q, q, q, *[None] * 10, scale=0.25, causal=True,
-        ...                              block_size=16, window=-1, band=-1, softcap=None)
+        >>> out, lse = attention_forward(attention_args(q, q, q, scale=0.25, causal=True, block_size=16))
         >>> out.shape, lse.shape
         (torch.Size([1, 2, 40, 16]), torch.Size([1, 2, 40]))
     """
-    if attn_mask is not None:
+    q, k, v = a.q, a.k, a.v
+    if a.attn_mask is not None:
         raise ValueError("attn_mask (a general mask) is not supported by the Triton executor; the danon::attention "
                          "op runs it on the reference executor")
     B, H, nq = q.shape[:3]
     Dv = v.shape[3]
     if q.numel() == 0 or k.shape[2] == 0:
         return q.new_zeros(B, H, nq, Dv), q.new_full((B, H, nq), float("-inf"), dtype=torch.float32)
-    L = _Launch(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                key_padding_mask, slopes, scale, causal, block_size, window, band, softcap, backward=False)
+    L = _Launch(a, backward=False)
     out = q.new_full((B, H, nq, Dv), float("nan"))                     # poisoned until the kernel writes it
     lse = q.new_full((B, H, nq), float("nan"), dtype=torch.float32)
     grid = (triton_cdiv(nq, L.cfg["BLOCK_M"]), B * H)
@@ -253,25 +253,24 @@ def attention_forward(q, k, v, block_idx, token_idx, summary_idx, summary_k, sum
     return out, lse
 
 
-def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v,
-                       summary_count, summary_pos, key_padding_mask, attn_mask, slopes, out, lse,
-                       scale: float, causal: bool, block_size: int, window: int,
-                       band: int, softcap: Optional[float], need_summary_grad: bool, need_mask_grad: bool,
-                       need_slopes_grad: bool):
+def attention_backward(a: AttentionArgs, g: BackwardArgs):
     """Gradients: (dq, dk, dv, d_summary_k, d_summary_v, d_attn_mask, d_slopes); those not needed are empty.
 
     Example:
         >>> import torch
-        >>> from kernels.triton import attention_forward, attention_backward
+        >>> from danon.core.attention_args import BackwardArgs, attention_args
+        >>> from danon.kernels.triton import attention_forward, attention_backward
         >>> q = torch.randn(1, 2, 40, 16)
-        >>> opts = dict(scale=0.25, causal=True, block_size=16, window=-1, band=-1, softcap=None)
-        >>> out, lse = attention_forward(q, q, q, *[None] * 10, **opts)
-        >>> grads = attention_backward(torch.ones_like(out), None, q, q, q, *[None] * 10, out, lse, **opts,
-        ...                            need_summary_grad=False, need_mask_grad=False, need_slopes_grad=False)
+        >>> a = attention_args(q, q, q, scale=0.25, causal=True, block_size=16)
+        >>> out, lse = attention_forward(a)
+        >>> grads = attention_backward(a, BackwardArgs(torch.ones_like(out), None, out, lse, False, False, False))
         >>> [tuple(g.shape) for g in grads[:3]]
         [(1, 2, 40, 16), (1, 2, 40, 16), (1, 2, 40, 16)]
     """
-    if attn_mask is not None or need_mask_grad:
+    q, k, v, summary_k, summary_v, slopes = a.q, a.k, a.v, a.summary_k, a.summary_v, a.slopes
+    grad_out, grad_lse, out, lse = g.grad_out, g.grad_lse, g.out, g.lse
+    need_summary_grad, need_slopes_grad = g.need_summary_grad, g.need_slopes_grad
+    if a.attn_mask is not None or g.need_mask_grad:
         raise ValueError("attn_mask (a general mask) is not supported by the Triton executor; the danon::attention "
                          "op runs it on the reference executor")
     empty = q.new_empty(0)
@@ -280,8 +279,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
                 torch.zeros_like(summary_k) if need_summary_grad and summary_k is not None else empty,
                 torch.zeros_like(summary_v) if need_summary_grad and summary_v is not None else empty,
                 empty, torch.zeros_like(slopes) if need_slopes_grad and slopes is not None else empty)
-    L = _Launch(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                key_padding_mask, slopes, scale, causal, block_size, window, band, softcap, backward=True)
+    L = _Launch(a, backward=True)
     B, H, nq, D = q.shape
     Hkv, nk, Dv = L.Hkv, L.nk, L.Dv
     f32 = torch.float32
@@ -310,7 +308,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, block_idx, token_idx, summar
                 flags.pop(name)
             L.mod._backward_dkdv_near[(triton_cdiv(nk, L.cfg["BLOCK_N"]), B * Hkv)](
                 q, k, v, grad_out, lse, delta, dk, dv, L.kpm, L.slopes, *q.stride(), *k.stride(), *v.stride(),
-                *grad_out.stride(), H, Hkv, H // Hkv, nq, nk, L.b, L.window, max(band, 1), L.scale, L.softcap,
+                *grad_out.stride(), H, Hkv, H // Hkv, nq, nk, L.b, L.window, max(a.band, 1), L.scale, L.softcap,
                 **flags)
     d_summary_k = d_summary_v = empty
     if need_summ:   # back to the summary tables' own shapes (they may have been broadcast)
@@ -327,44 +325,11 @@ def triton_cdiv(a: int, b: int) -> int:
 
 
 # --- the public entry: a plan in, (out, lse) out, differentiable ------------------------------------------
-def _plan_args(q, plan, scale, causal, key_padding_mask, slopes, softcap):
-    """The op-level arguments for `plan`; keyword arguments override the plan's own values."""
+def _plan_args(q, k, v, plan, scale, causal, key_padding_mask, slopes, softcap) -> AttentionArgs:
+    """The op's arguments for `plan`; keyword arguments override the plan's own values."""
     from danon.core import checks
-    if causal is not None and bool(causal) != bool(plan.causal):
-        raise ValueError(f"causal={causal} contradicts the plan, which was built with causal={plan.causal}: "
-                         f"build the plan with the masking you run it with (or pass causal=None)")
-    return dict(block_idx=plan.block_idx, token_idx=plan.token_idx, summary_idx=plan.summary_idx,
-                summary_count=plan.summary_count, summary_pos=plan.summary_pos, key_padding_mask=key_padding_mask,
-                slopes=plan.slopes if slopes is None else slopes, scale=checks.check_scale(scale, q.shape[-1]),
-                causal=bool(plan.causal), block_size=int(plan.block_size),
-                window=-1 if plan.window is None else int(plan.window), band=-1 if plan.band is None else int(plan.band),
-                softcap=checks.check_softcap(softcap))
-
-
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, summary_k, summary_v, slopes, a):
-        out, lse = attention_forward(q, k, v, a["block_idx"], a["token_idx"], a["summary_idx"], summary_k, summary_v,
-                                     a["summary_count"], a["summary_pos"], a["key_padding_mask"], None, slopes,
-                                     a["scale"], a["causal"], a["block_size"], a["window"], a["band"], a["softcap"])
-        ctx.save_for_backward(q, k, v, summary_k, summary_v, slopes, out, lse)
-        ctx.a = a
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, summary_k, summary_v, slopes, out, lse = ctx.saved_tensors
-        a = ctx.a
-        need = ctx.needs_input_grad
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        dq, dk, dv, dsk, dsv, _, dsl = attention_backward(
-            grad_out, grad_lse, q, k, v, a["block_idx"], a["token_idx"], a["summary_idx"], summary_k, summary_v,
-            a["summary_count"], a["summary_pos"], a["key_padding_mask"], None, slopes, out, lse, a["scale"],
-            a["causal"], a["block_size"], a["window"], a["band"], a["softcap"],
-            summary_k is not None and (need[3] or need[4]), False, slopes is not None and need[5])
-        return (dq, dk, dv, dsk if dsk.numel() else None, dsv if dsv.numel() else None,
-                dsl if dsl.numel() else None, None)
+    return attention_args(q, k, v, plan, scale=checks.check_scale(scale, q.shape[-1]), causal=causal,
+                          key_padding_mask=key_padding_mask, slopes=slopes, softcap=checks.check_softcap(softcap))
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: Optional[float] = None,
@@ -372,8 +337,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: Optional[f
                      slopes: Optional[Tensor] = None, softcap: Optional[float] = None):
     """Run a plan (danon.attention_plan) with the Triton kernels: returns (out [B, H, Nq, Dv], lse [B, H, Nq]).
 
-    Differentiable in q, k, v, the plan's summary keys and values (so through the means, in k and v)
-    and the ALiBi slopes. CUDA tensors run compiled, CPU tensors in Triton's interpreter.
+    The `danon::attention` op with this executor preferred (core/executors.py), so differentiable as the
+    op is: in q, k, v, the plan's summary keys and values (so through the means, in k and v) and the ALiBi
+    slopes; the backward runs on the Triton kernels too. CUDA tensors run compiled, CPU tensors in
+    Triton's interpreter.
     scale: default 1/sqrt(D). causal: the plan's (None); a different value is an error, the plan was
     built for one masking. slopes: ALiBi slopes [H], default the plan's. softcap: Gemma-style cap.
     lse is fp32, -inf for a query that sees no key (its output is 0).
@@ -391,8 +358,11 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: Optional[f
     from danon.core import checks
     checks.check_qkv(q, k, v, self_attention=False)
     checks.check_key_padding_mask(key_padding_mask, q, k)
-    a = _plan_args(q, plan, scale, causal, key_padding_mask, slopes, softcap)
-    return _TritonAttention.apply(q, k, v, plan.summary_k, plan.summary_v, a.pop("slopes"), a)
+    a = _plan_args(q, k, v, plan, scale, causal, key_padding_mask, slopes, softcap)
+    if not supports(a):
+        _Launch(a, backward=False)   # raises, naming the argument the kernels cannot take
+    with prefer("triton"):
+        return torch.ops.danon.attention(*a)
 
 
 def triton_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, plan, out: Tensor, lse: Tensor, *,
@@ -416,12 +386,11 @@ def triton_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
         >>> g["q"].shape, g["summary_k"].shape == plan.summary_k.shape
         (torch.Size([1, 2, 64, 16]), True)
     """
-    a = _plan_args(q, plan, scale, causal, key_padding_mask, slopes, softcap)
-    slopes = a.pop("slopes")
+    a = _plan_args(q, k, v, plan, scale, causal, key_padding_mask, slopes, softcap)
     has_summ = plan.summary_k is not None and plan.summary_idx is not None
-    dq, dk, dv, dsk, dsv, _, dsl = attention_backward(
-        grad_out, grad_lse, q, k, v, a["block_idx"], a["token_idx"], a["summary_idx"], plan.summary_k,
-        plan.summary_v, a["summary_count"], a["summary_pos"], key_padding_mask, None, slopes, out, lse, a["scale"],
-        a["causal"], a["block_size"], a["window"], a["band"], a["softcap"], has_summ, False, slopes is not None)
-    return {"q": dq, "k": dk, "v": dv, "summary_k": dsk if has_summ else None,
-            "summary_v": dsv if has_summ else None, "slopes": dsl if slopes is not None else None}
+    grads = dict(zip(GRADIENTS, attention_backward(
+        a, BackwardArgs(grad_out, grad_lse, out, lse, has_summ, False, a.slopes is not None))))
+    return {"q": grads["q"], "k": grads["k"], "v": grads["v"],
+            "summary_k": grads["summary_k"] if has_summ else None,
+            "summary_v": grads["summary_v"] if has_summ else None,
+            "slopes": grads["slopes"] if a.slopes is not None else None}

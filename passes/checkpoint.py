@@ -26,9 +26,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
-from torch._functorch import config as functorch_config
 from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils.flop_counter import flop_registry
+
+from danon.core.attention_args import BACKWARD_LEADING, PLAN_TENSORS, AttentionArgs
+from danon.core.torch_internals import (aot_eager, functorch_config_patch, inductor_with_partitioner, node_storage,
+                                        partitioners)
 
 from .options import DanonConfig
 
@@ -36,16 +39,10 @@ from .report import CheckpointReport
 
 _ATTENTION = "danon::attention"
 _ATTENTION_BACKWARD = "danon::attention_backward"
-_QKV = 3            # q, k, v are the first three arguments of both danon ops
-_PLAN_END = 10      # block_idx .. summary_pos: the plan tensors (core/attention_op.py argument order)
-_BW_PLAN = (5, 12)  # the same plan tensors in danon::attention_backward (after grad_out, grad_lse, q, k, v)
+# where the plan tensors (block_idx .. summary_pos) sit among each op's arguments, from the one argument list
+_FORWARD_PLAN = (AttentionArgs._fields.index(PLAN_TENSORS[0]), AttentionArgs._fields.index(PLAN_TENSORS[-1]) + 1)
+_BACKWARD_PLAN = tuple(i + len(BACKWARD_LEADING) for i in _FORWARD_PLAN)
 _RETRIES = 4        # partitions tried above budget 0 when the knapsack's estimate overshoots the target
-
-
-def _partitioners():
-    """torch._functorch.partitioners, imported on first use (it costs ~1.5 s of `import danon` otherwise)."""
-    from torch._functorch import partitioners
-    return partitioners
 
 
 def _op_name(node: fx.Node) -> str:
@@ -55,9 +52,9 @@ def _op_name(node: fx.Node) -> str:
 def _plan_positions(node: fx.Node) -> Tuple[int, int]:
     name = _op_name(node)
     if name == _ATTENTION:
-        return _QKV, _PLAN_END
+        return _FORWARD_PLAN
     if name == _ATTENTION_BACKWARD:
-        return _BW_PLAN
+        return _BACKWARD_PLAN
     return 0, 0
 
 
@@ -76,14 +73,13 @@ def tag_plan_nodes(graph: fx.Graph) -> int:
 
     Example:
         >>> import torch, danon
-        >>> from torch._dynamo.backends.debugging import boxed_nop
-        >>> from torch._functorch.aot_autograd import aot_function
+        >>> from danon.core.torch_internals import aot_function_nop, partitioners
         >>> tagged = []
         >>> def partition(joint, inputs, **kw):
         ...     tagged.append(tag_plan_nodes(joint.graph))
-        ...     return _partitioners().min_cut_rematerialization_partition(joint, inputs, **kw)
+        ...     return partitioners().min_cut_rematerialization_partition(joint, inputs, **kw)
         >>> f = lambda q: danon.msra_attention(q, q, q, causal=True, window=16, block_size=16)
-        >>> g = aot_function(f, fw_compiler=boxed_nop, partition_fn=partition)
+        >>> g = aot_function_nop(f, partition)
         >>> g(torch.randn(1, 2, 128, 8, requires_grad=True)).sum().backward()
         >>> tagged[0] > 0
         True
@@ -120,17 +116,16 @@ def saved_bytes(fw_module: fx.GraphModule, num_fwd_outputs: int) -> Tuple[int, i
     graph input's (a parameter, a user input, a view of one) counts as input bytes: the backward holds
     it anyway. Views of one storage count once (the largest view).
     """
-    from torch._inductor.fx_utils import get_node_storage
-    size_of = _partitioners()._size_of
+    size_of = partitioners()._size_of
     placeholders = [n for n in fw_module.graph.nodes if n.op == "placeholder"]
-    input_storages = {get_node_storage(n) for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)}
+    input_storages = {node_storage(n) for n in placeholders if isinstance(n.meta.get("val"), torch.Tensor)}
     out = fw_module.graph.find_nodes(op="output")[0]
     saved = [n for n in out.args[0][num_fwd_outputs:]
              if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
     acts: Dict[object, int] = {}
     inputs: Dict[object, int] = {}
     for n in saved:
-        key = get_node_storage(n)
+        key = node_storage(n)
         bucket = inputs if key in input_storages else acts
         bucket[key] = max(bucket.get(key, 0), int(size_of(n)))
     return sum(acts.values()), sum(inputs.values())
@@ -142,8 +137,8 @@ def _flops(node: fx.Node) -> float:
     if node.op != "call_function" or not (target in flop_registry or
                                           getattr(target, "overloadpacket", None) in flop_registry):
         return 0.0
-    with functorch_config.patch(activation_memory_budget_runtime_estimator="flops"):
-        return float(_partitioners().estimate_runtime(node))
+    with functorch_config_patch(activation_memory_budget_runtime_estimator="flops"):
+        return float(partitioners().estimate_runtime(node))
 
 
 def recompute_cost(fw_module: fx.GraphModule, bw_module: fx.GraphModule) -> Tuple[float, int, int]:
@@ -166,12 +161,11 @@ class CheckpointPartitioner:
 
     Example:
         >>> import torch, danon
-        >>> from torch._dynamo.backends.debugging import boxed_nop
-        >>> from torch._functorch.aot_autograd import aot_function
+        >>> from danon.core.torch_internals import aot_function_nop, partitioners
         >>> rows = []
         >>> p = CheckpointPartitioner("demo", rows, target_fraction=0.0)
         >>> f = lambda x, w: torch.tanh(torch.tanh(x @ w) @ w)
-        >>> g = aot_function(f, fw_compiler=boxed_nop, partition_fn=p)
+        >>> g = aot_function_nop(f, p)
         >>> x, w = torch.randn(64, 64, requires_grad=True), torch.randn(64, 64, requires_grad=True)
         >>> g(x, w).sum().backward()
         >>> rows[0].saved_bytes_before > 0, rows[0].saved_bytes_after
@@ -189,8 +183,8 @@ class CheckpointPartitioner:
         kwargs = {k: v for k, v in kwargs.items() if k != "compiler"}
         # is_non_builtin_to_include: custom ops (danon::attention) count as compute intensive, so the knapsack
         # weighs recomputing them by their FLOP formula; otherwise its min-cut treats them as free to repeat
-        with functorch_config.patch(activation_memory_budget=budget, is_non_builtin_to_include=budget < 1.0):
-            return _partitioners().min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor",
+        with functorch_config_patch(activation_memory_budget=budget, is_non_builtin_to_include=budget < 1.0):
+            return partitioners().min_cut_rematerialization_partition(joint, joint_inputs, compiler="inductor",
                                                                        **kwargs)
 
     def __call__(self, joint: fx.GraphModule, joint_inputs, **kwargs):
@@ -266,29 +260,11 @@ def checkpoint_lowering(gm: fx.GraphModule, example_inputs, config: DanonConfig,
     partitioner = CheckpointPartitioner(name, rows, target_fraction=config.budget,
                                         target_bytes=config.max_activation_bytes)
     if config.target == "eager":
-        from torch._dynamo.backends.common import aot_autograd
-        from torch._dynamo.backends.debugging import boxed_nop
-        return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner,
-                            keep_inference_input_mutations=True)(gm, example_inputs), rows
+        return aot_eager(partitioner)(gm, example_inputs), rows
     # Inductor partitions the joint graph while it compiles (the backward's code is built later, from the
     # graph chosen here), so the patch only needs to cover the compile call
-    import torch._inductor.config
-    with torch._inductor.config.patch(custom_partitioner_fn=_for_inductor(partitioner)):
+    with inductor_with_partitioner(partitioner):
         return lower(gm, example_inputs, config.target), rows
-
-
-def _for_inductor(partitioner: CheckpointPartitioner):
-    """The partitioner as Inductor's `CustomPartitionerFn` (imported here: torch._inductor pulls in Dynamo)."""
-    from torch._inductor.custom_graph_pass import CustomPartitionerFn
-
-    class InductorPartitioner(CustomPartitionerFn):
-        def __call__(self, gm, joint_inputs, **kwargs):
-            return partitioner(gm, joint_inputs, **kwargs)
-
-        def uuid(self):
-            # None: Inductor skips its caches for this compile, so the partitioner (and the report) always runs
-            return None
-    return InductorPartitioner()
 
 
 __all__ = ["CheckpointPartitioner", "checkpoint_lowering", "tag_plan_nodes", "saved_bytes", "recompute_cost",

@@ -35,6 +35,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from danon.core import torch_internals
+
 from .sites import Site, known_equal
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def _rsqrt_head_dim(f, d) -> bool:
 
     def is_sqrt(n):
         return isinstance(n, fx.Node) and n.op == "call_function" and bool(n.args) and is_d(n.args[0]) and (
-            (n.target in (torch._sym_sqrt, math.sqrt) and len(n.args) == 1) or
+            (n.target in (torch_internals.SYM_SQRT, math.sqrt) and len(n.args) == 1) or
             (n.target is operator.pow and len(n.args) == 2 and n.args[1] == 0.5))
 
     if not isinstance(f, fx.Node) or f.op != "call_function" or isinstance(d, int):

@@ -35,11 +35,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from danon.core import torch_internals
+
 from .sites import Site
 
 MHA_TARGETS = {F.multi_head_attention_forward}
-ENCODER_LAYER_TARGETS = {torch._transformer_encoder_layer_fwd, torch.ops.aten._transformer_encoder_layer_fwd.default}
-NATIVE_MHA_TARGETS = {torch._native_multi_head_attention, torch.ops.aten._native_multi_head_attention.default}
+ENCODER_LAYER_TARGETS = {torch_internals.TRANSFORMER_ENCODER_LAYER_FWD, torch.ops.aten._transformer_encoder_layer_fwd.default}
+NATIVE_MHA_TARGETS = {torch_internals.NATIVE_MULTI_HEAD_ATTENTION, torch.ops.aten._native_multi_head_attention.default}
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 _ENCODER_LAYER_PARAMS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias",
@@ -110,7 +112,7 @@ class _Emitter:
         self.created: List[fx.Node] = []
         values = [n.meta.get("example_value") for n in anchor.all_input_nodes]
         # The mode of the traced values themselves (the backend's tracing context may hold another one).
-        self.fake_mode = next((v.fake_mode for v in values if isinstance(v, torch._subclasses.FakeTensor)), None)
+        self.fake_mode = next((v.fake_mode for v in values if isinstance(v, torch_internals.fake_tensor_type())), None)
         self.meta = {k: anchor.meta[k] for k in ("stack_trace", "nn_module_stack", "source_fn_stack")
                      if k in anchor.meta}
 

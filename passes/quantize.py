@@ -23,14 +23,15 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from danon.core import torch_internals
+from danon.core.torch_internals import is_traceable_wrapper_subclass, tree_leaves
 
 from .options import DanonConfig
 
 from .report import LinearReport
 
-LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
+LINEAR_TARGETS = (*torch_internals.LINEAR_TARGETS, torch.ops.aten.linear.default)
 FLOAT_WEIGHTS = (torch.float32, torch.float16, torch.bfloat16)
 FP8_CAPABILITY = (8, 9)
 
@@ -106,8 +107,8 @@ def skip_pattern(name: str, patterns: Sequence[str]) -> Optional[str]:
 
 def output_error(reference, outputs) -> float:
     """||outputs - reference|| / ||reference|| over the floating-point tensors of two output structures."""
-    ref = [t for t in torch.utils._pytree.tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    out = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    ref = [t for t in tree_leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    out = [t for t in tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     num = sum(float((o.double() - r.double()).pow(2).sum()) for o, r in zip(out, ref))
     den = sum(float(r.double().pow(2).sum()) for r in ref)
     return (num / den) ** 0.5 if den > 0 else (0.0 if num == 0 else float("inf"))

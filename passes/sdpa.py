@@ -6,11 +6,12 @@ from typing import List
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+
+from danon.core import torch_internals
 
 from .sites import Site
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+SDPA_TARGETS = set(torch_internals.SDPA_TARGETS)
 SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 

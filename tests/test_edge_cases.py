@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import danon
+from danon.core.attention_args import AttentionArgs
 from danon.kernels import cpu, reference
 
 KINDS = ["exact", "msra", "ucsa", "dala"]
@@ -63,9 +64,10 @@ def test_hand_made_plan_with_tokens_in_the_own_block_agrees_across_executors():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 64, 8, generator=g, dtype=torch.float64) for _ in range(3))
     token_idx = torch.tensor([[[[0, 3, -1], [16, 20, 5], [33, 40, 2], [48, 63, 10]]]], dtype=torch.int32)
-    args = (q, k, v, None, token_idx, None, None, None, None, None, None, None, None, 0.3, True, 16, -1, -1, None)
-    fast, _ = cpu.attention_forward(*args)
-    slow, _ = reference.reference_forward(*args)
+    args = AttentionArgs(q, k, v, None, token_idx, None, None, None, None, None, None, None, None, 0.3, True, 16, -1,
+                         -1, None)
+    fast, _ = cpu.attention_forward(args)
+    slow, _ = reference.reference_forward(args)
     assert torch.allclose(fast, slow, atol=1e-12)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import danon
+from danon.core.attention_args import BackwardArgs, attention_args
 from danon.kernels import cpu, reference
 
 FAMILY_KW = {
@@ -31,8 +32,7 @@ def _inputs(H, Hkv, N, D=8, dtype=torch.float64, seed=0, pad=False):
 
 
 def _op_args(plan, q, k, v, kpm, scale=0.3):
-    return (q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k, plan.summary_v,
-            plan.summary_count, plan.summary_pos, kpm, None, plan.slopes)
+    return attention_args(q, k, v, plan, scale=scale, key_padding_mask=kpm)
 
 
 @pytest.mark.parametrize("kind,causal,pad,Hkv", list(itertools.product(["msra", "ucsa", "dala"], [False, True],
@@ -42,9 +42,8 @@ def test_fast_path_equals_reference(kind, causal, pad, Hkv):
     plan = danon.attention_plan(q, k, v, kind=kind, causal=causal, key_padding_mask=kpm, block_size=16,
                                 **FAMILY_KW[kind])
     args = _op_args(plan, q, k, v, kpm)
-    window = -1 if plan.window is None else plan.window
-    out, lse = cpu.attention_forward(*args, 0.3, causal, 16, window, -1, None)
-    ref_out, ref_lse = reference.reference_forward(*args, 0.3, causal, 16, window, -1, None)
+    out, lse = cpu.attention_forward(args)
+    ref_out, ref_lse = reference.reference_forward(args)
     assert not out.isnan().any()
     assert torch.allclose(out, ref_out, atol=1e-12, rtol=0)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -52,10 +51,8 @@ def test_fast_path_equals_reference(kind, causal, pad, Hkv):
     assert torch.allclose(lse[finite], ref_lse[finite], atol=1e-12, rtol=0)
 
     grad_out = torch.randn_like(out)
-    fast = cpu.attention_backward(grad_out, torch.zeros_like(lse), *args, out, lse, 0.3, causal, 16, window, -1, None,
-                                  True, False, False)
-    slow = reference.reference_backward(grad_out, None, *args, out, lse, 0.3, causal, 16, window, -1, None,
-                                        True, False, False, False)
+    fast = cpu.attention_backward(args, BackwardArgs(grad_out, torch.zeros_like(lse), out, lse, True, False, False))
+    slow = reference.reference_backward(args, BackwardArgs(grad_out, None, out, lse, True, False, False), False)
     for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
         assert a.shape == b.shape, name
         assert torch.allclose(a, b, atol=1e-11, rtol=0), name
@@ -71,14 +68,11 @@ def test_alibi_slopes_gradient_on_the_gathered_path_equals_reference(Hkv, pad, p
     plan = danon.attention_plan(q, k, v, kind="dala", causal=True, key_padding_mask=kpm, block_size=16,
                                 slopes=slopes, **plan_kw)
     args = _op_args(plan, q, k, v, kpm)
-    window = -1 if plan.window is None else plan.window
-    out, lse = cpu.attention_forward(*args, 0.3, True, 16, window, -1, None)
+    out, lse = cpu.attention_forward(args)
     grad_out = torch.randn_like(out)
-    slow = reference.reference_backward(grad_out, None, *args, out, lse, 0.3, True, 16, window, -1, None,
-                                        True, False, True, False)
+    slow = reference.reference_backward(args, BackwardArgs(grad_out, None, out, lse, True, False, True), False)
     monkeypatch.setattr(cpu, "reference_backward", None)   # the fast path must not fall back
-    fast = cpu.attention_backward(grad_out, torch.zeros_like(lse), *args, out, lse, 0.3, True, 16, window, -1, None,
-                                  True, False, True)
+    fast = cpu.attention_backward(args, BackwardArgs(grad_out, torch.zeros_like(lse), out, lse, True, False, True))
     assert slow[6].abs().min() > 1e-3   # a real gradient to compare, per head
     for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v", "d_mask", "d_slopes"], fast, slow):
         assert a.shape == b.shape, name
@@ -162,9 +156,7 @@ def test_attn_mask_with_a_sparse_plan_is_refused():
     q, k, v, _ = _inputs(2, 2, 64, dtype=torch.float32)
     plan = danon.attention_plan(q, k, v, kind="msra", block_size=16, window=16)
     with pytest.raises(ValueError, match="attn_mask"):
-        cpu.attention_forward(q, k, v, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k,
-                              plan.summary_v, plan.summary_count, plan.summary_pos, None,
-                              torch.zeros(64, 64), None, 0.3, False, 16, plan.window, -1, None)
+        cpu.attention_forward(attention_args(q, k, v, plan, scale=0.3, attn_mask=torch.zeros(64, 64)))
 
 
 @pytest.mark.parametrize("kind", ["exact", "msra", "ucsa", "dala"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import danon
-from danon.backends.decompose import attention_aten
+from danon.kernels.aten import attention_aten
 from danon.backends.tensorrt import decompose_for_tensorrt, missing_requirements
 
 HAVE_TRT = importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available()

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from oracle import oracle_attention, rel_err  # noqa: E402
 
 import danon  # noqa: E402
+from danon.core.attention_args import AttentionArgs, BackwardArgs  # noqa: E402
 from danon.kernels import reference  # noqa: E402
 from danon.kernels import triton as triton_executor  # noqa: E402
 from danon.kernels import triton_attention, triton_attention_backward  # noqa: E402
@@ -126,15 +127,16 @@ def test_alibi_softcap_lse_and_slope_gradients_match_the_reference_executor():
     plan.slopes = slopes
     args = _op_args(q, k, v, plan, kpm)
     opts = (0.2, True, 32, plan.window, -1, 1.5)
-    out, lse = triton_executor.attention_forward(*args, *opts)
-    ref_out, ref_lse = reference.reference_forward(*args, *opts)
+    a = AttentionArgs(*args, *opts)
+    out, lse = triton_executor.attention_forward(a)
+    ref_out, ref_lse = reference.reference_forward(a)
     assert rel_err(out, ref_out) < 1e-5
     finite = torch.isfinite(ref_lse)
     assert torch.equal(finite, torch.isfinite(lse)) and torch.allclose(lse[finite], ref_lse[finite], atol=1e-5)
     g = torch.Generator().manual_seed(9)
     go, glse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
-    got = triton_executor.attention_backward(go, glse, *args, out, lse, *opts, True, False, True)
-    want = reference.reference_backward(go, glse, *args, ref_out, ref_lse, *opts, True, False, True, True)
+    got = triton_executor.attention_backward(a, BackwardArgs(go, glse, out, lse, True, False, True))
+    want = reference.reference_backward(a, BackwardArgs(go, glse, ref_out, ref_lse, True, False, True), True)
     for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v", "d_mask", "d_slopes"], got, want):
         assert a.shape == b.shape, name
         if b.numel():
@@ -208,10 +210,10 @@ def test_outputs_are_poisoned_until_the_kernel_writes_them(monkeypatch):
     monkeypatch.setattr(triton_executor, "_kernels", lambda interpret: NoKernels())
     q, k, v, _ = _inputs(1, 2, 1, 40, 16, seed=1)
     opts = (0.25, False, 16, -1, -1, None)
-    out, lse = triton_executor.attention_forward(q, k, v, *[None] * 10, *opts)
+    a = AttentionArgs(q, k, v, *[None] * 10, *opts)
+    out, lse = triton_executor.attention_forward(a)
     assert out.isnan().all() and lse.isnan().all()
-    dq = triton_executor.attention_backward(torch.ones_like(q), None, q, k, v, *[None] * 10, q, lse, *opts,
-                                            False, False, False)[0]
+    dq = triton_executor.attention_backward(a, BackwardArgs(torch.ones_like(q), None, q, lse, False, False, False))[0]
     assert dq.isnan().all()
 
 
@@ -232,11 +234,11 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="float64"):
         triton_attention(q.double(), k.double(), v.double(), plan)
     with pytest.raises(ValueError, match="attn_mask"):
-        triton_executor.attention_forward(q, k, v, *[None] * 8, torch.ones(32, 32, dtype=torch.bool), None,
-                                          0.25, True, 16, -1, -1, None)
+        triton_executor.attention_forward(AttentionArgs(q, k, v, *[None] * 8, torch.ones(32, 32, dtype=torch.bool),
+                                                        None, 0.25, True, 16, -1, -1, None))
     with pytest.raises(ValueError, match="block_idx must have shape"):
-        triton_executor.attention_forward(q, k, v, torch.zeros(1, 1, 5, 1, dtype=torch.int32), *[None] * 9,
-                                          0.25, True, 16, -1, -1, None)
+        triton_executor.attention_forward(AttentionArgs(q, k, v, torch.zeros(1, 1, 5, 1, dtype=torch.int32),
+                                                        *[None] * 9, 0.25, True, 16, -1, -1, None))
 
 
 # --------------------------------------------------------------------------- wider grid (slow)
@@ -281,13 +283,14 @@ def test_gpu_family_against_float64_reference(kind, causal, D, dtype):
     args = _op_args(q, k, v, plan, kpm)
     args64 = [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
     opts = (D ** -0.5, causal, 64, -1 if plan.window is None else plan.window, -1, None)
-    out, lse = triton_executor.attention_forward(*args, *opts)
-    ref, ref_lse = reference.reference_forward(*args64, *opts)
+    a, a64 = AttentionArgs(*args, *opts), AttentionArgs(*args64, *opts)
+    out, lse = triton_executor.attention_forward(a)
+    ref, ref_lse = reference.reference_forward(a64)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype]
     go = torch.randn(out.shape, device="cuda").to(dtype)
-    got = triton_executor.attention_backward(go, None, *args, out, lse, *opts, True, False, False)
-    want = reference.reference_backward(go.double(), None, *args64, ref, ref_lse, *opts, True, False, False, False)
+    got = triton_executor.attention_backward(a, BackwardArgs(go, None, out, lse, True, False, False))
+    want = reference.reference_backward(a64, BackwardArgs(go.double(), None, ref, ref_lse, True, False, False), False)
     for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], got, want):
         assert a.shape == b.shape, name
         if b.numel():

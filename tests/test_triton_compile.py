@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import danon
+from danon.core.attention_args import AttentionArgs, BackwardArgs
 from danon.kernels import triton as triton_executor
 
 CASES = [   # (dtype, kind, causal, D, padding, softcap)
@@ -45,8 +46,9 @@ def _captured_launches(monkeypatch, dtype, kind, causal, D, padding, softcap):
     args = (q, k, k, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k, plan.summary_v,
             plan.summary_count, plan.summary_pos, kpm, None, plan.slopes)
     opts = (D ** -0.5, causal, 64, -1 if plan.window is None else plan.window, -1, softcap)
-    out, lse = triton_executor.attention_forward(*args, *opts)
-    triton_executor.attention_backward(out, lse, *args, out, lse, *opts, True, False, plan.slopes is not None)
+    a = AttentionArgs(*args, *opts)
+    out, lse = triton_executor.attention_forward(a)
+    triton_executor.attention_backward(a, BackwardArgs(out, lse, out, lse, True, False, plan.slopes is not None))
     return launches
 
 

@@ -1,4 +1,5 @@
-"""`danon::attention` written out in ATen ops, for the lowerings that cannot call the op (ONNX, TensorRT).
+"""The ATen executor: `danon::attention` written out in ATen ops, for the lowerings that cannot call the op
+(ONNX, TensorRT), which use it as a decomposition table.
 
 Sparse plans become the reference executor's gather-based computation (kernels/reference.py): the
 near window and listed blocks, routed tokens and summaries gathered into one key set per query
@@ -22,10 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from danon.core import attention_op as _attention_op  # noqa: F401  (registers torch.ops.danon.attention)
-from danon.core.plan import is_dense_plan
+from danon.core.attention_args import PLAN_TENSORS, AttentionArgs
 from danon.core.dtypes import accumulation_dtype
+from danon.core.plan import is_dense_plan
 from danon.core.plan_op import plan_decompositions
-from danon.kernels.reference import Problem
+
+from .reference import Problem
 
 __all__ = ["attention_aten", "sparse_decompositions", "all_decompositions"]
 
@@ -41,19 +44,18 @@ def _near_blocks(tq, tk, window: int, causal: bool, B: int, Hkv: int, device) ->
     return near.expand(B, Hkv, near.shape[0], near.shape[1])
 
 
-def _gathered(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-              key_padding_mask, slopes, scale, causal, block_size, window, band, softcap):
+def _gathered(a: AttentionArgs):
     """The reference executor over every query block at once: (out [B, H, Nq, Dv], lse [B, H, Nq])."""
     # contiguous inputs: otherwise the trace records views valid only for the example's strides and sizes
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = a.q.contiguous(), a.k.contiguous(), a.v.contiguous()
     B, H, nq, _ = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
-    tq, tk = -(-nq // block_size), -(-nk // block_size)
-    if window >= 0:
-        near = _near_blocks(tq, tk, window, causal, B, Hkv, q.device)
+    tq, tk = -(-nq // a.block_size), -(-nk // a.block_size)
+    block_idx = a.block_idx
+    if a.window >= 0:
+        near = _near_blocks(tq, tk, a.window, a.causal, B, Hkv, q.device)
         block_idx = near if block_idx is None else torch.cat([near, block_idx.to(torch.int32)], -1)
-    prob = Problem(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                   key_padding_mask, None, slopes, scale, causal, block_size, -1, band, softcap)
+    prob = Problem(a._replace(q=q, k=k, v=v, block_idx=block_idx, attn_mask=None, window=-1))
     out, lse = prob.forward_chunk(0, prob.tq)
     out = prob.from_chunk_rows(out, 0, prob.tq)[:, :, :nq]
     lse = prob.from_chunk_rows(lse, 0, prob.tq)[:, :, :nq]
@@ -110,40 +112,39 @@ def _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal):
     return out, lse
 
 
-def attention_aten(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                   key_padding_mask, attn_mask, slopes, scale, causal, block_size, window, band, softcap):
-    """`danon::attention` in ATen ops: same arguments, same (out, lse).
+def attention_aten(*args, **kwargs):
+    """`danon::attention` in ATen ops: same arguments (core/attention_args.py), same (out, lse).
 
     Example:
         >>> import torch, danon
+        >>> from danon.core.attention_args import attention_args
         >>> q = torch.randn(1, 2, 96, 8)
         >>> plan = danon.attention_plan(q, q, kind="msra", causal=True, block_size=16, window=16, num_levels=1)
-        >>> args = (q, q, q, plan.block_idx, plan.token_idx, plan.summary_idx, plan.summary_k, plan.summary_v,
-        ...         plan.summary_count, plan.summary_pos, None, None, None, 8 ** -0.5, True, 16, plan.window, -1, None)
+        >>> args = attention_args(q, q, q, plan, scale=8 ** -0.5)
         >>> out, lse = attention_aten(*args)
         >>> bool(torch.allclose(out, torch.ops.danon.attention(*args)[0], atol=1e-5))
         True
     """
-    if is_dense_plan(block_idx, token_idx, summary_idx, window):
-        if slopes is None and softcap is None and v.shape[3] == q.shape[3]:
-            return _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal)
-        prob = Problem(q, k, v, None, None, None, None, None, None, None, key_padding_mask, attn_mask, slopes,
-                       scale, causal, block_size, -1, band, softcap)
+    a = AttentionArgs(*args, **kwargs)
+    q = a.q
+    if is_dense_plan(a.block_idx, a.token_idx, a.summary_idx, a.window):
+        if a.slopes is None and a.softcap is None and a.v.shape[3] == q.shape[3]:
+            return _dense_sdpa(q, a.k, a.v, a.key_padding_mask, a.attn_mask, a.scale, a.causal)
+        prob = Problem(a._replace(**dict.fromkeys(PLAN_TENSORS), window=-1))
         out, lse = prob.forward_chunk(0, prob.tq)
         out = prob.from_chunk_rows(out, 0, prob.tq)[:, :, :q.shape[2]]
         return out.to(q.dtype), prob.from_chunk_rows(lse, 0, prob.tq)[:, :, :q.shape[2]]
-    if attn_mask is not None:
+    if a.attn_mask is not None:
         raise ValueError("attn_mask (a general mask) is supported by the dense exact plan only")
-    return _gathered(q, k, v, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos,
-                     key_padding_mask, slopes, scale, causal, block_size, window, band, softcap)
+    return _gathered(a)
 
 
 def _sparse_only(*args, **kwargs):
     """Decompose sparse plans only: a dense plan stays the op (NotImplemented tells make_fx to keep it)."""
-    bound = dict(zip([a.name for a in torch.ops.danon.attention.default._schema.arguments], args), **kwargs)
-    if is_dense_plan(bound["block_idx"], bound["token_idx"], bound["summary_idx"], bound["window"]):
+    a = AttentionArgs(*args, **kwargs)
+    if is_dense_plan(a.block_idx, a.token_idx, a.summary_idx, a.window):
         return NotImplemented
-    return attention_aten(*args, **kwargs)
+    return attention_aten(*a)
 
 
 def sparse_decompositions() -> Dict[object, Callable]:
