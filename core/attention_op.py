@@ -19,7 +19,7 @@ from .attention_args import (BACKWARD_SCHEMA, FORWARD_SCHEMA, GRADIENTS, Attenti
                              backward_call, split_backward)
 from .dtypes import accumulation_dtype
 from .executors import executor_for, prefer, preferred
-from .plan import is_dense_plan
+from .plan import keys_per_query
 
 __all__ = ["attention_op", "attention_backward_op", "run_plan"]
 
@@ -124,22 +124,6 @@ def _backward(ctx, grad_out, grad_lse):
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _keys_per_query(k_shape, block_idx_shape, token_idx_shape, summary_idx_shape, causal, block_size,
-                    window, band=-1) -> float:
-    nk = k_shape[2]
-    if band >= 1 and block_idx_shape is None and token_idx_shape is None and summary_idx_shape is None:
-        return min(nk, band if causal else 2 * band - 1)
-    if is_dense_plan(block_idx_shape, token_idx_shape, summary_idx_shape, window):
-        return nk / 2 if causal else nk
-    n = 0 if window < 0 else min(nk, ((window + 1) if causal else (2 * window + 1)) * block_size)
-    if block_idx_shape is not None:
-        n += block_idx_shape[-1] * block_size
-    for shape in (token_idx_shape, summary_idx_shape):
-        if shape is not None:
-            n += shape[-1]
-    return n
-
-
 def _named(op, positional: tuple, kwargs: dict) -> dict:
     """The formula's arguments by name, from the op's schema (no hand-counted positions)."""
     names = [a.name for a in op._schema.arguments]
@@ -147,8 +131,11 @@ def _named(op, positional: tuple, kwargs: dict) -> dict:
 
 
 def _flops(a: dict, passes: int) -> int:
-    keys = _keys_per_query(a["k"], a.get("block_idx"), a.get("token_idx"), a.get("summary_idx"), a["causal"],
-                           a["block_size"], a["window"], a["band"])
+    def width(shape):
+        return None if shape is None else shape[-1]
+    keys = keys_per_query(a["k"][2], causal=a["causal"], block_size=a["block_size"], window=a["window"],
+                          band=a["band"], blocks=width(a.get("block_idx")), tokens=width(a.get("token_idx")),
+                          summaries=width(a.get("summary_idx")))
     B, H, nq, D = a["q"]
     return int(passes * 2 * B * H * nq * keys * (D + a["v"][3]))
 

@@ -40,6 +40,39 @@ def key_visibility(kpm: Optional[Tensor], batch: int, nk: int, b: int, device) -
     return F.pad(vis, (0, tk * b - nk))
 
 
+def rows_without_keys(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+                      causal: bool) -> Optional[Tensor]:
+    """Bool [B, H|1, Nq]: the query rows of a dense attention call that see no key (their output is 0, their lse
+    -inf), or None when the masks cannot hide a whole row. No size comparison: exports trace it with symbolic
+    lengths. Key padding alone costs O(B * N) (a running count), a general mask O(B * H * Nq * Nk) like the
+    attention itself.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 1, 3, 4)
+        >>> rows_without_keys(q, q, torch.tensor([[False, True, True]]), None, causal=True)
+        tensor([[[ True, False, False]]])
+    """
+    B, H, nq = q.shape[:3]
+    nk = k.shape[2]
+    if attn_mask is not None:
+        ok = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
+        ok = ok.expand(B, H, nq, nk)
+        if key_padding_mask is not None:
+            ok = ok & key_padding_mask.bool()[:, None, None, :]
+        if causal:
+            ok = ok & (torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None])
+        return ~ok.any(-1)
+    if key_padding_mask is None:
+        return None
+    kpm = key_padding_mask.bool()
+    if causal:   # row i sees keys j <= i: dead while no visible key has been seen yet
+        seen = kpm.to(torch.int32).cumsum(-1)
+        last = torch.arange(nq, device=q.device).clamp(max=nk - 1)
+        return (seen[:, last] == 0)[:, None, :]
+    return (~kpm.any(-1))[:, None, None].expand(B, 1, nq)
+
+
 def block_counts(visible: Tensor, b: int) -> Tensor:
     """Visible keys per block: [B, Tk*b] -> [B, Tk]."""
     return visible.view(visible.shape[0], -1, b).sum(-1)

@@ -95,22 +95,36 @@ class Plan:
             out[name] = None if idx is None else (idx >= 0).sum(-1)
         return out
 
-    def keys_per_query(self) -> int:
-        """Keys each query row is computed against (list capacity: exact block tokens + tokens + summaries)."""
-        if self.is_dense:
-            return self.seq_len_k
-        if self.band is not None and self.block_idx is None and self.token_idx is None and self.summary_idx is None:
-            return min(self.seq_len_k, self.band if self.causal else 2 * self.band - 1)
-        n = 0
-        if self.window is not None:
-            n += min(self.num_key_blocks, (1 if self.causal else 2) * self.window + 1) * self.block_size
-        if self.block_idx is not None:
-            n += self.block_idx.shape[-1] * self.block_size
-        if self.token_idx is not None:
-            n += self.token_idx.shape[-1]
-        if self.summary_idx is not None:
-            n += self.summary_idx.shape[-1]
-        return n
+    def keys_per_query(self) -> float:
+        """Keys each query row is computed against, on average (list capacity: exact block tokens + tokens +
+        summaries; the causal dense plan's triangle is half of Nk). See `keys_per_query`."""
+        def width(idx):
+            return None if idx is None else idx.shape[-1]
+        return keys_per_query(self.seq_len_k, causal=self.causal, block_size=self.block_size,
+                              window=-1 if self.window is None else self.window,
+                              band=-1 if self.band is None else self.band, blocks=width(self.block_idx),
+                              tokens=width(self.token_idx), summaries=width(self.summary_idx))
+
+
+def keys_per_query(nk: int, *, causal: bool, block_size: int, window: int, band: int, blocks: Optional[int],
+                   tokens: Optional[int], summaries: Optional[int]) -> float:
+    """Keys a query row is computed against, on average, for a plan in the op's argument form: window and band
+    -1 for none; blocks, tokens, summaries the widths of the plan's lists (None: no list). The one formula: the
+    plan's report, the op's FLOP count and the attention pass's cost estimate use it.
+
+    Example:
+        >>> keys_per_query(1024, causal=True, block_size=64, window=-1, band=-1, blocks=None, tokens=None,
+        ...                summaries=None)   # dense causal: the triangle
+        512.0
+        >>> keys_per_query(1024, causal=True, block_size=64, window=2, band=-1, blocks=1, tokens=None, summaries=8)
+        264
+    """
+    if band >= 1 and blocks is None and tokens is None and summaries is None:
+        return min(nk, band if causal else 2 * band - 1)
+    if blocks is None and tokens is None and summaries is None and window < 0:
+        return nk / 2 if causal else nk
+    n = 0 if window < 0 else min(nk, ((window + 1) if causal else (2 * window + 1)) * block_size)
+    return n + (blocks or 0) * block_size + (tokens or 0) + (summaries or 0)
 
 
 def plan_coverage(plan: Plan) -> dict:

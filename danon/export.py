@@ -11,8 +11,8 @@ import os
 from typing import Optional
 
 import torch
-import torch.utils._pytree as pytree
 
+from danon.core.torch_internals import dynamo_export_graph, tree_leaves
 from danon.passes.options import DanonConfig
 
 __all__ = ["export", "default_dynamic_shapes", "ExportCheckError"]
@@ -23,7 +23,7 @@ class ExportCheckError(RuntimeError):
 
 
 def _tensors(tree) -> list:
-    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    return [x for x in tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
 def default_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: Optional[dict] = None):
@@ -91,7 +91,7 @@ def _without_cache_output(model, kwargs: dict) -> dict:
 def _capture(model, args, kwargs, dynamic_shapes):
     """Dynamo's torch-level graph of `model` with the model's own signature (parameters as attributes)."""
     try:
-        return torch._dynamo.export(model, dynamic_shapes=dynamic_shapes)(*args, **kwargs).graph_module
+        return dynamo_export_graph(model, dynamic_shapes, args, kwargs)
     except Exception as err:   # name the model and the reason; the traceback keeps the details
         raise RuntimeError(f"danon.export: {type(model).__name__} cannot be captured as one graph by "
                            f"torch._dynamo.export ({type(err).__name__}: {_brief(err)}); "
@@ -175,7 +175,7 @@ def export(model: torch.nn.Module, args, path, *, kwargs: Optional[dict] = None,
     with torch.no_grad(), onnx_backend.export_tracing():
         gm = _capture(model, args, kwargs, dynamic_shapes)
         # the backend's passes and driver: what export cannot honour was refused above, the rest runs here
-        run = run_pipeline(gm, pytree.tree_leaves((args, kwargs)), config)
+        run = run_pipeline(gm, tree_leaves((args, kwargs)), config)
         gm = run.gm
         if run.state.extra_inputs or run.state.lowering is not None:   # a pass added what a file cannot carry
             raise RuntimeError(f"danon.export: passes {', '.join(run.ran)} left graph inputs or a lowering that a "

@@ -12,16 +12,14 @@ communication) and sets the head counts the attention modules reshape with to th
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-from torch.utils._pytree import tree_leaves
 
 from danon.passes.options import DanonConfig
 from danon.passes.pipeline import run_pipeline
+from danon.core.torch_internals import sizes_not_remembered, tree_leaves
 from danon.passes.shard import Block, merge_blocks
 
 __all__ = ["ShardPlan", "shard", "shard_plan", "local_parameter_bytes"]
@@ -141,28 +139,6 @@ def _args(example_inputs) -> Tuple[tuple, dict]:
                     f"arguments for model's forward, got {type(example_inputs).__name__}")
 
 
-@contextlib.contextmanager
-def _sizes_not_remembered():
-    """Dynamo's automatic-dynamic memory (the sizes each frame was traced with) as it was before the block.
-
-    Dynamo makes a size dynamic when a later compile of the same code sees another value. Without
-    this, the capture's example length turns the user's first compile at any other length into a
-    dynamic-shape compile, and AOTAutograd's tracing of a DTensor training graph with symbolic sizes
-    recurses without end in torch 2.13 (RecursionError; pytorch#152954), with or without danon.
-    Private state of torch._dynamo.pgo: where it is missing, nothing is saved.
-    """
-    try:
-        from torch._dynamo import pgo
-        saved = (copy.deepcopy(pgo._CODE_STATE), copy.deepcopy(pgo._INIT_CODE_STATE))
-    except (ImportError, AttributeError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        pgo._CODE_STATE, pgo._INIT_CODE_STATE = saved
-
-
 def _capture(model: torch.nn.Module, example_inputs) -> List[Tuple[torch.fx.GraphModule, list]]:
     """Dynamo's graphs of model(*example_inputs) (one per graph break) with their example inputs, captured
     by a backend of our own."""
@@ -173,7 +149,7 @@ def _capture(model: torch.nn.Module, example_inputs) -> List[Tuple[torch.fx.Grap
         graphs.append((gm, list(inputs)))
         return gm.forward
 
-    with torch.no_grad(), _sizes_not_remembered():
+    with torch.no_grad(), sizes_not_remembered():
         torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
     if not graphs:
         raise RuntimeError("danon.shard_plan: Dynamo captured no graph of the model (its cache answered, or the "

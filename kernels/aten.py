@@ -24,6 +24,7 @@ from torch import Tensor
 
 from danon.core import attention_op as _attention_op  # noqa: F401  (registers torch.ops.danon.attention)
 from danon.core.attention_args import PLAN_TENSORS, AttentionArgs
+from danon.core.blocks import rows_without_keys
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
 from danon.core.plan_op import plan_decompositions
@@ -62,24 +63,11 @@ def _gathered(a: AttentionArgs):
     return out.to(q.dtype), lse
 
 
-def _rows_seeing_keys(q, k, key_padding_mask, attn_mask, causal) -> Optional[Tensor]:
-    """Bool [B, H|1, Nq, 1]: rows with at least one visible key, or None when the mask cannot hide a whole row."""
-    if key_padding_mask is None and attn_mask is None:
-        return None
-    nq, nk = q.shape[2], k.shape[2]
-    ok = torch.ones(1, 1, 1, nk, dtype=torch.bool, device=q.device)
-    if key_padding_mask is not None:
-        ok = ok & key_padding_mask.bool()[:, None, None, :]
-    if attn_mask is not None:
-        ok = ok & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf"))
-    if causal:
-        ok = ok & (torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None])
-    return ok.any(-1, keepdim=True)
-
-
 def _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal):
     """The dense plan through F.scaled_dot_product_attention (GQA native), rows without keys set to 0."""
     dt = accumulation_dtype(q.dtype)
+    dead = rows_without_keys(q, k, key_padding_mask, attn_mask, causal)   # before causal folds into the mask
+    seeing = None if dead is None else ~dead[..., None]   # [B, H|1, Nq, 1]
     mask = None
     if attn_mask is not None:
         mask = attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
@@ -92,7 +80,6 @@ def _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal):
         tril = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None]
         mask = mask & tril if mask.dtype == torch.bool else mask.masked_fill(~tril, float("-inf"))
         causal = False
-    seeing = _rows_seeing_keys(q, k, key_padding_mask, attn_mask, causal)
     if seeing is not None and mask is not None:   # a row that sees nothing would be NaN: let it see all, zero it
         mask = mask | ~seeing if mask.dtype == torch.bool else mask.masked_fill(~seeing, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from danon.core.blocks import rows_without_keys
 from danon.core.attention_args import GRADIENTS, AttentionArgs, BackwardArgs
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
@@ -58,33 +59,11 @@ def _flash_forward(q, k, v, key_padding_mask, attn_mask, scale, causal):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qc, kc, vc, 0.0, causal, attn_mask=mask, scale=scale)
     out = out.to(q.dtype)
-    dead = _rows_without_keys(q, k, key_padding_mask, attn_mask, causal)
+    dead = rows_without_keys(q, k, key_padding_mask, attn_mask, causal)
     if dead is not None:
         out = out.masked_fill(dead[..., None], 0.0)
         lse = lse.masked_fill(dead, float("-inf"))
     return out, lse.to(accumulation_dtype(q.dtype))
-
-
-def _rows_without_keys(q, k, key_padding_mask, attn_mask, causal) -> Optional[Tensor]:
-    """Bool [B, H|1, Nq] of query rows that see no key, or None when every row sees one."""
-    B, H, nq = q.shape[:3]
-    nk = k.shape[2]
-    if attn_mask is not None:
-        ok = attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf")
-        ok = ok.expand(B, H, nq, nk)
-        if key_padding_mask is not None:
-            ok = ok & key_padding_mask.bool()[:, None, None, :]
-        if causal:
-            ok = ok & torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril()
-        return ~ok.any(-1)
-    if key_padding_mask is None:
-        return None if (not causal or nk > 0) else torch.ones(B, 1, nq, dtype=torch.bool, device=q.device)
-    kpm = key_padding_mask.bool()
-    if causal:
-        seen = kpm.to(torch.int32).cumsum(-1)
-        last = torch.arange(nq, device=q.device).clamp(max=nk - 1)
-        return (seen[:, last] == 0)[:, None, :]
-    return (~kpm.any(-1))[:, None, None].expand(B, 1, nq)
 
 
 def _path(a: AttentionArgs, dense: bool) -> str:

@@ -62,13 +62,14 @@ class Problem:
         if a.key_padding_mask is not None:
             key_ok = a.key_padding_mask.to(torch.bool).expand(self.B, self.nk)
         self.key_ok = F.pad(key_ok, (0, self.tk * b - self.nk), value=False)       # [B, Tk*b]
-        self.work = self.keys_per_query()
+        self.work = self.key_slots()
 
     def pad_rows(self, x: Tensor, rows: int) -> Tensor:
         x = x.to(self.dtype)
         return F.pad(x, (0, 0, 0, rows - x.shape[2]))
 
-    def keys_per_query(self) -> int:
+    def key_slots(self) -> int:
+        """Key slots per query row of a chunk (blocks padded whole): what bounds its working memory."""
         if self.dense:
             return self.tk * self.b
         n = 0

@@ -28,12 +28,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+
+from danon.core import torch_internals
 
 from .attention import find_sites
 from .sites import Site
 
-LINEAR_FNS = {F.linear, torch._C._nn.linear}
+LINEAR_FNS = set(torch_internals.LINEAR_TARGETS)
 DANON_OPS = ("danon.attention",)   # str(node.target) of the danon op's overloads
 
 # ops a head can travel through unchanged: reshapes that keep [.., H*D] <-> [.., H, D], layout, casts

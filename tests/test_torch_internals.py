@@ -3,7 +3,7 @@
 The walk reads every module's AST: `import torch._x`, `from torch._x import ...`, `from torch.utils._pytree
 import ...` and attribute chains such as `torch._dynamo.reset` count (a name part with one leading underscore
 after `torch`); `torch.ops.aten._foo` does not (an operator's name, not a Python module), nor does text in
-strings. KNOWN is the ratchet of modules not yet moved over: it only shrinks.
+strings.
 """
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDERS = ("danon", "core", "kernels", "passes", "backends")
 HOME = ROOT / "core" / "torch_internals.py"
 
-KNOWN = {
-    "danon/export.py", "danon/shard.py", "passes/shard.py",
-}
 
 
 def _private(dotted: str) -> bool:
@@ -64,14 +61,9 @@ def _offenders():
 
 
 def test_no_private_torch_api_outside_torch_internals():
-    new = {path: uses for path, uses in _offenders().items() if path not in KNOWN}
+    new = _offenders()
     assert not new, "private torch APIs outside core/torch_internals.py: " + "; ".join(
         f"{path}: " + ", ".join(f"line {line} {name}" for line, name in uses) for path, uses in new.items())
-
-
-def test_the_known_list_only_shrinks():
-    gone = KNOWN - set(_offenders())
-    assert not gone, "no longer use private torch APIs, remove from KNOWN: " + ", ".join(sorted(gone))
 
 
 @pytest.mark.parametrize("source,expected", [
