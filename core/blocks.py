@@ -97,6 +97,25 @@ def near_blocks(tq: int, tk: int, w_blocks: int, causal: bool, device) -> Tensor
     return near_spans(torch.arange(tq, device=device), tk, w_blocks, causal)
 
 
+def near_block_table(tq: int, tk: int, window: int, causal: bool, batch: int, kv_heads: int, device, *,
+                     clamp: bool = True) -> Tensor:
+    """Int32 [B, Hkv, Tq, width]: the near key blocks of each query block as an explicit list, -1 where out of
+    range (what executors without a strided window view gather). width is W + 1 causal, 2W + 1 otherwise, with
+    W = min(window, Tk) when `clamp`, else the window itself (exports: no comparison of a symbolic Tk).
+
+    Example:
+        >>> near_block_table(3, 3, 1, True, 1, 1, "cpu")[0, 0]
+        tensor([[-1,  0],
+                [ 0,  1],
+                [ 1,  2]], dtype=torch.int32)
+    """
+    w = min(window, tk) if clamp else window
+    offsets = torch.arange(-w, 1 if causal else w + 1, device=device)
+    near = torch.arange(tq, device=device)[:, None] + offsets                     # [Tq, width]
+    near = torch.where((near >= 0) & (near < tk), near, -1).to(torch.int32)
+    return near.expand(batch, kv_heads, near.shape[0], near.shape[1])
+
+
 def near_spans(uq: Tensor, num_spans: int, w_blocks: int, causal: bool) -> Tensor:
     """Bool [len(uq), num_spans]: span u is near the query's span uq at one level."""
     u = torch.arange(num_spans, device=uq.device)

@@ -16,15 +16,14 @@ translates it itself (ONNX: one `Attention` node), or become `F.scaled_dot_produ
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from danon.core import attention_op as _attention_op  # noqa: F401  (registers torch.ops.danon.attention)
 from danon.core.attention_args import PLAN_TENSORS, AttentionArgs
-from danon.core.blocks import rows_without_keys
+from danon.core.blocks import near_block_table, rows_without_keys
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
 from danon.core.plan_op import plan_decompositions
@@ -32,17 +31,6 @@ from danon.core.plan_op import plan_decompositions
 from .reference import Problem
 
 __all__ = ["attention_aten", "sparse_decompositions", "all_decompositions"]
-
-
-def _near_blocks(tq, tk, window: int, causal: bool, B: int, Hkv: int, device) -> Tensor:
-    """int32 [B, Hkv, Tq, W+1 | 2W+1]: the near key blocks of each query block, -1 where out of range.
-
-    The width depends on the plan's window only (not on min(W, Tk)): no guard on the sequence length.
-    """
-    offsets = torch.arange(-window, 1 if causal else window + 1, device=device)
-    near = torch.arange(tq, device=device)[:, None] + offsets
-    near = torch.where((near >= 0) & (near < tk), near, -1).to(torch.int32)
-    return near.expand(B, Hkv, near.shape[0], near.shape[1])
 
 
 def _gathered(a: AttentionArgs):
@@ -54,7 +42,8 @@ def _gathered(a: AttentionArgs):
     tq, tk = -(-nq // a.block_size), -(-nk // a.block_size)
     block_idx = a.block_idx
     if a.window >= 0:
-        near = _near_blocks(tq, tk, a.window, a.causal, B, Hkv, q.device)
+        # the width depends on the plan's window only (not on min(W, Tk)): no guard on the sequence length
+        near = near_block_table(tq, tk, a.window, a.causal, B, Hkv, q.device, clamp=False)
         block_idx = near if block_idx is None else torch.cat([near, block_idx.to(torch.int32)], -1)
     prob = Problem(a._replace(q=q, k=k, v=v, block_idx=block_idx, attn_mask=None, window=-1))
     out, lse = prob.forward_chunk(0, prob.tq)

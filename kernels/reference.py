@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from danon.core.attention_args import AttentionArgs, BackwardArgs
+from danon.core.blocks import near_block_table
 from danon.core.dtypes import accumulation_dtype
 
 # Elements of the logit tensor one chunk may hold: bounds the executor's working memory.
@@ -23,10 +24,7 @@ LOGIT_BUDGET = 1 << 22
 
 
 def _with_window(block_idx, window, tq, tk, causal, B, Hkv, device):
-    w = min(window, tk)
-    offsets = torch.arange(-w, 1 if causal else w + 1, device=device)
-    near = torch.arange(tq, device=device)[:, None] + offsets                     # [Tq, width]
-    near = torch.where((near >= 0) & (near < tk), near, -1).to(torch.int32).expand(B, Hkv, tq, -1)
+    near = near_block_table(tq, tk, window, causal, B, Hkv, device)
     return near if block_idx is None else torch.cat([near, block_idx.to(torch.int32)], -1)
 
 
