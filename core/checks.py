@@ -1,9 +1,11 @@
-"""Argument checks shared by the functional API: each error names the argument and what is allowed."""
+"""Argument checks shared by the functional API, the family specs and the configs: each error names the argument
+and what is allowed."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -34,12 +36,6 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, self_attention: bool) -> None:
     if self_attention and q.shape[2] != k.shape[2]:
         raise ValueError(f"sparse attention families need self-attention: q's sequence length ({q.shape[2]}) must "
                          f"equal k's ({k.shape[2]}); use kind='exact' for cross-attention")
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 def check_same_device(reference: Tensor, **tensors) -> None:
@@ -91,44 +87,82 @@ def check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def check_block_size(block_size) -> int:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or \
-            block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
-    return block_size
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_nonneg_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What one keyword accepts, written once: the test, the value's normal form, and the words of its error.
+
+    Two wordings, because both are already relied on: the functional API's (`check`: "window must be an
+    integer >= 0, got -1", TypeError where the type is wrong) and the configs' and modules'
+    (`config_message`: "MSRAConfig.window must be an int >= 0, got -1", always a ValueError).
+
+    Example:
+        >>> NONNEG_INT.check("window", -1)
+        Traceback (most recent call last):
+        ...
+        ValueError: window must be an integer >= 0, got -1
+        >>> NONNEG_INT.config_message("MSRAConfig.window", -1)
+        'MSRAConfig.window must be an int >= 0, got -1'
+    """
+
+    accepts: Callable[[Any], bool]
+    allowed: str
+    config_allowed: str
+    error: type = ValueError
+    separator: str = ","          # the functional messages of a choice or a fraction read "...; got x"
+    normal: Optional[Callable[[Any], Any]] = None
+
+    def check(self, name: str, value):
+        """`value` in its normal form, or the functional API's error naming `name`."""
+        if not self.accepts(value):
+            raise self.error(f"{name} must be {self.allowed}{self.separator} got {value!r}")
+        return value if self.normal is None else self.normal(value)
+
+    def config_message(self, subject: str, value) -> Optional[str]:
+        """None when `value` is allowed, else the configs' message about `subject` (e.g. "MSRAConfig.window")."""
+        return None if self.accepts(value) else f"{subject} must be {self.config_allowed}, got {value!r}"
+
+
+def _one_of(allowed) -> str:
+    return f"one of {', '.join(repr(a) for a in allowed)}"
+
+
+def one_of(allowed: tuple) -> Rule:
+    """The rule of a keyword that takes one of a few values (DALA's decay)."""
+    quoted = ", ".join('"%s"' % a for a in allowed)     # the configs quote the choices as Python source
+    return Rule(lambda value: value in allowed, _one_of(allowed), f"one of {quoted}", separator=";")
+
+
+BOOL = Rule(lambda value: isinstance(value, bool), "True or False", "True or False", error=TypeError)
+BLOCK_SIZE = Rule(lambda value: _is_int(value) and value >= 16 and not value & (value - 1),
+                  "a power of two >= 16", "a power of two >= 16 (16, 32, 64, 128, ...)")
+NONNEG_INT = Rule(lambda value: _is_int(value) and value >= 0, "an integer >= 0", "an int >= 0")
+NUM_LEVELS = Rule(lambda value: (isinstance(value, str) and value == "auto") or (_is_int(value) and value >= 1),
+                  "an integer >= 1 or 'auto'", 'an int >= 1 or "auto"')
+COMPRESSION_FACTOR = Rule(lambda value: _is_int(value) and value >= 2, "an integer >= 2", "an int >= 2")
+# float(): a module's float attribute may arrive as another Real (or, traced with dynamic=True, a SymFloat)
+SPARSITY_FACTOR = Rule(lambda value: value is None or (_is_real(value) and 0 < float(value) <= 1),
+                       "a fraction in (0, 1] of the key blocks, or None",
+                       "None or a fraction of the key blocks in (0, 1]", separator=";",
+                       normal=lambda value: None if value is None else float(value))
+SLIDING_WINDOW = Rule(lambda value: value is None or (_is_int(value) and value >= 1), "an integer >= 1 or None",
+                      "an int >= 1 or None")
+
+
+def check_bool(name: str, value) -> bool:
+    return BOOL.check(name, value)
 
 
 def check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-
-def check_num_levels(num_levels):
-    if num_levels == "auto":
-        return num_levels
-    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 1:
-        raise ValueError(f"num_levels must be an integer >= 1 or 'auto', got {num_levels!r}")
-    return num_levels
-
-
-def check_compression_factor(factor) -> int:
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 2:
-        raise ValueError(f"compression_factor must be an integer >= 2, got {factor!r}")
-    return factor
-
-
-def check_sparsity_factor(factor) -> Optional[float]:
-    if factor is None:
-        return None
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 < float(factor) <= 1:
-        raise ValueError(f"sparsity_factor must be a fraction in (0, 1] of the key blocks, or None; got {factor!r}")
-    return float(factor)
+    if value not in allowed:      # `allowed` may be a dict: its keys are the choices
+        raise ValueError(f"{name} must be {_one_of(allowed)}; got {value!r}")
 
 
 def check_per_token(name: str, x: Optional[Tensor], shape) -> Optional[Tensor]:

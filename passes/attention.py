@@ -3,7 +3,7 @@
 GraphModule in, GraphModule out, plus one report row per site. Recognisers (passes/sdpa.py, and
 the next ones: hand-written chains, module calls) turn graph patterns into `Site`s; mask
 classification (passes/masks.py, when present) says what each mask is; this driver decides the
-family and replaces the site's output with a call of `danon.sites.attention_site`. A site is
+family and replaces the site's output with a call of `danon.core.run.attention_site`. A site is
 replaced only when the replacement is the same function (or the user asked for a sparse family
 and the site qualifies); every site kept says why.
 """
@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 
 from .options import DanonConfig
-from danon.functional import attention_plan
-from danon.sites import attention_site
+from danon.core.families import FAMILIES
+from danon.core.run import attention_site, plan
 
 # Hand-written recognisers rather than Inductor's pattern matcher: its patterns (fuse_attention.py) fire
 # on ATen graphs inside Inductor only, while the report, the eager target and the ONNX/TensorRT lowerings
@@ -30,7 +30,7 @@ from .report import SiteReport
 from .sdpa import find_sdpa_sites
 from .sites import Site
 
-SPARSE = ("ucsa", "msra", "dala")
+SPARSE = tuple(name for name, spec in FAMILIES.items() if spec.sparse)
 SPARSE_MASKS = ("none", "causal", "key_padding", "causal+key_padding")
 
 
@@ -102,8 +102,7 @@ def _cost(site: Site, family: Optional[str], config: DanonConfig):
         meta_q = torch.empty(B, H, nq, D, device="meta")
         meta_k = torch.empty(B, _hint(k.shape[1]), nk, D, device="meta")
         try:
-            keys = float(attention_plan(meta_q, meta_k, kind=family, causal=site.causal,
-                                        **config.family_options).keys_per_query())
+            keys = float(plan(family, meta_q, meta_k, causal=site.causal, **config.family_options).keys_per_query())
         except Exception:   # a plan that cannot be built on meta tensors: no estimate rather than a wrong one
             return None, before, None
         return keys, before, 4.0 * B * H * nq * min(keys, nk) * D

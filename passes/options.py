@@ -2,27 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Any, Dict, Optional, Tuple
 
-from danon import functional
+from danon.core.families import FAMILIES
 
-ATTENTION_CHOICES = ("exact", "ucsa", "msra", "dala", "keep")
+ATTENTION_CHOICES = tuple(FAMILIES) + ("keep",)
 TARGET_CHOICES = ("inductor", "eager", "onnxrt", "tensorrt")
 CHECKPOINT_CHOICES = ("none", "auto")
 QUANTIZE_CHOICES = ("none", "int8-weight", "fp8-weight")
 MEMORY_TARGETS = ("inductor", "eager")       # targets the checkpoint and quantize passes lower to
 DEFAULT_MEMORY_BUDGET = 0.5                  # checkpoint="auto" without memory_budget or max_activation_bytes
 
-# keywords each family's functional op takes beyond (q, k, v, causal, key_padding_mask, scale)
-FAMILY_KEYWORDS = {
-    name: tuple(p for p in inspect.signature(fn).parameters
-                if p not in ("q", "k", "v", "causal", "key_padding_mask", "scale", "attn_mask", "importance",
-                             "slopes", "softcap"))
-    for name, fn in (("ucsa", functional.ucsa_attention), ("msra", functional.msra_attention),
-                     ("dala", functional.dala_attention))
-}
+# the options each sparse family takes: its parameters (an exact site's come from the site itself)
+FAMILY_KEYWORDS = {name: spec.names() for name, spec in FAMILIES.items() if spec.sparse}
 
 
 @dataclasses.dataclass
@@ -167,6 +160,6 @@ class DanonConfig:
                 raise ValueError(f"unknown danon option {key!r}; allowed: {', '.join(cls.option_names())}")
         family = {k: options.pop(k) for k in list(options) if k not in own}
         config = cls(**options, family_options=family)
-        if config.family_options:   # check the values once, as the functional op would
-            functional.check_family_options(config.attention, config.family_options)
+        if config.family_options:   # check the values once, with the functional op's messages
+            FAMILIES[config.attention](**config.family_options)
         return config

@@ -18,13 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDERS = {"danon": "danon", "core": "danon.core", "passes": "danon.passes", "kernels": "danon.kernels", "backends": "danon.backends"}
 FLOOR = ("danon.core",)
 
-KNOWN_UPWARD = {
-    ("danon.core.attention_op", "danon.kernels.cpu"),
-    ("danon.core.attention_op", "danon.kernels.triton"),
-    ("danon.passes.attention", "danon.functional"),
-    ("danon.passes.options", "danon.functional"),
-    ("danon.passes.attention", "danon.sites"),
-}
+KNOWN_UPWARD: set = set()
 
 
 def _modules():

@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import danon
+import danon.sites  # the public name of what a rewritten site calls (danon.core.run.attention_site)
 from danon.passes.modules import expand_module_calls
 
 B, N, E, HEADS = 2, 12, 16, 2
