@@ -36,7 +36,10 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Union
+from typing import Any, ClassVar, Dict, Optional, Tuple, Union  # noqa: F401  (Union: in the specs' annotations)
+
+from danon.core import families
+from danon.core.checks import Rule
 
 __all__ = [
     "BaseConfig",
@@ -74,15 +77,19 @@ _SEED_FIELDS_WITHOUT_MEANING: Dict[str, str] = {
     "minimize_memory": "use gradient_checkpointing=True",
 }
 
-_DECAYS = ("alibi", "none")
-
-
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# The rules of the layers' own fields (the families' are in their specs); only the configs word them.
+_ROUTER_HIDDEN_SIZE = Rule(lambda v: v is None or (_is_int(v) and v >= 1), "an int >= 1 or None",
+                           "an int >= 1 or None")
+_ROUTER_TEMPERATURE = Rule(lambda v: _is_number(v) and v > 0 and math.isfinite(v), "a finite number > 0",
+                           "a finite number > 0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,9 +114,33 @@ def _unknown_field_message(cls: type, name: str) -> str:
     return f"{cls.__name__} has no field {name!r}. Allowed fields: {allowed}"
 
 
+def _compose(cls) -> None:
+    """Put the fields of ``cls.composes`` (family specs, or configs: their fields beyond BaseConfig's)
+    before ``cls``'s own, with their defaults and rules, so that no config restates a family's fields."""
+    fields: Dict[str, dataclasses.Field] = {}
+    types: Dict[str, Any] = {}
+    for source in cls.__dict__.get("composes", ()):
+        shared = {f.name for f in dataclasses.fields(BaseConfig)}
+        for f in dataclasses.fields(source):
+            if f.name in shared:
+                continue
+            # a field two sources have (the hybrid's block_size, window) is one field: they must agree on it
+            if f.name in fields and fields[f.name].default != f.default:
+                raise TypeError(f"{cls.__name__}: the composed field {f.name!r} has two defaults, "
+                                f"{fields[f.name].default!r} and {f.default!r}")
+            fields[f.name] = dataclasses.field(default=f.default, metadata=f.metadata)
+            types[f.name] = f.type
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    for name, f in fields.items():
+        setattr(cls, name, f)
+    cls.__annotations__ = {**types, **own}
+
+
 def _config(cls):
     """Turn ``cls`` into a keyword-only dataclass whose ``__init__`` rejects unknown
-    fields with a ValueError (instead of the dataclass TypeError)."""
+    fields with a ValueError (instead of the dataclass TypeError). Its fields are the
+    ones it declares after those of the family specs or configs it ``composes``."""
+    _compose(cls)
     cls = dataclass(kw_only=True)(cls)
     generated_init = cls.__init__
     names = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
@@ -163,6 +194,8 @@ class BaseConfig:
     """
 
     family: ClassVar[str] = "base"
+    # the family specs (danon.core.families) or configs whose fields this config has, before its own
+    composes: ClassVar[Tuple[type, ...]] = ()
 
     vocab_size: int = 32000
     hidden_size: int = 512
@@ -256,11 +289,6 @@ class BaseConfig:
         if not _is_number(value) or not (value > 0) or not math.isfinite(value):
             self._fail(name, value, "a finite number > 0")
 
-    def _check_block_size(self, name: str = "block_size"):
-        value = getattr(self, name)
-        if not _is_int(value) or value < 16 or (value & (value - 1)) != 0:
-            self._fail(name, value, "a power of two >= 16 (16, 32, 64, 128, ...)")
-
     def validate(self) -> None:
         """Check every field; raise ValueError naming the first bad field.
 
@@ -296,30 +324,14 @@ class BaseConfig:
         self._check_prob("hidden_dropout")
         self._check_positive("layer_norm_eps")
         self._check_positive("initializer_range")
+        for f in dataclasses.fields(self):        # the family fields, by the rules of their specs
+            rule = f.metadata.get("rule")
+            message = rule and rule.config_message(f"{type(self).__name__}.{f.name}", getattr(self, f.name))
+            if message:
+                raise ValueError(message)
 
     def __post_init__(self):
         self.validate()
-
-
-def _check_num_levels(cfg: BaseConfig):
-    value = cfg.num_levels
-    if value == "auto" and isinstance(value, str):
-        return
-    if not _is_int(value) or value < 1:
-        cfg._fail("num_levels", value, 'an int >= 1 or "auto"')
-
-
-def _check_decay(cfg: BaseConfig):
-    if not isinstance(cfg.decay, str) or cfg.decay not in _DECAYS:
-        cfg._fail("decay", cfg.decay, 'one of "alibi", "none"')
-
-
-def _check_sparsity(cfg: BaseConfig):
-    value = cfg.sparsity_factor
-    if value is None:
-        return
-    if not _is_number(value) or not (0.0 < value <= 1.0):
-        cfg._fail("sparsity_factor", value, "None or a fraction of the key blocks in (0, 1]")
 
 
 @_config
@@ -362,18 +374,7 @@ class MSRAConfig(BaseConfig):
     """
 
     family: ClassVar[str] = "msra"
-
-    block_size: int = 64
-    window: int = 256
-    num_levels: Union[int, str] = 3
-    compression_factor: int = 4
-
-    def validate(self) -> None:
-        super().validate()
-        self._check_block_size()
-        self._check_int("window", 0)
-        _check_num_levels(self)
-        self._check_int("compression_factor", 2)
+    composes: ClassVar[Tuple[type, ...]] = (families.MSRA,)
 
 
 @_config
@@ -404,27 +405,15 @@ class DALAConfig(BaseConfig):
     """
 
     family: ClassVar[str] = "dala"
+    composes: ClassVar[Tuple[type, ...]] = (families.DALA,)
 
-    block_size: int = 64
-    window: int = 256
-    memory_size: int = 64
-    decay: str = "alibi"
-    compress_rest: bool = True
-    router_hidden_size: Optional[int] = None
+    # the layer's router, not the family's: the functional op takes the importance it computes
+    router_hidden_size: Optional[int] = dataclasses.field(default=None, metadata={"rule": _ROUTER_HIDDEN_SIZE})
 
     @property
     def router_width(self) -> int:
         """The router MLP width actually used."""
         return max(16, self.hidden_size // 4) if self.router_hidden_size is None else self.router_hidden_size
-
-    def validate(self) -> None:
-        super().validate()
-        self._check_block_size()
-        self._check_int("window", 0)
-        self._check_int("memory_size", 0)
-        _check_decay(self)
-        self._check_bool("compress_rest")
-        self._check_int("router_hidden_size", 1, optional=True)
 
 
 @_config
@@ -453,22 +442,7 @@ class UCSAConfig(BaseConfig):
     """
 
     family: ClassVar[str] = "ucsa"
-
-    block_size: int = 64
-    local_window_size: int = 512
-    global_tokens: int = 64
-    top_k_blocks: int = 16
-    sparsity_factor: Optional[float] = None
-    compress: bool = True
-
-    def validate(self) -> None:
-        super().validate()
-        self._check_block_size()
-        self._check_int("local_window_size", 0)
-        self._check_int("global_tokens", 0)
-        self._check_int("top_k_blocks", 0)
-        _check_sparsity(self)
-        self._check_bool("compress")
+    composes: ClassVar[Tuple[type, ...]] = (families.UCSA,)
 
 
 @_config
@@ -496,47 +470,12 @@ class SuperHybridConfig(BaseConfig):
     """
 
     family: ClassVar[str] = "hybrid"
+    # the gate's columns, in this order (HybridAttention's beta and coverage follow it)
+    composes: ClassVar[Tuple[type, ...]] = (MSRAConfig, DALAConfig, UCSAConfig)
 
-    block_size: int = 64
-    # MSRA
-    window: int = 256
-    num_levels: Union[int, str] = 3
-    compression_factor: int = 4
-    # DALA
-    memory_size: int = 64
-    decay: str = "alibi"
-    compress_rest: bool = True
-    router_hidden_size: Optional[int] = None
-    # UCSA
-    local_window_size: int = 512
-    global_tokens: int = 64
-    top_k_blocks: int = 16
-    sparsity_factor: Optional[float] = None
-    compress: bool = True
-    # gate
-    router_temperature: float = 1.0
+    router_temperature: float = dataclasses.field(default=1.0, metadata={"rule": _ROUTER_TEMPERATURE})
 
-    @property
-    def router_width(self) -> int:
-        """The DALA router MLP width actually used."""
-        return max(16, self.hidden_size // 4) if self.router_hidden_size is None else self.router_hidden_size
-
-    def validate(self) -> None:
-        super().validate()
-        self._check_block_size()
-        self._check_int("window", 0)
-        _check_num_levels(self)
-        self._check_int("compression_factor", 2)
-        self._check_int("memory_size", 0)
-        _check_decay(self)
-        self._check_bool("compress_rest")
-        self._check_int("router_hidden_size", 1, optional=True)
-        self._check_int("local_window_size", 0)
-        self._check_int("global_tokens", 0)
-        self._check_int("top_k_blocks", 0)
-        _check_sparsity(self)
-        self._check_bool("compress")
-        self._check_positive("router_temperature")
+    router_width = DALAConfig.router_width
 
 
 _ALL_CONFIGS = (DenseConfig, MSRAConfig, DALAConfig, UCSAConfig, SuperHybridConfig)
