@@ -30,7 +30,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Optional, Union
+import dataclasses
+import inspect
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,7 @@ from danon.config import (
     SuperHybridConfig,
     UCSAConfig,
 )
+from danon.core.families import FAMILIES
 
 __all__ = [
     "SelfAttention",
@@ -54,9 +57,6 @@ __all__ = [
     "alibi_slopes",
     "attention_class_for",
 ]
-
-_FAMILIES = ("msra", "dala", "ucsa")
-
 
 def _functional():
     # Imported lazily so that danon.config / danon.nn import even while the op is being built.
@@ -95,14 +95,40 @@ def _key_padding_mask(attention_mask: Optional[torch.Tensor], batch: int, seq: i
 
 
 class _AttentionBase(nn.Module):
-    """Projections, mask handling, monitoring hook; subclasses supply the attention."""
+    """Projections, mask handling, monitoring hook; subclasses supply the attention.
+
+    A layer's keywords are the shared ones of ``_shared_keywords`` and the family fields of its
+    ``layer_config`` (the config's fields beyond :class:`BaseConfig`'s, from the family specs), checked by
+    that config's rules and kept as attributes of the same names.
+    """
 
     kind: ClassVar[str] = "base"
-    config_class: ClassVar[type] = BaseConfig
+    config_class: ClassVar[type] = BaseConfig       # what from_config accepts
+    layer_config: ClassVar[type] = BaseConfig       # whose family fields are the layer's keywords
     # Marks danon attention layers for danon.monitoring.
     _danon_attention: ClassVar[bool] = True
 
-    def __init__(self, cfg: BaseConfig):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the signature __init__ binds its arguments to, and inspect / help() show
+        family = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+                  for f in cls._family_fields()]
+        shared = inspect.signature(_shared_keywords).parameters.values()
+        cls.__signature__ = inspect.Signature([*shared, *family])
+
+    @classmethod
+    def _family_fields(cls) -> Tuple[dataclasses.Field, ...]:
+        """The layer's keywords beyond the shared ones: its config's fields beyond BaseConfig's."""
+        base = {f.name for f in dataclasses.fields(BaseConfig)}
+        return tuple(f for f in dataclasses.fields(cls.layer_config) if f.name not in base)
+
+    def __init__(self, *args, **kwargs):
+        try:
+            bound = type(self).__signature__.bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"{type(self).__name__}: {err}") from None
+        bound.apply_defaults()
+        cfg = _validated(type(self).__name__, self.layer_config, **bound.arguments)
         super().__init__()
         self.hidden_size = cfg.hidden_size
         self.num_heads = cfg.num_heads
@@ -119,11 +145,17 @@ class _AttentionBase(nn.Module):
         # plan coverage of the forward pass computed (no overhead otherwise).
         self.record_coverage = False
         self.last_coverage: Optional[Dict[str, Any]] = None
+        for f in self._family_fields():
+            setattr(self, f.name, getattr(cfg, f.name))
+        self._build(cfg)
+
+    def _build(self, cfg: BaseConfig) -> None:
+        """The layer's own modules and parameters beyond the projections (none by default)."""
 
     # -- construction -------------------------------------------------------------
     @classmethod
     def _config_kwargs(cls, config: BaseConfig) -> Dict[str, Any]:
-        raise NotImplementedError
+        return {name: getattr(config, name) for name in cls.__signature__.parameters}
 
     @classmethod
     def from_config(cls, config: BaseConfig):
@@ -178,11 +210,48 @@ class _AttentionBase(nn.Module):
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.dropout(self.o_proj(out))
 
+    def _family_kwargs(self, kind: Optional[str] = None, hidden_states: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+        """The functional API's keywords for family ``kind`` (default: the layer's): its parameters as this
+        layer holds them (and, given ``hidden_states``, the family's per-call inputs)."""
+        return {name: getattr(self, name) for name in FAMILIES[kind or self.kind].names()}
+
+    def _run_family(self, kind: str, q, k, v, kpm, hidden_states) -> torch.Tensor:
+        return _functional().attention(
+            q, k, v, kind=kind, causal=self.causal, key_padding_mask=kpm, **self._family_kwargs(kind, hidden_states)
+        )
+
+    def _plan_coverage(self, kind: str, q, k, kpm, hidden_states) -> Dict[str, float]:
+        fn = _functional()
+        plan = fn.attention_plan(
+            q, k, kind=kind, causal=self.causal, key_padding_mask=kpm, **self._family_kwargs(kind, hidden_states)
+        )
+        return fn.plan_coverage(plan)
+
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
             f"num_kv_heads={self.num_kv_heads}, causal={self.causal}"
         )
+
+
+def _shared_keywords(hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None, *, causal: bool = False,
+                     bias: bool = False, attention_dropout: float = 0.0):
+    """The keywords every layer takes, with the layer's defaults (a signature, never called)."""
+
+
+class _FamilyAttention(_AttentionBase):
+    """A layer that runs one family, ``kind``, with the family's parameters as its attributes."""
+
+    def _attend(self, q, k, v, kpm, hidden_states):
+        return self._run_family(self.kind, q, k, v, kpm, hidden_states)
+
+    def _coverage(self, q, k, kpm, hidden_states):
+        return _coverage_dict(self.kind, self._plan_coverage(self.kind, q, k, kpm, hidden_states))
+
+    def extra_repr(self) -> str:
+        # the family's parameters, block_size last (as the layers have always printed them)
+        names = [n for n in FAMILIES[self.kind].names() if n != "block_size"] + ["block_size"]
+        return super().extra_repr() + "".join(f", {name}={getattr(self, name)!r}" for name in names)
 
 
 def _coverage_dict(kind: str, cov: Dict[str, float]) -> Dict[str, Any]:
@@ -221,30 +290,7 @@ class SelfAttention(_AttentionBase):
 
     kind = "dense"
     config_class = BaseConfig
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: Optional[int] = None,
-        *,
-        causal: bool = False,
-        bias: bool = False,
-        attention_dropout: float = 0.0,
-    ):
-        cfg = _validated(
-            type(self).__name__, DenseConfig,
-            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            causal=causal, bias=bias, attention_dropout=attention_dropout,
-        )
-        super().__init__(cfg)
-
-    @classmethod
-    def _config_kwargs(cls, c: BaseConfig) -> Dict[str, Any]:
-        return dict(
-            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
-        )
+    layer_config = DenseConfig
 
     @classmethod
     def from_config(cls, config: BaseConfig):
@@ -276,7 +322,7 @@ class SelfAttention(_AttentionBase):
         return {"kind": self.kind, "exact": 1.0, "summary": 0.0, "skipped": 0.0}
 
 
-class MSRAAttention(_AttentionBase):
+class MSRAAttention(_FamilyAttention):
     """Multi-Scale Recursive Attention layer (``danon.functional.msra_attention``).
 
     Keys within ``window`` tokens (rounded up to blocks) are attended exactly;
@@ -301,65 +347,7 @@ class MSRAAttention(_AttentionBase):
     """
 
     kind = "msra"
-    config_class = MSRAConfig
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: Optional[int] = None,
-        *,
-        window: int = 256,
-        num_levels: Union[int, str] = 3,
-        compression_factor: int = 4,
-        block_size: int = 64,
-        causal: bool = False,
-        bias: bool = False,
-        attention_dropout: float = 0.0,
-    ):
-        cfg = _validated(
-            type(self).__name__, MSRAConfig,
-            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            causal=causal, bias=bias, attention_dropout=attention_dropout,
-            window=window, num_levels=num_levels, compression_factor=compression_factor,
-            block_size=block_size,
-        )
-        super().__init__(cfg)
-        self.window = cfg.window
-        self.num_levels = cfg.num_levels
-        self.compression_factor = cfg.compression_factor
-        self.block_size = cfg.block_size
-
-    @classmethod
-    def _config_kwargs(cls, c) -> Dict[str, Any]:
-        return dict(
-            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
-            window=c.window, num_levels=c.num_levels, compression_factor=c.compression_factor,
-            block_size=c.block_size,
-        )
-
-    def _family_kwargs(self) -> Dict[str, Any]:
-        return dict(
-            block_size=self.block_size, window=self.window, num_levels=self.num_levels,
-            compression_factor=self.compression_factor,
-        )
-
-    def _attend(self, q, k, v, kpm, hidden_states):
-        return _functional().msra_attention(
-            q, k, v, causal=self.causal, key_padding_mask=kpm, **self._family_kwargs()
-        )
-
-    def _coverage(self, q, k, kpm, hidden_states):
-        fn = _functional()
-        plan = fn.attention_plan(q, k, kind="msra", causal=self.causal, key_padding_mask=kpm, **self._family_kwargs())
-        return _coverage_dict(self.kind, fn.plan_coverage(plan))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (
-            f", window={self.window}, num_levels={self.num_levels!r}, "
-            f"compression_factor={self.compression_factor}, block_size={self.block_size}"
-        )
+    config_class = layer_config = MSRAConfig
 
 
 class _Router(nn.Module):
@@ -378,18 +366,13 @@ class _Router(nn.Module):
 class _DALAParts:
     """Router and slopes shared by DALAAttention and HybridAttention."""
 
-    def _init_dala(self, hidden_size, router_hidden_size, decay, memory_size, window, compress_rest, block_size):
-        self.window = window
-        self.memory_size = memory_size
-        self.decay = decay
-        self.compress_rest = compress_rest
-        self.block_size = block_size
-        width = max(16, hidden_size // 4) if router_hidden_size is None else router_hidden_size
-        self.router_hidden_size = width
-        self.router = _Router(hidden_size, width, self.num_kv_heads)
+    def _build(self, cfg) -> None:
+        super()._build(cfg)
+        self.router_hidden_size = cfg.router_width
+        self.router = _Router(cfg.hidden_size, cfg.router_width, self.num_kv_heads)
         # top-k routing sends no gradient back: frozen, so optimisers and DDP do not wait for one
         self.router.requires_grad_(False)
-        if decay == "alibi":
+        if cfg.decay == "alibi":
             self.slopes = nn.Parameter(alibi_slopes(self.num_heads))
         else:
             self.register_parameter("slopes", None)
@@ -399,31 +382,20 @@ class _DALAParts:
         routing is not differentiable, so no gradient reaches the router from the output)."""
         return self.router(hidden_states).detach()
 
-    def _dala_kwargs(self, hidden_states) -> Dict[str, Any]:
-        kw = dict(
-            block_size=self.block_size, window=self.window, memory_size=self.memory_size,
-            importance=self.importance(hidden_states), decay=self.decay,
-            compress_rest=self.compress_rest,
-        )
-        if self.slopes is not None:
-            kw["slopes"] = self.slopes
+    def _family_kwargs(self, kind=None, hidden_states=None) -> Dict[str, Any]:
+        kw = super()._family_kwargs(kind, hidden_states)
+        if (kind or self.kind) == "dala" and hidden_states is not None:
+            kw["importance"] = self.importance(hidden_states)
+            if self.slopes is not None:
+                kw["slopes"] = self.slopes
         return kw
 
-    def _dala_attend(self, q, k, v, kpm, hidden_states):
-        return _functional().dala_attention(
-            q, k, v, causal=self.causal, key_padding_mask=kpm, **self._dala_kwargs(hidden_states)
-        )
-
-    def _dala_coverage(self, q, k, kpm, hidden_states):
-        fn = _functional()
-        kw = self._dala_kwargs(hidden_states)
-        kw.pop("slopes", None)  # the plan does not depend on the decay slopes
-        kw.pop("decay", None)
-        plan = fn.attention_plan(q, k, kind="dala", causal=self.causal, key_padding_mask=kpm, **kw)
-        return fn.plan_coverage(plan)
+    def _dala_kwargs(self, hidden_states) -> Dict[str, Any]:
+        # bench/quality/models.py reads the DALA keywords under this name
+        return self._family_kwargs("dala", hidden_states)
 
 
-class DALAAttention(_DALAParts, _AttentionBase):
+class DALAAttention(_DALAParts, _FamilyAttention):
     """Dynamic Adaptive Long-range Attention layer (``danon.functional.dala_attention``).
 
     Keys within ``window`` are attended exactly, plus the ``memory_size`` tokens
@@ -464,61 +436,10 @@ class DALAAttention(_DALAParts, _AttentionBase):
     """
 
     kind = "dala"
-    config_class = DALAConfig
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: Optional[int] = None,
-        *,
-        window: int = 256,
-        memory_size: int = 64,
-        decay: str = "alibi",
-        compress_rest: bool = True,
-        router_hidden_size: Optional[int] = None,
-        block_size: int = 64,
-        causal: bool = False,
-        bias: bool = False,
-        attention_dropout: float = 0.0,
-    ):
-        cfg = _validated(
-            type(self).__name__, DALAConfig,
-            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            causal=causal, bias=bias, attention_dropout=attention_dropout,
-            window=window, memory_size=memory_size, decay=decay, compress_rest=compress_rest,
-            router_hidden_size=router_hidden_size, block_size=block_size,
-        )
-        _AttentionBase.__init__(self, cfg)
-        self._init_dala(
-            cfg.hidden_size, cfg.router_hidden_size, cfg.decay, cfg.memory_size, cfg.window,
-            cfg.compress_rest, cfg.block_size,
-        )
-
-    @classmethod
-    def _config_kwargs(cls, c) -> Dict[str, Any]:
-        return dict(
-            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
-            window=c.window, memory_size=c.memory_size, decay=c.decay,
-            compress_rest=c.compress_rest, router_hidden_size=c.router_hidden_size,
-            block_size=c.block_size,
-        )
-
-    def _attend(self, q, k, v, kpm, hidden_states):
-        return self._dala_attend(q, k, v, kpm, hidden_states)
-
-    def _coverage(self, q, k, kpm, hidden_states):
-        return _coverage_dict(self.kind, self._dala_coverage(q, k, kpm, hidden_states))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (
-            f", window={self.window}, memory_size={self.memory_size}, decay={self.decay!r}, "
-            f"compress_rest={self.compress_rest}, block_size={self.block_size}"
-        )
+    config_class = layer_config = DALAConfig
 
 
-class UCSAAttention(_AttentionBase):
+class UCSAAttention(_FamilyAttention):
     """Unified Compressed Sparse Attention layer (``danon.functional.ucsa_attention``).
 
     Per query block, the near blocks (``local_window_size``), the global blocks
@@ -546,73 +467,7 @@ class UCSAAttention(_AttentionBase):
     """
 
     kind = "ucsa"
-    config_class = UCSAConfig
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: Optional[int] = None,
-        *,
-        local_window_size: int = 512,
-        global_tokens: int = 64,
-        top_k_blocks: int = 16,
-        sparsity_factor: Optional[float] = None,
-        compress: bool = True,
-        block_size: int = 64,
-        causal: bool = False,
-        bias: bool = False,
-        attention_dropout: float = 0.0,
-    ):
-        cfg = _validated(
-            type(self).__name__, UCSAConfig,
-            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            causal=causal, bias=bias, attention_dropout=attention_dropout,
-            local_window_size=local_window_size, global_tokens=global_tokens,
-            top_k_blocks=top_k_blocks, sparsity_factor=sparsity_factor, compress=compress,
-            block_size=block_size,
-        )
-        super().__init__(cfg)
-        self.local_window_size = cfg.local_window_size
-        self.global_tokens = cfg.global_tokens
-        self.top_k_blocks = cfg.top_k_blocks
-        self.sparsity_factor = cfg.sparsity_factor
-        self.compress = cfg.compress
-        self.block_size = cfg.block_size
-
-    @classmethod
-    def _config_kwargs(cls, c) -> Dict[str, Any]:
-        return dict(
-            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
-            local_window_size=c.local_window_size, global_tokens=c.global_tokens,
-            top_k_blocks=c.top_k_blocks, sparsity_factor=c.sparsity_factor, compress=c.compress,
-            block_size=c.block_size,
-        )
-
-    def _family_kwargs(self) -> Dict[str, Any]:
-        return dict(
-            block_size=self.block_size, local_window_size=self.local_window_size,
-            global_tokens=self.global_tokens, top_k_blocks=self.top_k_blocks,
-            sparsity_factor=self.sparsity_factor, compress=self.compress,
-        )
-
-    def _attend(self, q, k, v, kpm, hidden_states):
-        return _functional().ucsa_attention(
-            q, k, v, causal=self.causal, key_padding_mask=kpm, **self._family_kwargs()
-        )
-
-    def _coverage(self, q, k, kpm, hidden_states):
-        fn = _functional()
-        plan = fn.attention_plan(q, k, kind="ucsa", causal=self.causal, key_padding_mask=kpm, **self._family_kwargs())
-        return _coverage_dict(self.kind, fn.plan_coverage(plan))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (
-            f", local_window_size={self.local_window_size}, global_tokens={self.global_tokens}, "
-            f"top_k_blocks={self.top_k_blocks}, sparsity_factor={self.sparsity_factor}, "
-            f"compress={self.compress}, block_size={self.block_size}"
-        )
+    config_class = layer_config = UCSAConfig
 
 
 class HybridAttention(_DALAParts, _AttentionBase):
@@ -645,71 +500,13 @@ class HybridAttention(_DALAParts, _AttentionBase):
     """
 
     kind = "hybrid"
-    config_class = SuperHybridConfig
-    families = _FAMILIES
+    config_class = layer_config = SuperHybridConfig
+    families = tuple(c.family for c in SuperHybridConfig.composes)    # the gate's columns
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: Optional[int] = None,
-        *,
-        window: int = 256,
-        num_levels: Union[int, str] = 3,
-        compression_factor: int = 4,
-        memory_size: int = 64,
-        decay: str = "alibi",
-        compress_rest: bool = True,
-        router_hidden_size: Optional[int] = None,
-        local_window_size: int = 512,
-        global_tokens: int = 64,
-        top_k_blocks: int = 16,
-        sparsity_factor: Optional[float] = None,
-        compress: bool = True,
-        router_temperature: float = 1.0,
-        block_size: int = 64,
-        causal: bool = False,
-        bias: bool = False,
-        attention_dropout: float = 0.0,
-    ):
-        cfg = _validated(
-            type(self).__name__, SuperHybridConfig,
-            hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            causal=causal, bias=bias, attention_dropout=attention_dropout,
-            window=window, num_levels=num_levels, compression_factor=compression_factor,
-            memory_size=memory_size, decay=decay, compress_rest=compress_rest,
-            router_hidden_size=router_hidden_size, local_window_size=local_window_size,
-            global_tokens=global_tokens, top_k_blocks=top_k_blocks,
-            sparsity_factor=sparsity_factor, compress=compress,
-            router_temperature=router_temperature, block_size=block_size,
-        )
-        _AttentionBase.__init__(self, cfg)
-        self._init_dala(
-            cfg.hidden_size, cfg.router_hidden_size, cfg.decay, cfg.memory_size, cfg.window,
-            cfg.compress_rest, cfg.block_size,
-        )
-        self.num_levels = cfg.num_levels
-        self.compression_factor = cfg.compression_factor
-        self.local_window_size = cfg.local_window_size
-        self.global_tokens = cfg.global_tokens
-        self.top_k_blocks = cfg.top_k_blocks
-        self.sparsity_factor = cfg.sparsity_factor
-        self.compress = cfg.compress
+    def _build(self, cfg) -> None:
+        super()._build(cfg)
         self.router_temperature = float(cfg.router_temperature)
-        self.beta = nn.Parameter(torch.zeros(self.num_heads, len(_FAMILIES)))
-
-    @classmethod
-    def _config_kwargs(cls, c) -> Dict[str, Any]:
-        return dict(
-            hidden_size=c.hidden_size, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-            causal=c.causal, bias=c.bias, attention_dropout=c.attention_dropout,
-            window=c.window, num_levels=c.num_levels, compression_factor=c.compression_factor,
-            memory_size=c.memory_size, decay=c.decay, compress_rest=c.compress_rest,
-            router_hidden_size=c.router_hidden_size, local_window_size=c.local_window_size,
-            global_tokens=c.global_tokens, top_k_blocks=c.top_k_blocks,
-            sparsity_factor=c.sparsity_factor, compress=c.compress,
-            router_temperature=c.router_temperature, block_size=c.block_size,
-        )
+        self.beta = nn.Parameter(torch.zeros(self.num_heads, len(self.families)))
 
     def gate(self) -> torch.Tensor:
         """The per-head mixing weights ``softmax(beta / T)`` [num_heads, 3] (msra, dala, ucsa).
@@ -721,26 +518,14 @@ class HybridAttention(_DALAParts, _AttentionBase):
         """
         return torch.softmax(self.beta / self.router_temperature, dim=-1)
 
-    def _msra_kwargs(self):
-        return dict(
-            block_size=self.block_size, window=self.window, num_levels=self.num_levels,
-            compression_factor=self.compression_factor,
-        )
+    def _msra_kwargs(self):     # bench/quality/models.py reads the hybrid's family keywords under these names
+        return self._family_kwargs("msra")
 
     def _ucsa_kwargs(self):
-        return dict(
-            block_size=self.block_size, local_window_size=self.local_window_size,
-            global_tokens=self.global_tokens, top_k_blocks=self.top_k_blocks,
-            sparsity_factor=self.sparsity_factor, compress=self.compress,
-        )
+        return self._family_kwargs("ucsa")
 
     def _attend(self, q, k, v, kpm, hidden_states):
-        fn = _functional()
-        outs = (
-            fn.msra_attention(q, k, v, causal=self.causal, key_padding_mask=kpm, **self._msra_kwargs()),
-            self._dala_attend(q, k, v, kpm, hidden_states),
-            fn.ucsa_attention(q, k, v, causal=self.causal, key_padding_mask=kpm, **self._ucsa_kwargs()),
-        )
+        outs = [self._run_family(kind, q, k, v, kpm, hidden_states) for kind in self.families]
         g = self.gate().to(q.dtype)  # [H, 3]
         out = outs[0] * g[:, 0].view(1, -1, 1, 1)
         for m in range(1, len(outs)):
@@ -748,27 +533,19 @@ class HybridAttention(_DALAParts, _AttentionBase):
         return out
 
     def _coverage(self, q, k, kpm, hidden_states):
-        fn = _functional()
-        per_family = {
-            "msra": fn.plan_coverage(
-                fn.attention_plan(q, k, kind="msra", causal=self.causal, key_padding_mask=kpm, **self._msra_kwargs())
-            ),
-            "dala": self._dala_coverage(q, k, kpm, hidden_states),
-            "ucsa": fn.plan_coverage(
-                fn.attention_plan(q, k, kind="ucsa", causal=self.causal, key_padding_mask=kpm, **self._ucsa_kwargs())
-            ),
-        }
+        per_family = {kind: self._plan_coverage(kind, q, k, kpm, hidden_states) for kind in self.families}
         weights = self.gate().detach().float().mean(dim=0).tolist()  # mean gate over heads
         mixed = {
-            key: sum(w * float(per_family[f][key]) for w, f in zip(weights, _FAMILIES))
+            key: sum(w * float(per_family[f][key]) for w, f in zip(weights, self.families))
             for key in ("exact", "summary", "skipped")
         }
         out = _coverage_dict(self.kind, mixed)
-        out["families"] = {f: _coverage_dict(f, per_family[f]) for f in _FAMILIES}
-        out["gate"] = dict(zip(_FAMILIES, weights))
+        out["families"] = {f: _coverage_dict(f, per_family[f]) for f in self.families}
+        out["gate"] = dict(zip(self.families, weights))
         return out
 
     def extra_repr(self) -> str:
+        # the three families' parameters would make the line unreadable: the gate's and the shared block size
         return super().extra_repr() + f", router_temperature={self.router_temperature}, block_size={self.block_size}"
 
 
