@@ -1,7 +1,7 @@
 """GPU benchmark of the Triton executor: exact vs SDPA (flash) vs FlexAttention; sparse families vs FlexAttention.
 
 On a CUDA machine, for bf16, B = 1, H = 16, D in {64, 128}, N in {4k, 16k, 64k}, causal:
-1. checks correctness first (exact vs SDPA; each sparse family vs kernels/reference.py in fp32);
+1. checks correctness first (exact vs SDPA; each sparse family vs danon/kernels/reference.py in fp32);
 2. times (triton.testing.do_bench, median) the forward and forward + backward of
    - the exact family against SDPA's flash kernel and FlexAttention with a causal BlockMask,
    - each sparse family (ucsa, msra, dala, default parameters) against FlexAttention given the plan's
@@ -221,7 +221,7 @@ def report(rows, checks, command) -> str:
              "count 4 D flops per (query, key) pair each method computes (forward; x3.5 forward + backward). "
              "Ratios are baseline time / ours (> 1: ours faster), measured side by side in this run. Flex gets the "
              "plan's exact blocks only (it cannot express routed tokens or summaries). Plan building is not in "
-             "the kernel times.", "", "Correctness (rel. error vs SDPA for exact, vs kernels/reference.py in fp32 "
+             "the kernel times.", "", "Correctness (rel. error vs SDPA for exact, vs danon/kernels/reference.py in fp32 "
              "for the sparse families):", ""]
     lines += [f"- {k} N={n} D={d}: {e:.2e}" for k, n, d, e in checks]
     lines += ["", "| family | N | D | plan ms | ours fwd ms | TFLOP/s | ours fwd+bwd ms | TFLOP/s | baseline | "

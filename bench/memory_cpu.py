@@ -88,7 +88,7 @@ def infer_cell(name: str, n: int, repeats: int) -> dict:
     import torch
 
     import danon
-    from danon.passes.quantize import tensor_bytes
+    from danon.passes.weight_quantization import tensor_bytes
     from danon.quantize import quantize
     model = _model(n).eval()
     ids = torch.randint(0, MODEL["vocab_size"], (1, n), generator=torch.Generator().manual_seed(1))

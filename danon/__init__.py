@@ -7,7 +7,7 @@ Example:
     torch.Size([1, 4, 1024, 32])
 """
 from danon.core import attention_op  # registers the danon::attention op  # noqa: F401
-from danon import kernels  # registers the executors that run it (core/executors.py)  # noqa: F401
+from danon import kernels  # registers the executors that run it (danon/core/executors.py)  # noqa: F401
 from danon.core import Plan, alibi_slopes
 from danon.functional import (KINDS, attention, attention_plan, dala_attention, exact_attention, msra_attention,
                               plan_coverage, ucsa_attention)

@@ -1,4 +1,4 @@
-"""The `danon` torch.compile backend: capture -> the passes (passes/pipeline.py: attention, checkpoint,
+"""The `danon` torch.compile backend: capture -> the passes (danon/passes/pipeline.py: attention, checkpoint,
 quantize) -> lower, with a compile report.
 
 `backend="danon"` is registered through the `torch_dynamo_backends` entry point, so it works in a

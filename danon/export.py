@@ -1,6 +1,6 @@
 """`danon.export`: a model to an ONNX file, through the same passes and driver as the backend.
 
-capture (Dynamo) -> the passes (passes/pipeline.py; here the attention pass) -> torch.export (sequence
+capture (Dynamo) -> the passes (danon/passes/pipeline.py; here the attention pass) -> torch.export (sequence
 length dynamic) -> sparse danon ops decomposed to ATen -> torch.onnx (danon's onnxscript translations)
 -> the file, checked by running it in ONNX Runtime on the example inputs against eager.
 """

@@ -6,7 +6,6 @@ checks are its spec's (danon.core.families); each function's signature shows the
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Optional
 
@@ -44,14 +43,6 @@ def check_family_options(kind: str, options: dict) -> None:
     family(kind)(**options)
 
 
-# kind -> planner, looked up on each call: danon.visualization.capture_plans wraps them to record the plans
-# attention_plan builds. It also wraps the module globals `_<kind>_plan_checked`, the exact family's run-time
-# hook before the run moved to danon.core.run (whose exact plans now reach plan_op.observers): kept as names
-# until capture_plans stops wrapping them.
-_PLANNERS = {kind: functools.partial(run.plan, kind) for kind in FAMILIES}
-globals().update({f"_{kind}_plan_checked": planner for kind, planner in _PLANNERS.items()})
-
-
 def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: str = "exact", **family_keywords) -> Plan:
     """The plan a family would execute, for inspection (which keys each query block sees).
 
@@ -69,7 +60,7 @@ def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: st
     family(kind)
     for name in ("scale", "attn_mask", "softcap"):   # they change the logits, not which keys are seen
         family_keywords.pop(name, None)
-    return _PLANNERS[kind](q, k, k if v is None else v, **family_keywords)
+    return run.plan(kind, q, k, k if v is None else v, **family_keywords)
 
 
 @_with_parameters("exact")

@@ -1,6 +1,6 @@
 """`danon.quantize`: the quantize pass's decision, applied to a module outside torch.compile (for export).
 
-The same rules as `options={"quantize": ...}` (passes/quantize.py): every `nn.Linear` is a candidate;
+The same rules as `options={"quantize": ...}` (danon/passes/weight_quantization.py): every `nn.Linear` is a candidate;
 small layers (`min_features`), layers whose name matches `skip`, and, with `tolerance`, the layers that
 would push the output error on `example_inputs` past it stay in full precision. The chosen layers are
 quantized in place with torchao's `quantize_` (their weights become torchao tensors).
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from danon.passes.options import QUANTIZE_CHOICES
-from danon.passes.quantize import decide, output_error, quantized_weight, torchao_config
+from danon.passes.weight_quantization import decide, output_error, quantized_weight, torchao_config
 from danon.passes.report import QuantizeReport
 
 MODES = tuple(m for m in QUANTIZE_CHOICES if m != "none")

@@ -4,7 +4,7 @@
     model, plan = danon.shard(model, mesh, example_inputs)           # split across the mesh's ranks
     model = torch.compile(model, backend="danon")                    # the danon op runs on local heads
 
-The model's forward is captured once with Dynamo; passes/shard.py finds attention blocks and MLPs
+The model's forward is captured once with Dynamo; danon/passes/tensor_parallel.py finds attention blocks and MLPs
 in the graph and decides, per block, to split it (q/k/v and up/gate projections column-parallel,
 output and down projections row-parallel: Megatron's layout, one all-reduce per block) or to keep
 it replicated, saying why. `shard` hands the decisions to `parallelize_module` (DTensor does the
@@ -20,7 +20,7 @@ import torch
 from danon.passes.options import DanonConfig
 from danon.passes.pipeline import run_pipeline
 from danon.core.torch_internals import sizes_not_remembered, tree_leaves
-from danon.passes.shard import Block, merge_blocks
+from danon.passes.tensor_parallel import Block, merge_blocks
 
 __all__ = ["ShardPlan", "shard", "shard_plan", "local_parameter_bytes"]
 

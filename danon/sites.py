@@ -1,6 +1,6 @@
 """What a rewritten attention site calls: `attention_site`, the floor's (danon.core.run), named here too.
 
-The attention pass (passes/attention.py) inserts calls of danon.core.run.attention_site; this module is
+The attention pass (danon/passes/attention.py) inserts calls of danon.core.run.attention_site; this module is
 its public name, the very same function, so that a graph's call targets compare equal to it.
 """
 from __future__ import annotations

@@ -145,9 +145,8 @@ def plot_plan(plan: Plan, path: str, title: str = "", batch: int = 0, kv_head: i
 def capture_plans():
     """Record every plan the families build at run time (not while Dynamo traces) inside the block.
 
-    The sparse families build their plans in `danon::plan` (core/plan_op.py), which tells its `observers`;
-    the exact family calls its planner through module globals of danon.functional (`_exact_plan_checked`
-    and the `_PLANNERS` table) looked up on each call, which are wrapped here.
+    Every plan built on real tensors reaches danon.core.plan_op.observers: the sparse families' from
+    `danon::plan`, the exact family's and `attention_plan`'s from danon/core/run.py.
 
     Example:
         >>> import torch, danon
@@ -157,32 +156,13 @@ def capture_plans():
         >>> [p.kind for p in plans]
         ['msra']
     """
-    from danon import functional
     from danon.core import plan_op
     plans: List[Plan] = []
-    saved = dict(functional._PLANNERS)
-    names = [f"_{kind}_plan_checked" for kind in saved]
-    saved_globals = {name: getattr(functional, name) for name in names}
-
-    def wrap(planner):
-        def recording(*args, **kwargs):
-            plan = planner(*args, **kwargs)
-            if not torch.compiler.is_compiling():
-                plans.append(plan)
-            return plan
-        return recording
-
-    functional._PLANNERS.update({k: wrap(v) for k, v in saved.items()})
-    for name, fn in saved_globals.items():
-        setattr(functional, name, wrap(fn))
     plan_op.observers.append(plans.append)
     try:
         yield plans
     finally:
         plan_op.observers.remove(plans.append)
-        functional._PLANNERS.update(saved)
-        for name, fn in saved_globals.items():
-            setattr(functional, name, fn)
 
 
 def _danon_attention_layers(model: torch.nn.Module) -> list:

@@ -1,13 +1,11 @@
-"""The layer rule, as a ratchet: no import may point up a layer, except the ones listed in KNOWN_UPWARD.
+"""The layer rule: every import points down a layer (docs/design.md section 1).
 
 Layers, bottom to top:
-  0 floor     danon.core (core/: the op, the plan, the families' plan builders, argument checks)
-  1 kernels   danon.kernels (executors)   and   passes: danon.passes (graph rewrites); neither imports the other
+  0 floor     danon.core (danon/core/: the op and its argument list, the executor registry, the plan and its
+              builders, the family specs, argument checks, private torch APIs); imports only torch
+  1 kernels   danon.kernels (executors)   and   passes: danon.passes (graph passes); neither imports the other
   2 backends  danon.backends (lowering)
-  3 roof      the rest of danon (user API, models, CLI, benchmark, monitoring)
-
-KNOWN_UPWARD is what the code does today and issue 18 is to empty; the test fails on any upward import
-not in it, and on an entry that no longer occurs (remove it: the list only shrinks).
+  3 roof      the modules directly in danon/ (user API, models, CLI, benchmark, monitoring); nothing imports them
 """
 from __future__ import annotations
 
@@ -15,28 +13,18 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FOLDERS = {"danon": "danon", "core": "danon.core", "passes": "danon.passes", "kernels": "danon.kernels", "backends": "danon.backends"}
 FLOOR = ("danon.core",)
-
-KNOWN_UPWARD: set = set()
 
 
 def _modules():
-    for folder, package in FOLDERS.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
-            yield ".".join([package, *parts]), path
+    for path in sorted((ROOT / "danon").rglob("*.py")):
+        parts = [p for p in path.relative_to(ROOT).with_suffix("").parts if p != "__init__"]
+        yield ".".join(parts), path
 
 
 def _is_module(name: str) -> bool:
-    for folder, package in FOLDERS.items():
-        if name == package or name.startswith(package + "."):
-            rest = name[len(package):].lstrip(".").split(".") if name != package else []
-            if folder == "danon" and rest and rest[0] in ("core", "passes", "kernels", "backends"):
-                continue
-            base = ROOT / folder / pathlib.Path(*rest) if rest else ROOT / folder
-            return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
-    return False
+    base = ROOT / pathlib.Path(*name.split("."))
+    return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
 def _imports(module: str, path: pathlib.Path):
@@ -78,14 +66,29 @@ def _upward_imports() -> set:
     return found
 
 
-def test_no_new_import_points_up_a_layer():
-    new = _upward_imports() - KNOWN_UPWARD
-    assert not new, "imports that point up a layer: " + ", ".join(f"{a} -> {b}" for a, b in sorted(new))
+def test_no_import_points_up_a_layer():
+    found = _upward_imports()
+    assert not found, "imports that point up a layer: " + ", ".join(f"{a} -> {b}" for a, b in sorted(found))
 
 
-def test_the_list_of_known_upward_imports_only_shrinks():
-    gone = KNOWN_UPWARD - _upward_imports()
-    assert not gone, "no longer imported, remove from KNOWN_UPWARD: " + ", ".join(f"{a} -> {b}" for a, b in sorted(gone))
+def test_the_floor_imports_only_torch_and_the_standard_library():
+    import sys
+    allowed = {"torch", "danon", "__future__"} | set(sys.stdlib_module_names)
+    outside = {(module, name) for module, path in _modules() if module.startswith(FLOOR)
+               for name in _imports(module, path) if name and name.split(".")[0] not in allowed}
+    assert not outside, "the floor imports: " + ", ".join(f"{a} -> {b}" for a, b in sorted(outside))
+
+
+def test_the_walk_finds_an_upward_import(tmp_path, monkeypatch):
+    """The checker itself: a floor module that imported the roof would be reported."""
+    fake = tmp_path / "danon" / "core"
+    fake.mkdir(parents=True)
+    (tmp_path / "danon" / "__init__.py").write_text("")
+    (fake / "__init__.py").write_text("")
+    (fake / "bad.py").write_text("def f():\n    from danon.functional import attention\n")
+    (tmp_path / "danon" / "functional.py").write_text("")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert _upward_imports() == {("danon.core.bad", "danon.functional")}
 
 
 def test_the_walk_sees_imports_inside_functions_and_relative_ones():

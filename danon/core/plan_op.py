@@ -1,0 +1,184 @@
+"""`danon::plan`: a sparse family's plan building as one op of its own.
+
+Why an op: traced op by op, a plan builder's index arithmetic (block ids, top-k, compaction, MSRA's
+levels, DALA's routed-token lists) is what Inductor spent minutes on once sizes went symbolic (sympy
+in its loop tiling; a recompile of a 2-layer model at N = 4096 took over 100 s). As an op, Inductor
+calls it as an extern kernel and compiles only what surrounds it; Dynamo and AOTAutograd still see
+its output shapes through the fake impl, the builder's sizes in closed form (danon/core/plan_shapes.py).
+
+The summaries (means of k and v) are differentiable: the backward, `danon::plan_backward`, rebuilds
+the plan under autograd and takes the vector-Jacobian product of the summary keys and values
+(selections carry no gradient, DESIGN.md section 3). Exports decompose the op back into the builder's
+ATen ops (`plan_decompositions`), so ONNX files hold the plan building as standard ops.
+
+Example:
+    >>> import torch, danon
+    >>> from danon.core.plan_op import build_plan
+    >>> q = torch.randn(1, 2, 256, 16)
+    >>> plan = build_plan("msra", q, q, q, dict(causal=True, block_size=16, window=32, num_levels=2,
+    ...                                          compression_factor=4, key_padding_mask=None))
+    >>> plan.window, plan.summary_idx.shape[:3]
+    (2, torch.Size([1, 2, 16]))
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from danon.core import Plan, alibi_slopes
+from danon.core.attention_args import PLAN_TENSORS
+from danon.core.families import FAMILIES
+from danon.core.blocks import window_blocks
+from danon.core.plan_shapes import plan_shapes
+from danon.core.torch_internals import autograd_inside_op, backed_size_oblivious
+
+__all__ = ["build_plan", "plan_op", "plan_backward_op", "plan_decompositions"]
+
+# the plan's tensors, in the op's output order (a field the family leaves None is a 1-D empty tensor: every
+# real plan tensor has two or more dims)
+FIELDS = PLAN_TENSORS + ("key_block_counts",)
+_SUMMARY_K, _SUMMARY_V = FIELDS.index("summary_k"), FIELDS.index("summary_v")
+# callables given every plan the op builds on real tensors (danon.visualization.capture_plans)
+observers: List = []
+
+
+def _run_builder(kind: str, q, k, v, key_padding_mask, importance, sparsity_factor, options: str) -> Plan:
+    kw = json.loads(options)
+    if kind == "dala":
+        kw["importance"] = importance
+    if kind == "ucsa":
+        kw["sparsity_factor"] = sparsity_factor
+    return FAMILIES[kind].build(q, k, v, key_padding_mask=key_padding_mask, **kw)
+
+
+def _pack(plan: Plan, like: Tensor) -> List[Tensor]:
+    return [like.new_empty(0) if getattr(plan, f) is None else getattr(plan, f) for f in FIELDS]
+
+
+@torch.library.custom_op("danon::plan", mutates_args=())
+def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], importance: Optional[Tensor],
+            sparsity_factor: Optional[float], kind: str, options: str) -> List[Tensor]:
+    """The plan tensors of family `kind` (FIELDS order); `options` is the builder's other keywords as JSON.
+
+    UCSA's sparsity_factor is an argument of its own: under dynamic=True Dynamo makes a module's float
+    attribute a SymFloat, which no JSON constant can hold.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 1, 64, 8)
+        >>> out = torch.ops.danon.plan(q, q, q, None, None, None, "ucsa", '{"block_size": 16, "causal": true}')
+        >>> len(out), out[0].dtype
+        (8, torch.int32)
+    """
+    plan = _run_builder(kind, q, k, v, key_padding_mask, importance, sparsity_factor, options)
+    for observe in observers:
+        observe(plan)
+    # a custom op's outputs may not alias its inputs nor each other (a builder may return a view of either);
+    # the plan's tensors are O(N / b) or summary-sized, so a copy of each is cheap
+    return [x.clone(memory_format=torch.contiguous_format) for x in _pack(plan, q)]
+
+
+@plan_op.register_fake
+def _plan_fake(q, k, v, key_padding_mask, importance, sparsity_factor, kind, options):
+    # the plan's sizes in closed form (danon/core/plan_shapes.py): the builder itself, run on fake tensors,
+    # costs seconds of sympy per call under symbolic sizes, and a compile asks about a dozen times
+    # Size-oblivious: an empty tensor's strides ask whether each size is 1; a plan size that happens to be 1 at
+    # this length must not guard the graph to the lengths where it is (a recompile at every such boundary)
+    options = dict(json.loads(options), **({"sparsity_factor": sparsity_factor} if kind == "ucsa" else {}))
+    with backed_size_oblivious():
+        shapes = plan_shapes(kind, q, k, v, key_padding_mask, importance, options)
+        return [q.new_empty(shapes[f][0], dtype=shapes[f][1]) if f in shapes else q.new_empty(0) for f in FIELDS]
+
+
+@torch.library.custom_op("danon::plan_backward", mutates_args=())
+def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                     key_padding_mask: Optional[Tensor], importance: Optional[Tensor],
+                     sparsity_factor: Optional[float], kind: str, options: str) -> tuple[Tensor, Tensor]:
+    """(dk, dv) of the plan's summary keys and values, by rebuilding the plan under autograd."""
+    with torch.enable_grad(), autograd_inside_op():
+        k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
+        plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, importance, sparsity_factor, options)
+        pairs = [(out, g) for out, g in ((plan.summary_k, grad_summary_k), (plan.summary_v, grad_summary_v))
+                 if out is not None and g.numel() and out.requires_grad]
+        grads = (None, None)
+        if pairs:
+            grads = torch.autograd.grad([o for o, _ in pairs], [k_, v_], [g for _, g in pairs], allow_unused=True)
+    return tuple(torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip((k, v), grads))
+
+
+@plan_backward_op.register_fake
+def _plan_backward_fake(grad_summary_k, grad_summary_v, q, k, v, key_padding_mask, importance, sparsity_factor,
+                        kind, options):
+    return k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, importance, sparsity_factor, kind, options = inputs
+    ctx.save_for_backward(q, k, v, key_padding_mask, importance)
+    ctx.sparsity_factor, ctx.kind, ctx.options = sparsity_factor, kind, options
+
+
+def _backward(ctx, grads):
+    q, k, v, key_padding_mask, importance = ctx.saved_tensors
+    gk, gv = grads[_SUMMARY_K], grads[_SUMMARY_V]
+    gk = q.new_empty(0) if gk is None else gk
+    gv = q.new_empty(0) if gv is None else gv
+    dk, dv = plan_backward_op(gk, gv, q, k, v, key_padding_mask, importance, ctx.sparsity_factor, ctx.kind,
+                              ctx.options)
+    return None, dk, dv, None, None, None, None, None
+
+
+plan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _json(options: Dict[str, Any]) -> str:
+    # a constant for Dynamo (it cannot trace json.dumps); the options are Python constants
+    return json.dumps(options, sort_keys=True)
+
+
+def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, Any]) -> Plan:
+    """The Plan of family `kind` through `danon::plan`, from the checked keywords of its builder.
+
+    `options` holds key_padding_mask, the DALA tensors importance and slopes, and the scalar keywords;
+    DALA's slopes stay outside the op (a learnable parameter's gradient reaches it unchanged).
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 2, 128, 16)
+        >>> plan = build_plan("ucsa", q, q, q, dict(causal=True, block_size=16, local_window_size=32,
+        ...                                          global_tokens=16, top_k_blocks=2, key_padding_mask=None))
+        >>> plan.kind, plan.block_idx.shape[:3]
+        ('ucsa', torch.Size([1, 2, 8]))
+    """
+    options = dict(options)
+    kpm = options.pop("key_padding_mask", None)
+    importance = options.pop("importance", None)
+    slopes = options.pop("slopes", None)
+    sparsity_factor = options.pop("sparsity_factor", None)
+    outs = torch.ops.danon.plan(q, k, v, kpm, importance, sparsity_factor, kind, _json(options))
+    fields = {f: (None if x.dim() == 1 else x) for f, x in zip(FIELDS, outs)}
+    plan = Plan(kind, options["block_size"], options["causal"], q.shape[2], k.shape[2],
+                window=window_blocks(options[FAMILIES[kind].window_option], options["block_size"]), **fields)
+    if kind == "dala" and options["decay"] == "alibi":
+        plan.slopes = alibi_slopes(q.shape[1], q.device) if slopes is None else slopes
+    return plan
+
+
+def _plan_decomposition(q, k, v, key_padding_mask, importance, sparsity_factor, kind, options):
+    return _pack(_run_builder(kind, q, k, v, key_padding_mask, importance, sparsity_factor, options), q)
+
+
+def plan_decompositions() -> dict:
+    """{danon::plan: the builder} for ExportedProgram.run_decompositions: exports keep the plan building
+    as ordinary ATen ops (ONNX, TensorRT).
+
+    Example:
+        >>> import torch
+        >>> list(plan_decompositions()) == [torch.ops.danon.plan.default]
+        True
+    """
+    return {torch.ops.danon.plan.default: _plan_decomposition}
