@@ -163,9 +163,12 @@ class _CandidateSums:
 
 
 def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-              block_size: int = 64, window: int = 256, memory_size: int = 64, importance: Optional[Tensor] = None,
-              decay: str = "alibi", slopes: Optional[Tensor] = None, compress_rest: bool = True) -> Plan:
+              block_size: int, window: int, memory_size: int, importance: Optional[Tensor] = None,
+              decay: str, slopes: Optional[Tensor] = None, compress_rest: bool) -> Plan:
     """Build the DALA plan (DESIGN.md section 3).
+
+    The family's parameters have no defaults here: their defaults live in its spec (core/families.py), which
+    passes every one.
 
     Exact: near blocks plus the `memory_size` visible tokens outside them with the highest
     importance (causal: only before the first near block). compress_rest adds one summary per
@@ -175,7 +178,8 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         >>> import torch
         >>> from danon.core import dala_plan
         >>> q = torch.randn(1, 2, 256, 16)
-        >>> p = dala_plan(q, q, q, causal=True, block_size=16, window=16, memory_size=8)
+        >>> p = dala_plan(q, q, q, causal=True, block_size=16, window=16, memory_size=8, decay="alibi",
+        ...               compress_rest=True)
         >>> p.token_idx.shape, p.summary_idx.shape  # the near blocks are the plan's window
         (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16, 1]))
     """

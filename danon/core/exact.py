@@ -10,8 +10,11 @@ from .plan import Plan
 
 
 def exact_plan(q: Tensor, k: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-               block_size: int = 64, sliding_window: Optional[int] = None) -> Plan:
+               block_size: int, sliding_window: Optional[int]) -> Plan:
     """The dense plan: E(i) = all visible keys, S(i) empty (executed without gathering).
+
+    The family's parameters have no defaults here: their defaults live in its spec (core/families.py), which
+    passes every one.
 
     With sliding_window w, E(i) = visible keys with |i - j| < w (and j <= i under causal masking):
     the banded plan, whose near window covers exactly the blocks the band reaches, so it costs O(N w).
@@ -19,7 +22,7 @@ def exact_plan(q: Tensor, k: Tensor, *, causal: bool = False, key_padding_mask: 
     Example:
         >>> import torch
         >>> from danon.core import exact_plan
-        >>> exact_plan(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8)).is_dense
+        >>> exact_plan(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8), block_size=64, sliding_window=None).is_dense
         True
         >>> exact_plan(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8), block_size=16, sliding_window=20).window
         2

@@ -33,9 +33,12 @@ def _coarsen(x: Tensor, factor: int) -> Tensor:
     return x.view(*x.shape[:2], -1, factor, *x.shape[3:]).sum(3)
 
 
-def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask=None, block_size: int = 64,
-              window: int = 256, num_levels: Union[int, str] = 3, compression_factor: int = 4) -> Plan:
+def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask=None, block_size: int,
+              window: int, num_levels: Union[int, str], compression_factor: int) -> Plan:
     """Build the MSRA plan (DESIGN.md section 3).
+
+    The family's parameters have no defaults here: their defaults live in its spec (core/families.py), which
+    passes every one.
 
     Level-l spans are c^l consecutive blocks. Exact: the near blocks at level 0 (the plan's window). Summaries at
     level l < L: spans not near at l whose parent is near at l + 1; at level L: every visible span

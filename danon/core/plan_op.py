@@ -149,8 +149,8 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     Example:
         >>> import torch
         >>> q = torch.randn(1, 2, 128, 16)
-        >>> plan = build_plan("ucsa", q, q, q, dict(causal=True, block_size=16, local_window_size=32,
-        ...                                          global_tokens=16, top_k_blocks=2, key_padding_mask=None))
+        >>> plan = build_plan("ucsa", q, q, q, dict(causal=True, block_size=16, local_window_size=32, global_tokens=16,
+        ...                                          top_k_blocks=2, compress=True, key_padding_mask=None))
         >>> plan.kind, plan.block_idx.shape[:3]
         ('ucsa', torch.Size([1, 2, 8]))
     """

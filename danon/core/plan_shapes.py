@@ -38,8 +38,7 @@ def _counts_dtype(key_padding_mask: Optional[Tensor]) -> torch.dtype:
     return torch.get_default_dtype() if key_padding_mask is None else torch.float32
 
 
-def _msra(q, k, v, key_padding_mask, importance, *, causal=False, block_size=64, window=256, num_levels=3,
-          compression_factor=4):
+def _msra(q, k, v, key_padding_mask, importance, *, causal, block_size, window, num_levels, compression_factor):
     B, _, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     b, c = block_size, compression_factor
@@ -60,8 +59,8 @@ def _msra(q, k, v, key_padding_mask, importance, *, causal=False, block_size=64,
             "key_block_counts": ((B, tk), _counts_dtype(key_padding_mask))}
 
 
-def _ucsa(q, k, v, key_padding_mask, importance, *, causal=False, block_size=64, local_window_size=512,
-          global_tokens=64, top_k_blocks=16, sparsity_factor=None, compress=True):
+def _ucsa(q, k, v, key_padding_mask, importance, *, causal, block_size, local_window_size, global_tokens, top_k_blocks,
+          sparsity_factor, compress):
     B, _, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     b = block_size
@@ -79,8 +78,7 @@ def _ucsa(q, k, v, key_padding_mask, importance, *, causal=False, block_size=64,
     return shapes
 
 
-def _dala(q, k, v, key_padding_mask, importance, *, causal=False, block_size=64, window=256, memory_size=64,
-          decay="alibi", compress_rest=True):
+def _dala(q, k, v, key_padding_mask, importance, *, causal, block_size, window, memory_size, decay, compress_rest):
     B = q.shape[0]
     Hkv, nk, D, Dv = k.shape[1], k.shape[2], k.shape[3], v.shape[3]
     b = block_size
@@ -110,7 +108,8 @@ def plan_shapes(kind: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Op
     Example:
         >>> import torch
         >>> q = torch.randn(1, 4, 100, 8); k = torch.randn(1, 2, 100, 8)
-        >>> plan_shapes("dala", q, k, k, None, None, dict(block_size=16, window=16, memory_size=8))["token_idx"]
+        >>> plan_shapes("dala", q, k, k, None, None, dict(causal=False, block_size=16, window=16, memory_size=8,
+        ...                                            decay="alibi", compress_rest=True))["token_idx"]
         ((1, 2, 7, 8), torch.int32)
     """
     return _SHAPES[kind](q, k, v, key_padding_mask, importance, **options)

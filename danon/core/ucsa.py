@@ -69,9 +69,12 @@ def list_capacity(tk, b: int, global_tokens: int, top_k_blocks: int, sparsity_fa
 
 
 def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
-              block_size: int = 64, local_window_size: int = 512, global_tokens: int = 64, top_k_blocks: int = 16,
-              sparsity_factor: Optional[float] = None, compress: bool = True) -> Plan:
+              block_size: int, local_window_size: int, global_tokens: int, top_k_blocks: int,
+              sparsity_factor: Optional[float], compress: bool) -> Plan:
     """Build the UCSA plan (DESIGN.md section 3).
+
+    The family's parameters have no defaults here: their defaults live in its spec (core/families.py), which
+    passes every one.
 
     Selection score r(t_q, t) = sum over the kv group's query heads of qbar . kbar_t, kbar_t the mean
     visible key of block t, qbar the mean query of block t_q; under causal masking the mean query of
@@ -82,7 +85,8 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         >>> import torch
         >>> from danon.core import ucsa_plan
         >>> q = torch.randn(1, 4, 256, 16); k = torch.randn(1, 2, 256, 16)
-        >>> p = ucsa_plan(q, k, k, block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2)
+        >>> p = ucsa_plan(q, k, k, block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2,
+        ...               sparsity_factor=None, compress=True)
         >>> p.window, p.block_idx.shape  # near blocks: the window; listed: global 1 + top-k 2
         (1, torch.Size([1, 2, 16, 3]))
     """
