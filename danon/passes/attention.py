@@ -15,9 +15,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.fx as fx
 
-from .options import DanonConfig
 from danon.core.families import FAMILIES
+from danon.core.plan import keys_per_query
 from danon.core.run import attention_site, plan
+
+from .options import DanonConfig
 
 # Hand-written recognisers rather than Inductor's pattern matcher: its patterns (fuse_attention.py) fire
 # on ATen graphs inside Inductor only, while the report, the eager target and the ONNX/TensorRT lowerings
@@ -96,7 +98,8 @@ def _cost(site: Site, family: Optional[str], config: DanonConfig):
         return None, None, None
     B, H, nq, D = (_hint(s) for s in q.shape)
     nk = _hint(k.shape[2])
-    dense_keys = nk / 2 if site.causal else nk
+    dense_keys = keys_per_query(nk, causal=site.causal, block_size=1, window=-1, band=-1, blocks=None, tokens=None,
+                                summaries=None)   # the dense plan's
     before = 4.0 * B * H * nq * dense_keys * D
     if family in SPARSE and nk >= config.min_seq_len:
         meta_q = torch.empty(B, H, nq, D, device="meta")
