@@ -12,7 +12,8 @@ Interpretation details (fixed by the implementer):
 
 * window w -> W = ceil(w / b) blocks; near blocks of query block t_q are the t
   with |t - t_q| <= W (causal: t_q - W <= t <= t_q);
-* causal masking is top-left aligned: key j is visible to query i iff j <= i;
+* query row i sits at position Nk - Nq + i (causal masking aligned bottom-right: key j is
+  visible to query i iff j <= Nk - Nq + i; the sparse families here take Nq = Nk);
   key_padding_mask True = attend; inside exact blocks causal and padding masks
   apply token by token;
 * a summary's kbar / vbar are the means of the visible (non-padded) keys and
@@ -320,7 +321,7 @@ def oracle_attention(
                 exact_blocks, extra, summaries = plans[(bi, g, tq)]
                 i0, i1 = tq * b, min((tq + 1) * b, Nq)
                 qi = qd[bi, h, i0:i1]  # [m, D]
-                ipos = torch.arange(i0, i1, dtype=torch.float64)
+                ipos = torch.arange(i0, i1, dtype=torch.float64) + (Nk - Nq)
                 # exact token set (before per-token masks)
                 sel = torch.zeros(Nk, dtype=torch.bool)
                 for t in exact_blocks:
@@ -330,7 +331,7 @@ def oracle_attention(
                 jpos = torch.arange(Nk)
                 vis = (sel & pad[bi]).unsqueeze(0).expand(i1 - i0, Nk).clone()
                 if causal:
-                    vis &= jpos.unsqueeze(0) <= torch.arange(i0, i1).unsqueeze(1)
+                    vis &= jpos.unsqueeze(0) <= torch.arange(i0, i1).unsqueeze(1) + (Nk - Nq)
                 logits = scale * (qi @ kd[bi, g].T)  # [m, Nk]
                 if attn_mask is not None:
                     am = attn_mask[bi, h, i0:i1]

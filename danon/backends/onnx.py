@@ -67,9 +67,9 @@ def attention_to_onnx(q, k, v, block_idx=None, token_idx=None, summary_idx=None,
     """Translate a dense-plan `danon::attention` into ONNX (traced onnxscript): returns (out, lse).
 
     One `Attention` node (opset 23) where it expresses the site; MatMul/Softmax where it does not
-    (fp64 inputs, which ONNX Runtime's Attention kernel does not take). Causal masking is top-left
-    aligned: `is_causal` is used only when Nq and Nk are known equal (ONNX Runtime aligns its CPU
-    causal mask bottom-right when Nq < Nk), else it is an explicit mask. Rows that see no key
+    (fp64 inputs, which ONNX Runtime's Attention kernel does not take). Query row i sits at position
+    Nk - Nq + i, as in the op (causal masking aligned bottom-right): `is_causal` is used only when Nq
+    and Nk are known equal, else it is an explicit mask. Rows that see no key
     return 0, as the op does. The lse is computed from its definition; the exporter's optimizer
     removes it when nothing uses it.
     """
@@ -91,8 +91,9 @@ def attention_to_onnx(q, k, v, block_idx=None, token_idx=None, summary_idx=None,
             bool_mask = attn_mask if bool_mask is None else op.And(bool_mask, attn_mask)
         else:
             float_mask = op.CastLike(attn_mask, q)
-    rows = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(q, start=2, end=3)),
-                                 op.Constant(value_int=1)), op.Constant(value_ints=[1]))           # [Nq, 1]
+    q_n, k_n = op.Squeeze(op.Shape(q, start=2, end=3)), op.Squeeze(op.Shape(k, start=2, end=3))
+    rows = op.Unsqueeze(op.Range(op.Sub(k_n, q_n), k_n, op.Constant(value_int=1)),
+                        op.Constant(value_ints=[1]))                                  # [Nq, 1]: positions Nk - Nq + i
     cols = op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(k, start=2, end=3)),
                                  op.Constant(value_int=1)), op.Constant(value_ints=[0]))           # [1, Nk]
     if slopes is not None:   # ALiBi: -slope_h * |i - j|, [1, H, Nq, Nk]
@@ -105,7 +106,7 @@ def attention_to_onnx(q, k, v, block_idx=None, token_idx=None, summary_idx=None,
         bool_mask = tril if bool_mask is None else op.And(bool_mask, tril)
 
     seeing = None   # [.., Nq, 1]: rows with a visible key (None: every row sees one)
-    if key_padding_mask is not None or attn_mask is not None:
+    if key_padding_mask is not None or attn_mask is not None or (causal and not use_is_causal):
         visible = bool_mask
         if float_mask is not None and attn_mask is not None and not _onnx_dtype_is(attn_mask, "BOOL"):
             finite = op.Greater(float_mask, neg_inf)

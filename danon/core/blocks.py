@@ -30,6 +30,32 @@ def summary_dtype(x: Tensor) -> torch.dtype:
     return accumulation_dtype(x.dtype)
 
 
+def query_layout(nq: int, nk: int, b: int) -> tuple:
+    """(pad, first, count) of a call's query rows: row i sits at absolute position Nk - Nq + i (causal masking
+    aligned bottom-right, as FlashAttention and transformers' caches align it: queries after a cache). Laid out
+    in whole blocks with `pad` rows before row 0, local query block t is absolute block `first` + t, and there
+    are `count` of them. Self-attention (Nq = Nk) is (0, 0, ceil(N / b)). The one definition: the builders,
+    the plan's sizes and every executor read it.
+
+    Example:
+        >>> query_layout(64, 64, 16), query_layout(1, 70, 16), query_layout(20, 70, 16)
+        ((0, 0, 4), (5, 4, 1), (2, 3, 2))
+    """
+    offset = nk - nq
+    pad, first = offset % b, offset // b
+    return pad, first, num_blocks(nq + pad, b)
+
+
+def causal_visible(nq: int, nk: int, device) -> Tensor:
+    """Bool [Nq, Nk]: key j is visible to query row i under causal masking aligned bottom-right (j <= Nk - Nq + i).
+
+    Example:
+        >>> causal_visible(2, 3, "cpu").int().tolist()
+        [[1, 1, 0], [1, 1, 1]]
+    """
+    return torch.arange(nk, device=device)[None, :] <= torch.arange(nq, device=device)[:, None] + (nk - nq)
+
+
 def key_visibility(kpm: Optional[Tensor], batch: int, nk: int, b: int, device) -> Tensor:
     """Float [B, Tk*b]: 1 for a real, visible key, 0 for padding or positions past Nk."""
     tk = num_blocks(nk, b)
@@ -61,14 +87,16 @@ def rows_without_keys(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], 
         if key_padding_mask is not None:
             ok = ok & key_padding_mask.bool()[:, None, None, :]
         if causal:
-            ok = ok & (torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None])
+            ok = ok & causal_visible(nq, nk, q.device)
         return ~ok.any(-1)
-    if key_padding_mask is None:
-        return None
+    if key_padding_mask is None:   # causal with Nq > Nk: the first Nq - Nk rows come before every key
+        if not causal or (isinstance(nq, int) and isinstance(nk, int) and nq <= nk):
+            return None
+        return (torch.arange(nq, device=q.device) < nq - nk)[None, None]
     kpm = key_padding_mask.bool()
-    if causal:   # row i sees keys j <= i: dead while no visible key has been seen yet
-        seen = kpm.to(torch.int32).cumsum(-1)
-        last = torch.arange(nq, device=q.device).clamp(max=nk - 1)
+    if causal:   # row i sees keys j <= Nk - Nq + i: dead while no visible key has been seen yet
+        seen = F.pad(kpm.to(torch.int32).cumsum(-1), (1, 0))      # seen[:, m]: visible keys among the first m
+        last = (torch.arange(nq, device=q.device) + (nk - nq + 1)).clamp(min=0, max=nk)
         return (seen[:, last] == 0)[:, None, :]
     return (~kpm.any(-1))[:, None, None].expand(B, 1, nq)
 
@@ -92,16 +120,18 @@ def block_sums(x: Tensor, visible: Tensor, b: int, masked: bool = True) -> Tenso
     return xs.reshape(B, Hkv, tk, b, D).sum(-2)
 
 
-def near_blocks(tq: int, tk: int, w_blocks: int, causal: bool, device) -> Tensor:
-    """Bool [Tq, Tk]: key block t is near query block t_q (|t - t_q| <= W; causal t_q - W <= t <= t_q)."""
-    return near_spans(torch.arange(tq, device=device), tk, w_blocks, causal)
+def near_blocks(tq: int, tk: int, w_blocks: int, causal: bool, device, first: int = 0) -> Tensor:
+    """Bool [Tq, Tk]: key block t is near query block t_q (|t - t_q| <= W; causal t_q - W <= t <= t_q), for the
+    absolute query blocks first .. first + Tq - 1 (`query_layout`)."""
+    return near_spans(torch.arange(tq, device=device) + first, tk, w_blocks, causal)
 
 
 def near_block_table(tq: int, tk: int, window: int, causal: bool, batch: int, kv_heads: int, device, *,
-                     clamp: bool = True) -> Tensor:
+                     clamp: bool = True, first: int = 0) -> Tensor:
     """Int32 [B, Hkv, Tq, width]: the near key blocks of each query block as an explicit list, -1 where out of
     range (what executors without a strided window view gather). width is W + 1 causal, 2W + 1 otherwise, with
-    W = min(window, Tk) when `clamp`, else the window itself (exports: no comparison of a symbolic Tk).
+    W = min(window, Tk) when `clamp`, else the window itself (exports: no comparison of a symbolic Tk). Query
+    block t is absolute block first + t (`query_layout`).
 
     Example:
         >>> near_block_table(3, 3, 1, True, 1, 1, "cpu")[0, 0]
@@ -111,7 +141,7 @@ def near_block_table(tq: int, tk: int, window: int, causal: bool, batch: int, kv
     """
     w = min(window, tk) if clamp else window
     offsets = torch.arange(-w, 1 if causal else w + 1, device=device)
-    near = torch.arange(tq, device=device)[:, None] + offsets                     # [Tq, width]
+    near = (torch.arange(tq, device=device) + first)[:, None] + offsets          # [Tq, width]
     near = torch.where((near >= 0) & (near < tk), near, -1).to(torch.int32)
     return near.expand(batch, kv_heads, near.shape[0], near.shape[1])
 

@@ -13,7 +13,10 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, self_attention: bool) -> None:
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, sparse: bool, causal: bool = False) -> None:
+    """Shapes, dtypes and devices of q [B, H, Nq, D], k, v [B, Hkv, Nk, D]. A sparse family's plan is laid out
+    by position: it takes self-attention (Nq = Nk), or, under causal masking, queries after a cache (Nq < Nk:
+    row i is position Nk - Nq + i)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -33,9 +36,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, self_attention: bool) -> None:
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"the number of query heads H of q ({q.shape[1]}) must be a multiple of the number of "
                          f"kv heads Hkv of k and v ({k.shape[1]})")
-    if self_attention and q.shape[2] != k.shape[2]:
-        raise ValueError(f"sparse attention families need self-attention: q's sequence length ({q.shape[2]}) must "
-                         f"equal k's ({k.shape[2]}); use kind='exact' for cross-attention")
+    if sparse and q.shape[2] != k.shape[2] and not (causal and q.shape[2] < k.shape[2]):
+        raise ValueError(f"sparse attention families need self-attention, or causal queries after a cache: q's "
+                         f"sequence length ({q.shape[2]}) must equal k's ({k.shape[2]}), or be shorter with causal=True "
+                         f"(got causal={causal}); use kind='exact' for cross-attention")
 
 
 def check_same_device(reference: Tensor, **tensors) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import block_counts, block_sums, key_visibility, num_blocks, summary_dtype, window_blocks
+from .blocks import block_counts, block_sums, key_visibility, num_blocks, query_layout, summary_dtype, window_blocks
 from .plan import Plan
 
 
@@ -112,8 +112,10 @@ def _prefix_lists(levels: list, length: Tensor, table: bool = False) -> tuple:
     return torch.cat(vals, -1), torch.cat(ids, -1)
 
 
-def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tensor:
-    """int32 [B, Hkv, Tq, m]: per query block, the m visible tokens outside the near blocks with the highest score.
+def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool, first: int = 0,
+                   count: Optional[int] = None) -> Tensor:
+    """int32 [B, Hkv, count, m]: per query block first .. first + count - 1 (count: default Tk - first), the m
+    visible tokens outside the near blocks with the highest score.
 
     The candidates of query block t are the blocks [0, t - W) (and, without causal masking, [t + W + 1, Tk)).
     A dyadic tree of per-run top-m lists answers every block's query from O(log Tk) lists instead of
@@ -130,7 +132,7 @@ def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool) -> Tens
     build = _topk_table if exporting else _topk_tree
     vals = F.pad(scores, (0, P * b - nk), value=float("-inf")).view(B, Hkv, P, b)
     ids = torch.arange(P * b, device=scores.device).view(1, 1, P, b).expand(B, Hkv, P, b)
-    t = torch.arange(tk, device=scores.device)
+    t = torch.arange(tk - first if count is None else count, device=scores.device) + first
     lists_val, lists_ids = _prefix_lists(build(vals, ids, m), (t - w).clamp(min=0), table=exporting)
     if not causal:   # the suffix [t + W + 1, P) is a prefix of the reversed block order
         rev_val, rev_ids = _prefix_lists(build(vals.flip(2), ids.flip(2), m), (P - t - w - 1).clamp(min=0),
@@ -148,8 +150,8 @@ class _CandidateSums:
     where a [Tq, Tk] indicator matrix times the block sums would cost O(Tq Tk D).
     """
 
-    def __init__(self, tq: int, tk: int, w: int, causal: bool, device):
-        t = torch.arange(tq, device=device)
+    def __init__(self, tq: int, tk: int, w: int, causal: bool, device, first: int = 0):
+        t = torch.arange(tq, device=device) + first
         self.before = (t - w).clamp(min=0, max=tk)                    # candidates [0, before)
         self.after = None if causal else (t + w + 1).clamp(max=tk)    # and [after, Tk)
 
@@ -172,7 +174,8 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     Exact: near blocks plus the `memory_size` visible tokens outside them with the highest
     importance (causal: only before the first near block). compress_rest adds one summary per
-    query block holding every remaining candidate, so no visible token is dropped.
+    query block holding every remaining candidate, so no visible token is dropped. Queries after a cache
+    (Nq < Nk, causal) get the lists of their absolute query blocks (`query_layout`).
 
     Example:
         >>> import torch
@@ -186,7 +189,8 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     B, H, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     b = block_size
-    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    _, first, tq = query_layout(nq, nk, b)
+    tk = num_blocks(nk, b)
     w = window_blocks(window, b)
     dev = q.device
     acc = summary_dtype(k)
@@ -203,12 +207,12 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         if importance is None:
             importance = k.to(acc).norm(dim=-1)                        # [B, Hkv, Nk]
         scores = importance.detach().to(acc).masked_fill(visible[:, None, :nk] == 0, float("-inf"))
-        plan.token_idx = _routed_tokens(scores, b, routed, w, causal)
+        plan.token_idx = _routed_tokens(scores, b, routed, w, causal, first, tq)
 
     if compress_rest:
         positions = torch.arange(tk * b, device=dev, dtype=acc)
         pos_sums = (visible.to(acc) * positions).view(B, tk, b).sum(-1)  # [B, Tk]
-        rest = _CandidateSums(tq, tk, w, causal, dev)
+        rest = _CandidateSums(tq, tk, w, causal, dev, first)
         k_rest = rest(block_sums(k, visible, b, key_padding_mask is not None))               # [B, Hkv, Tq, D]
         v_rest = rest(block_sums(v, visible, b, key_padding_mask is not None))
         n_rest = rest(counts.to(acc)[:, None, :, None])[..., 0]      # [B, 1, Tq]

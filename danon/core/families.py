@@ -70,7 +70,7 @@ class Family:
     """
 
     name: ClassVar[str]
-    # sparse: self-attention only, chosen by the backend's `attention` option, its plan built in danon::plan
+    # sparse: self-attention or causal queries after a cache, chosen by the backend's `attention` option, its plan built in danon::plan
     sparse: ClassVar[bool] = True
     window_option: ClassVar[Optional[str]] = "window"   # the parameter holding the near window, in tokens
     RULES: ClassVar[Tuple[Tuple[str, Rule], ...]] = ()
@@ -101,8 +101,8 @@ class Family:
     def options(self, q: Tensor, k: Tensor, v: Tensor, *, causal=False, key_padding_mask=None,
                 **inputs) -> Dict[str, Any]:
         """Every keyword of the family's builder, checked against q, k, v (what danon/core/plan_op.build_plan takes)."""
-        checks.check_qkv(q, k, v, self_attention=self.sparse)
         causal = checks.check_bool("causal", causal)
+        checks.check_qkv(q, k, v, sparse=self.sparse, causal=causal)
         kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
         return dict(self.keywords(), causal=causal, key_padding_mask=kpm, **self.check_inputs(q, k, **inputs))
 
@@ -138,9 +138,13 @@ class Exact(Family):
 class UCSA(Family):
     """UCSA: near, global and top-k selected blocks exactly; every other visible block through its mean.
 
+    Per call it also takes past_queries [B, H, P, D], the query rows before a causal call with Nq < Nk.
+
     Example:
         >>> UCSA(sparsity_factor=1).sparsity_factor     # the normal form: a float
         1.0
+        >>> UCSA.inputs
+        ('past_queries',)
     """
 
     name: ClassVar[str] = "ucsa"
@@ -152,6 +156,17 @@ class UCSA(Family):
     sparsity_factor: Optional[float] = param(None, SPARSITY_FACTOR)
     compress: bool = param(True, BOOL)
     build = staticmethod(ucsa_plan)
+
+    def check_inputs(self, q: Tensor, k: Tensor, past_queries: Optional[Tensor] = None) -> Dict[str, Any]:
+        """past_queries [B, H, P, D]: the query rows before a causal call's first one, which the selection of
+        queries after a cache reads (core/ucsa.py, history_rows)."""
+        if past_queries is not None:
+            if not isinstance(past_queries, Tensor) or past_queries.dim() != 4 or \
+                    tuple(past_queries.shape[:2]) != tuple(q.shape[:2]) or past_queries.shape[3] != q.shape[3]:
+                raise ValueError(f"past_queries must be a tensor [B, H, P, D] = [{q.shape[0]}, {q.shape[1]}, P, "
+                                 f"{q.shape[3]}], got {getattr(past_queries, 'shape', type(past_queries).__name__)}")
+            checks.check_same_device(q, past_queries=past_queries)
+        return dict(past_queries=past_queries)
 
 
 @_spec

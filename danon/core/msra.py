@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_spans, num_blocks,
-                     strictly_past, window_blocks)
+                     query_layout, strictly_past, window_blocks)
 from .plan import Plan
 
 
@@ -42,7 +42,9 @@ def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     Level-l spans are c^l consecutive blocks. Exact: the near blocks at level 0 (the plan's window). Summaries at
     level l < L: spans not near at l whose parent is near at l + 1; at level L: every visible span
-    that is not near. Each visible key lands in exactly one exact block or one summary.
+    that is not near. Each visible key lands in exactly one exact block or one summary. Queries after a cache
+    (Nq < Nk, causal) get the rows of their absolute query blocks (`query_layout`): the same lists as in one
+    full-sequence call.
 
     Example:
         >>> import torch
@@ -55,7 +57,8 @@ def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     B, _, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     b, c = block_size, compression_factor
-    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    _, first, tq = query_layout(nq, nk, b)
+    tk = num_blocks(nk, b)
     w = window_blocks(window, b)
     levels = auto_levels(tk, w, c) if num_levels == "auto" else int(num_levels)
     dev = q.device
@@ -70,7 +73,7 @@ def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         k_sums.append(_coarsen(k_sums[-1], c))
         v_sums.append(_coarsen(v_sums[-1], c))
 
-    t_q = torch.arange(tq, device=dev)
+    t_q = torch.arange(tq, device=dev) + first
     near = [near_spans(t_q // c ** l, counts[l].shape[2], w, causal) for l in range(levels + 1)]
 
     summary_idx, offset = [], 0

@@ -82,7 +82,16 @@ class Plan:
 
     @property
     def num_query_blocks(self) -> int:
-        return -(-self.seq_len_q // self.block_size)
+        """Rows of the plan's lists: the query blocks the call's rows fall in (blocks.query_layout)."""
+        from .blocks import query_layout
+        return query_layout(self.seq_len_q, self.seq_len_k, self.block_size)[2]
+
+    @property
+    def first_query_block(self) -> int:
+        """The absolute block of the plan's first query block: 0 for self-attention, later for queries after a
+        cache (row i of the call is position seq_len_k - seq_len_q + i)."""
+        from .blocks import query_layout
+        return query_layout(self.seq_len_q, self.seq_len_k, self.block_size)[1]
 
     @property
     def num_key_blocks(self) -> int:

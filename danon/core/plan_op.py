@@ -45,10 +45,14 @@ _SUMMARY_K, _SUMMARY_V = FIELDS.index("summary_k"), FIELDS.index("summary_v")
 observers: List = []
 
 
-def _run_builder(kind: str, q, k, v, key_padding_mask, importance, sparsity_factor, options: str) -> Plan:
+# the family's per-call tensor, the op's `per_call` argument
+PER_CALL = {"dala": "importance", "ucsa": "past_queries"}
+
+
+def _run_builder(kind: str, q, k, v, key_padding_mask, per_call, sparsity_factor, options: str) -> Plan:
     kw = json.loads(options)
-    if kind == "dala":
-        kw["importance"] = importance
+    if kind in PER_CALL:
+        kw[PER_CALL[kind]] = per_call
     if kind == "ucsa":
         kw["sparsity_factor"] = sparsity_factor
     return FAMILIES[kind].build(q, k, v, key_padding_mask=key_padding_mask, **kw)
@@ -59,9 +63,11 @@ def _pack(plan: Plan, like: Tensor) -> List[Tensor]:
 
 
 @torch.library.custom_op("danon::plan", mutates_args=())
-def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], importance: Optional[Tensor],
+def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], per_call: Optional[Tensor],
             sparsity_factor: Optional[float], kind: str, options: str) -> List[Tensor]:
     """The plan tensors of family `kind` (FIELDS order); `options` is the builder's other keywords as JSON.
+
+    per_call: the family's per-call tensor (PER_CALL): DALA's importance, UCSA's past queries.
 
     UCSA's sparsity_factor is an argument of its own: under dynamic=True Dynamo makes a module's float
     attribute a SymFloat, which no JSON constant can hold.
@@ -73,7 +79,7 @@ def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
         >>> len(out), out[0].dtype
         (8, torch.int32)
     """
-    plan = _run_builder(kind, q, k, v, key_padding_mask, importance, sparsity_factor, options)
+    plan = _run_builder(kind, q, k, v, key_padding_mask, per_call, sparsity_factor, options)
     for observe in observers:
         observe(plan)
     # a custom op's outputs may not alias its inputs nor each other (a builder may return a view of either);
@@ -82,25 +88,25 @@ def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
 
 
 @plan_op.register_fake
-def _plan_fake(q, k, v, key_padding_mask, importance, sparsity_factor, kind, options):
+def _plan_fake(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options):
     # the plan's sizes in closed form (danon/core/plan_shapes.py): the builder itself, run on fake tensors,
     # costs seconds of sympy per call under symbolic sizes, and a compile asks about a dozen times
     # Size-oblivious: an empty tensor's strides ask whether each size is 1; a plan size that happens to be 1 at
     # this length must not guard the graph to the lengths where it is (a recompile at every such boundary)
     options = dict(json.loads(options), **({"sparsity_factor": sparsity_factor} if kind == "ucsa" else {}))
     with backed_size_oblivious():
-        shapes = plan_shapes(kind, q, k, v, key_padding_mask, importance, options)
+        shapes = plan_shapes(kind, q, k, v, key_padding_mask, options)
         return [q.new_empty(shapes[f][0], dtype=shapes[f][1]) if f in shapes else q.new_empty(0) for f in FIELDS]
 
 
 @torch.library.custom_op("danon::plan_backward", mutates_args=())
 def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, k: Tensor, v: Tensor,
-                     key_padding_mask: Optional[Tensor], importance: Optional[Tensor],
+                     key_padding_mask: Optional[Tensor], per_call: Optional[Tensor],
                      sparsity_factor: Optional[float], kind: str, options: str) -> tuple[Tensor, Tensor]:
     """(dk, dv) of the plan's summary keys and values, by rebuilding the plan under autograd."""
     with torch.enable_grad(), autograd_inside_op():
         k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
-        plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, importance, sparsity_factor, options)
+        plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, per_call, sparsity_factor, options)
         pairs = [(out, g) for out, g in ((plan.summary_k, grad_summary_k), (plan.summary_v, grad_summary_v))
                  if out is not None and g.numel() and out.requires_grad]
         grads = (None, None)
@@ -110,23 +116,23 @@ def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, 
 
 
 @plan_backward_op.register_fake
-def _plan_backward_fake(grad_summary_k, grad_summary_v, q, k, v, key_padding_mask, importance, sparsity_factor,
+def _plan_backward_fake(grad_summary_k, grad_summary_v, q, k, v, key_padding_mask, per_call, sparsity_factor,
                         kind, options):
     return k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, importance, sparsity_factor, kind, options = inputs
-    ctx.save_for_backward(q, k, v, key_padding_mask, importance)
+    q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options = inputs
+    ctx.save_for_backward(q, k, v, key_padding_mask, per_call)
     ctx.sparsity_factor, ctx.kind, ctx.options = sparsity_factor, kind, options
 
 
 def _backward(ctx, grads):
-    q, k, v, key_padding_mask, importance = ctx.saved_tensors
+    q, k, v, key_padding_mask, per_call = ctx.saved_tensors
     gk, gv = grads[_SUMMARY_K], grads[_SUMMARY_V]
     gk = q.new_empty(0) if gk is None else gk
     gv = q.new_empty(0) if gv is None else gv
-    dk, dv = plan_backward_op(gk, gv, q, k, v, key_padding_mask, importance, ctx.sparsity_factor, ctx.kind,
+    dk, dv = plan_backward_op(gk, gv, q, k, v, key_padding_mask, per_call, ctx.sparsity_factor, ctx.kind,
                               ctx.options)
     return None, dk, dv, None, None, None, None, None
 
@@ -143,7 +149,8 @@ def _json(options: Dict[str, Any]) -> str:
 def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, Any]) -> Plan:
     """The Plan of family `kind` through `danon::plan`, from the checked keywords of its builder.
 
-    `options` holds key_padding_mask, the DALA tensors importance and slopes, and the scalar keywords;
+    `options` holds key_padding_mask, the DALA tensors importance and slopes, UCSA's past_queries, and the
+    scalar keywords;
     DALA's slopes stay outside the op (a learnable parameter's gradient reaches it unchanged).
 
     Example:
@@ -156,10 +163,10 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     """
     options = dict(options)
     kpm = options.pop("key_padding_mask", None)
-    importance = options.pop("importance", None)
+    per_call = options.pop(PER_CALL[kind], None) if kind in PER_CALL else None
     slopes = options.pop("slopes", None)
     sparsity_factor = options.pop("sparsity_factor", None)
-    outs = torch.ops.danon.plan(q, k, v, kpm, importance, sparsity_factor, kind, _json(options))
+    outs = torch.ops.danon.plan(q, k, v, kpm, per_call, sparsity_factor, kind, _json(options))
     fields = {f: (None if x.dim() == 1 else x) for f, x in zip(FIELDS, outs)}
     plan = Plan(kind, options["block_size"], options["causal"], q.shape[2], k.shape[2],
                 window=window_blocks(options[FAMILIES[kind].window_option], options["block_size"]), **fields)
@@ -168,8 +175,8 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     return plan
 
 
-def _plan_decomposition(q, k, v, key_padding_mask, importance, sparsity_factor, kind, options):
-    return _pack(_run_builder(kind, q, k, v, key_padding_mask, importance, sparsity_factor, options), q)
+def _plan_decomposition(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options):
+    return _pack(_run_builder(kind, q, k, v, key_padding_mask, per_call, sparsity_factor, options), q)
 
 
 def plan_decompositions() -> dict:

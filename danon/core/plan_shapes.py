@@ -13,7 +13,7 @@ Example:
     >>> import torch
     >>> from danon.core.plan_shapes import plan_shapes
     >>> q = torch.randn(1, 2, 512, 16)
-    >>> plan_shapes("msra", q, q, q, None, None, dict(causal=True, block_size=16, window=16,
+    >>> plan_shapes("msra", q, q, q, None, dict(causal=True, block_size=16, window=16,
     ...                                               num_levels=2, compression_factor=2))["summary_k"]
     ((1, 2, 56, 16), torch.float32)
 """
@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .blocks import num_blocks, summary_dtype, window_blocks
+from .blocks import num_blocks, query_layout, summary_dtype, window_blocks
 from .msra import auto_levels
 from .ucsa import list_capacity
 
@@ -38,11 +38,11 @@ def _counts_dtype(key_padding_mask: Optional[Tensor]) -> torch.dtype:
     return torch.get_default_dtype() if key_padding_mask is None else torch.float32
 
 
-def _msra(q, k, v, key_padding_mask, importance, *, causal, block_size, window, num_levels, compression_factor):
+def _msra(q, k, v, key_padding_mask, *, causal, block_size, window, num_levels, compression_factor):
     B, _, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     b, c = block_size, compression_factor
-    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    tq, tk = query_layout(nq, nk, b)[2], num_blocks(nk, b)
     w = window_blocks(window, b)
     levels = auto_levels(tk, w, c) if num_levels == "auto" else int(num_levels)
     near_width = w + 1 if causal else 2 * w + 1
@@ -59,12 +59,12 @@ def _msra(q, k, v, key_padding_mask, importance, *, causal, block_size, window, 
             "key_block_counts": ((B, tk), _counts_dtype(key_padding_mask))}
 
 
-def _ucsa(q, k, v, key_padding_mask, importance, *, causal, block_size, local_window_size, global_tokens, top_k_blocks,
+def _ucsa(q, k, v, key_padding_mask, *, causal, block_size, local_window_size, global_tokens, top_k_blocks,
           sparsity_factor, compress):
     B, _, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     b = block_size
-    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    tq, tk = query_layout(nq, nk, b)[2], num_blocks(nk, b)
     g, top_k, _, lists = list_capacity(tk, b, global_tokens, top_k_blocks, sparsity_factor)
     acc_k, acc_v = summary_dtype(k), summary_dtype(v)
     shapes = {"key_block_counts": ((B, tk), _counts_dtype(key_padding_mask))}
@@ -78,16 +78,16 @@ def _ucsa(q, k, v, key_padding_mask, importance, *, causal, block_size, local_wi
     return shapes
 
 
-def _dala(q, k, v, key_padding_mask, importance, *, causal, block_size, window, memory_size, decay, compress_rest):
+def _dala(q, k, v, key_padding_mask, *, causal, block_size, window, memory_size, decay, compress_rest):
     B = q.shape[0]
     Hkv, nk, D, Dv = k.shape[1], k.shape[2], k.shape[3], v.shape[3]
     b = block_size
-    tq, tk = num_blocks(q.shape[2], b), num_blocks(nk, b)
+    tq, tk = query_layout(q.shape[2], nk, b)[2], num_blocks(nk, b)
     acc = summary_dtype(k)
     shapes = {"key_block_counts": ((B, tk), _counts_dtype(key_padding_mask))}
     if memory_size > 0:           # routed = min(memory_size, nk) > 0 exactly when memory_size > 0 (nk >= 1)
-        # one routed list per key block (_routed_tokens); self-attention has Tq = Tk
-        shapes["token_idx"] = ((B, Hkv, tk, torch.sym_min(memory_size, nk)), torch.int32)
+        # one routed list per query block (_routed_tokens)
+        shapes["token_idx"] = ((B, Hkv, tq, torch.sym_min(memory_size, nk)), torch.int32)
     if compress_rest:
         shapes.update({"summary_k": ((B, Hkv, tq, D), acc),
                        "summary_v": ((B, Hkv, tq, Dv), acc),
@@ -101,15 +101,15 @@ _SHAPES = {"msra": _msra, "ucsa": _ucsa, "dala": _dala}
 
 
 def plan_shapes(kind: str, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
-                importance: Optional[Tensor], options: Dict) -> Dict[str, Tuple[Shape, torch.dtype]]:
+                options: Dict) -> Dict[str, Tuple[Shape, torch.dtype]]:
     """{plan field: (shape, dtype)} of the plan `kind`'s builder would return for these inputs and keywords;
     fields the plan leaves None are absent. Sizes may be SymInts (shapes of fake tensors).
 
     Example:
         >>> import torch
         >>> q = torch.randn(1, 4, 100, 8); k = torch.randn(1, 2, 100, 8)
-        >>> plan_shapes("dala", q, k, k, None, None, dict(causal=False, block_size=16, window=16, memory_size=8,
+        >>> plan_shapes("dala", q, k, k, None, dict(causal=False, block_size=16, window=16, memory_size=8,
         ...                                            decay="alibi", compress_rest=True))["token_idx"]
         ((1, 2, 7, 8), torch.int32)
     """
-    return _SHAPES[kind](q, k, v, key_padding_mask, importance, **options)
+    return _SHAPES[kind](q, k, v, key_padding_mask, **options)

@@ -63,6 +63,9 @@ def attention(kind: str, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fals
               attn_mask: Optional[Tensor] = None, softcap: Optional[float] = None, **keywords) -> Tensor:
     """Family `kind` on q [B, H, Nq, D], k, v [B, Hkv, Nk, D]; keywords: its parameters and per-call inputs.
 
+    Query row i is position Nk - Nq + i: causal masking is aligned bottom-right, so queries after a cache
+    (Nq < Nk) see what the same rows of one full-sequence call see, in every family.
+
     attn_mask and softcap are the exact family's only: they change logits no sparse plan describes.
 
     Example:
@@ -71,7 +74,8 @@ def attention(kind: str, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fals
         torch.Size([1, 2, 256, 16])
     """
     spec = family(kind)
-    checks.check_qkv(q, k, v, self_attention=spec.sparse)
+    causal = checks.check_bool("causal", causal)
+    checks.check_qkv(q, k, v, sparse=spec.sparse, causal=causal)
     empty = _empty_output(q, k, v)
     if empty is not None:
         return empty

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_blocks, num_blocks,
-                     summary_dtype, window_blocks)
+                     query_layout, summary_dtype, window_blocks)
 from .plan import Plan
 
 
@@ -41,7 +41,47 @@ def selection_queries(q: Tensor, b: int, num_kv_heads: int, causal: bool) -> Ten
     return qbar.view(B, num_kv_heads, H // num_kv_heads, tq, D).sum(2)
 
 
-def causal_selection_counts(num_query_blocks, sparsity_factor: float, device) -> Tensor:
+def history_rows(nq: int, nk: int, b: int) -> int:
+    """How many query rows before the call's first one the causal selection reads: the rest of the first
+    query block and the whole block before it (`query_layout`), or every earlier row when there are fewer.
+
+    Example:
+        >>> history_rows(64, 64, 16), history_rows(1, 70, 16), history_rows(1, 6, 16)
+        (0, 21, 5)
+    """
+    pad, first, _ = query_layout(nq, nk, b)
+    return pad + b if first > 0 else pad
+
+
+def causal_selection_queries(q: Tensor, past_queries: Optional[Tensor], nk: int, b: int, num_kv_heads: int) -> Tensor:
+    """qbar [B, Hkv, Tq, D] of a causal call whose rows are absolute positions Nk - Nq + i (queries after a cache):
+    `selection_queries` of the full sequence, read from the call's queries and the `past_queries` before them
+    (at least `history_rows` of them; the last ones are used).
+
+    Example:
+        >>> import torch
+        >>> q = torch.arange(8.0).view(1, 1, 8, 1)
+        >>> full = selection_queries(q, 4, 1, causal=True)
+        >>> bool(torch.equal(causal_selection_queries(q[:, :, 5:], q[:, :, :5], 8, 4, 1), full[:, :, 1:]))
+        True
+    """
+    B, H, nq, D = q.shape
+    pad, first, _ = query_layout(nq, nk, b)
+    need = history_rows(nq, nk, b)
+    if need == 0:
+        return selection_queries(q, b, num_kv_heads, causal=True)
+    have = 0 if past_queries is None else past_queries.shape[2]
+    if have < need:
+        raise ValueError(f"ucsa with queries after a cache (Nq = {nq} < Nk = {nk}) selects blocks with the mean query "
+                         f"of the block before each query block: pass past_queries, the {need} query rows before "
+                         f"this call's (got {have})")
+    # the rows from the start of absolute block first - 1 (or 0): entry 1 (or 0) of their qbar is block first's
+    rows = torch.cat([past_queries[:, :, have - need:].to(q.dtype), q], 2)
+    qbar = selection_queries(rows, b, num_kv_heads, causal=True)
+    return qbar[:, :, 1:] if first > 0 else qbar
+
+
+def causal_selection_counts(num_query_blocks, sparsity_factor: float, device, first: int = 0) -> Tensor:
     """int64 [Tq]: k(t_q) = ceil(sparsity_factor * (t_q + 1)), the fraction of the key blocks a causal
     query block can see (blocks 0..t_q), not of all N: a prefix run selects what the full run does.
 
@@ -49,7 +89,7 @@ def causal_selection_counts(num_query_blocks, sparsity_factor: float, device) ->
         >>> causal_selection_counts(5, 0.5, "cpu").tolist()
         [1, 1, 2, 2, 3]
     """
-    seen = torch.arange(1, num_query_blocks + 1, device=device, dtype=torch.float64)
+    seen = torch.arange(1, num_query_blocks + 1, device=device, dtype=torch.float64) + first
     return torch.ceil(seen * sparsity_factor).to(torch.int64)
 
 
@@ -70,7 +110,7 @@ def list_capacity(tk, b: int, global_tokens: int, top_k_blocks: int, sparsity_fa
 
 def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
               block_size: int, local_window_size: int, global_tokens: int, top_k_blocks: int,
-              sparsity_factor: Optional[float], compress: bool) -> Plan:
+              sparsity_factor: Optional[float], compress: bool, past_queries: Optional[Tensor] = None) -> Plan:
     """Build the UCSA plan (DESIGN.md section 3).
 
     The family's parameters have no defaults here: their defaults live in its spec (core/families.py), which
@@ -79,7 +119,10 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     Selection score r(t_q, t) = sum over the kv group's query heads of qbar . kbar_t, kbar_t the mean
     visible key of block t, qbar the mean query of block t_q; under causal masking the mean query of
     block t_q - 1, and k = ceil(sparsity_factor * (t_q + 1)), so that a query's plan never depends on a
-    later position nor on how many follow (``selection_queries``, ``causal_selection_counts``).
+    later position nor on how many follow (``selection_queries``, ``causal_selection_counts``). Queries after
+    a cache (Nq < Nk, causal) get their absolute query blocks' lists (`query_layout`); their selection reads
+    the block before each query block, so it needs `past_queries`, the query rows before the call
+    (``causal_selection_queries``).
 
     Example:
         >>> import torch
@@ -93,7 +136,8 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     B, H, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     b = block_size
-    tq, tk = num_blocks(nq, b), num_blocks(nk, b)
+    _, first, tq = query_layout(nq, nk, b)
+    tk = num_blocks(nk, b)
     w = window_blocks(local_window_size, b)
     # the lists' capacity g + top_k; causal sparsity_factor takes fewer per block
     g, top_k, selects, lists = list_capacity(tk, b, global_tokens, top_k_blocks, sparsity_factor)
@@ -102,8 +146,8 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     visible = key_visibility(key_padding_mask, B, nk, b, dev)
     counts = block_counts(visible, b)                                  # [B, Tk]
     has_keys = (counts > 0)[:, None, None, :]                          # [B, 1, 1, Tk]
-    near = near_blocks(tq, tk, w, causal, dev)                         # [Tq, Tk]
-    t_q = torch.arange(tq, device=dev)[:, None]
+    near = near_blocks(tq, tk, w, causal, dev, first)                  # [Tq, Tk]
+    t_q = (torch.arange(tq, device=dev) + first)[:, None]
     t_k = torch.arange(tk, device=dev)[None, :]
     is_global = (t_k < g).expand(tq, tk)
     if causal:
@@ -118,12 +162,13 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     kbar = means(k_sums, counts[:, None, :])
     exact = fixed.expand(B, Hkv, tq, tk)                               # listed blocks (the near ones are the window)
     if selects:
-        score = selection_queries(q, b, Hkv, causal) @ kbar.transpose(-1, -2)   # [B, Hkv, Tq, Tk]
+        qbar = causal_selection_queries(q, past_queries, nk, b, Hkv) if causal else selection_queries(q, b, Hkv, False)
+        score = qbar @ kbar.transpose(-1, -2)                              # [B, Hkv, Tq, Tk]
         score = score.masked_fill(~eligible, float("-inf"))
         top_val, top_idx = torch.topk(score, top_k, dim=-1)
         take = top_val > float("-inf")
         if causal and sparsity_factor is not None:
-            take = take & (torch.arange(top_k, device=dev) < causal_selection_counts(tq, sparsity_factor, dev)[:, None])
+            take = take & (torch.arange(top_k, device=dev) < causal_selection_counts(tq, sparsity_factor, dev, first)[:, None])
         chosen = torch.zeros_like(exact).scatter(-1, top_idx, take)
         exact = exact | chosen
     listed = compact(exact, g + top_k) if lists else None

@@ -20,10 +20,11 @@ from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from danon.core import attention_op as _attention_op  # noqa: F401  (registers torch.ops.danon.attention)
 from danon.core.attention_args import PLAN_TENSORS, AttentionArgs
-from danon.core.blocks import near_block_table, rows_without_keys
+from danon.core.blocks import causal_visible, near_block_table, query_layout, rows_without_keys
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
 from danon.core.plan_op import plan_decompositions
@@ -39,17 +40,16 @@ def _gathered(a: AttentionArgs):
     q, k, v = a.q.contiguous(), a.k.contiguous(), a.v.contiguous()
     B, H, nq, _ = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
-    tq, tk = -(-nq // a.block_size), -(-nk // a.block_size)
+    _, first, tq = query_layout(nq, nk, a.block_size)
+    tk = -(-nk // a.block_size)
     block_idx = a.block_idx
     if a.window >= 0:
         # the width depends on the plan's window only (not on min(W, Tk)): no guard on the sequence length
-        near = near_block_table(tq, tk, a.window, a.causal, B, Hkv, q.device, clamp=False)
+        near = near_block_table(tq, tk, a.window, a.causal, B, Hkv, q.device, clamp=False, first=first)
         block_idx = near if block_idx is None else torch.cat([near, block_idx.to(torch.int32)], -1)
     prob = Problem(a._replace(q=q, k=k, v=v, block_idx=block_idx, attn_mask=None, window=-1))
     out, lse = prob.forward_chunk(0, prob.tq)
-    out = prob.from_chunk_rows(out, 0, prob.tq)[:, :, :nq]
-    lse = prob.from_chunk_rows(lse, 0, prob.tq)[:, :, :nq]
-    return out.to(q.dtype), lse
+    return prob.call_rows(prob.from_chunk_rows(out, 0, prob.tq)).to(q.dtype), prob.call_rows(prob.from_chunk_rows(lse, 0, prob.tq))
 
 
 def _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal):
@@ -64,10 +64,11 @@ def _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal):
         kpm = key_padding_mask.bool()[:, None, None, :]
         mask = kpm if mask is None else (mask & kpm if mask.dtype == torch.bool
                                          else mask.masked_fill(~kpm, float("-inf")))
-    if mask is not None and causal:   # SDPA takes is_causal or a mask, not both
-        nq, nk = q.shape[2], k.shape[2]
-        tril = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None]
-        mask = mask & tril if mask.dtype == torch.bool else mask.masked_fill(~tril, float("-inf"))
+    nq, nk = q.shape[2], k.shape[2]
+    # SDPA takes is_causal or a mask, not both; its is_causal is aligned top-left, the op's bottom-right
+    if causal and (mask is not None or not statically_known_true(nq == nk)):
+        tril = causal_visible(nq, nk, q.device)
+        mask = tril if mask is None else (mask & tril if mask.dtype == torch.bool else mask.masked_fill(~tril, float("-inf")))
         causal = False
     if seeing is not None and mask is not None:   # a row that sees nothing would be NaN: let it see all, zero it
         mask = mask | ~seeing if mask.dtype == torch.bool else mask.masked_fill(~seeing, 0.0)
@@ -78,9 +79,7 @@ def _dense_sdpa(q, k, v, key_padding_mask, attn_mask, scale, causal):
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.to(dt)
     elif causal:
-        nq, nk = q.shape[2], k.shape[2]
-        tril = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None]
-        logits = logits.masked_fill(~tril, float("-inf"))
+        logits = logits.masked_fill(~causal_visible(nq, nk, q.device), float("-inf"))
     lse = torch.logsumexp(logits, -1)
     if seeing is not None:
         out = out.masked_fill(~seeing, 0.0)
@@ -108,8 +107,7 @@ def attention_aten(*args, **kwargs):
             return _dense_sdpa(q, a.k, a.v, a.key_padding_mask, a.attn_mask, a.scale, a.causal)
         prob = Problem(a._replace(**dict.fromkeys(PLAN_TENSORS), window=-1))
         out, lse = prob.forward_chunk(0, prob.tq)
-        out = prob.from_chunk_rows(out, 0, prob.tq)[:, :, :q.shape[2]]
-        return out.to(q.dtype), prob.from_chunk_rows(lse, 0, prob.tq)[:, :, :q.shape[2]]
+        return prob.call_rows(prob.from_chunk_rows(out, 0, prob.tq)).to(q.dtype), prob.call_rows(prob.from_chunk_rows(lse, 0, prob.tq))
     if a.attn_mask is not None:
         raise ValueError("attn_mask (a general mask) is supported by the dense exact plan only")
     return _gathered(a)

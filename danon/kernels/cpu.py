@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from danon.core.blocks import rows_without_keys
+from danon.core.blocks import causal_visible, query_layout, rows_without_keys
 from danon.core.attention_args import GRADIENTS, AttentionArgs, BackwardArgs
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
@@ -51,15 +51,30 @@ def _flash_dtype(q: Tensor, attn_mask) -> torch.dtype:
     return q.dtype
 
 
+def _bottom_right(q, k, attn_mask, causal):
+    """(attn_mask, causal) for the fused kernel, whose is_causal is aligned top-left: with Nq != Nk the causal
+    mask aligned bottom-right becomes part of the mask (a single query row sees every key: no mask at all)."""
+    nq, nk = q.shape[2], k.shape[2]
+    if not causal or nq == nk:
+        return attn_mask, causal
+    if nq == 1 and nk >= 1:
+        return attn_mask, False
+    tri = causal_visible(nq, nk, q.device)
+    if attn_mask is None:
+        return tri, False
+    return (attn_mask & tri if attn_mask.dtype == torch.bool else attn_mask.masked_fill(~tri, float("-inf"))), False
+
+
 def _flash_forward(q, k, v, key_padding_mask, attn_mask, scale, causal):
     """Dense exact attention through PyTorch's fused CPU flash kernel (GQA native)."""
+    dead = rows_without_keys(q, k, key_padding_mask, attn_mask, causal)
+    attn_mask, causal = _bottom_right(q, k, attn_mask, causal)
     dt = _flash_dtype(q, attn_mask)
     qc, kc, vc = (_rows_contiguous(x.to(dt)) for x in (q, k, v))
     mask = _additive_mask(qc, kc, key_padding_mask, attn_mask)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         qc, kc, vc, 0.0, causal, attn_mask=mask, scale=scale)
     out = out.to(q.dtype)
-    dead = rows_without_keys(q, k, key_padding_mask, attn_mask, causal)
     if dead is not None:
         out = out.masked_fill(dead[..., None], 0.0)
         lse = lse.masked_fill(dead, float("-inf"))
@@ -79,7 +94,8 @@ def _path(a: AttentionArgs, dense: bool) -> str:
         return "reference"   # the window views assume no more query blocks than key blocks
     token_idx = a.token_idx
     if a.causal and token_idx is not None and token_idx.numel():
-        starts = (torch.arange(token_idx.shape[2], device=q.device) * a.block_size).view(1, 1, -1, 1)
+        first = query_layout(q.shape[2], k.shape[2], a.block_size)[1]
+        starts = ((torch.arange(token_idx.shape[2], device=q.device) + first) * a.block_size).view(1, 1, -1, 1)
         if bool((token_idx.long() >= starts).any()):
             return "reference"   # a hand-made plan listing tokens inside the query's own block
     return "gather"
@@ -155,6 +171,7 @@ def _wanted(a: AttentionArgs, g: BackwardArgs):
 
 
 def _flash_backward(grad_out, q, k, v, key_padding_mask, attn_mask, out, lse, scale, causal):
+    attn_mask, causal = _bottom_right(q, k, attn_mask, causal)
     dt = _flash_dtype(q, attn_mask)
     qc, kc, vc = (_rows_contiguous(x.to(dt)) for x in (q, k, v))
     mask = _additive_mask(qc, kc, key_padding_mask, attn_mask)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from danon.core.attention_args import AttentionArgs
+from danon.core.blocks import query_layout
 from danon.core.dtypes import accumulation_dtype
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -83,13 +84,15 @@ class GatheredPlan:
         Hkv, nk = k.shape[1], k.shape[2]
         b = block_size
         self.B, self.H, self.Hkv, self.G, self.nq, self.nk, self.D, self.Dv = B, H, Hkv, H // Hkv, nq, nk, D, v.shape[3]
-        self.tq, self.tk = -(-nq // b), -(-nk // b)
+        # row i is position Nk - Nq + i: `pad` rows before it make whole blocks, local block t is absolute first + t
+        self.pad, self.first, self.tq = query_layout(nq, nk, b)
+        self.tk = -(-nk // b)
         dev = q.device
-        self.q = _pad_rows(q.to(dt), 0, self.tq * b - nq)
+        self.q = _pad_rows(q.to(dt), self.pad, self.tq * b - nq - self.pad)
         self.q_blocks = self.q.reshape(B * H, self.tq, b, D).transpose(0, 1)              # [Tq, B*H, b, D]
         key_ok = torch.ones(B, nk, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask.bool()
         self.key_ok = key_ok
-        self.block_start = torch.arange(self.tq, device=dev) * b                           # [Tq]
+        self.block_start = (torch.arange(self.tq, device=dev) + self.first) * b            # [Tq] absolute
         self.slopes = None if slopes is None else slopes.to(dt)                            # [H]
         # contiguous: the own-block part reads blocks through as_strided, which ignores a view's strides
         self.k_pad = _pad_rows(k.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, D).contiguous()
@@ -176,7 +179,7 @@ class GatheredPlan:
         def strided(x):
             return lambda t0, t1: x.as_strided((t1 - t0, B * Hkv, width * b, x.shape[-1]),
                                                (b * x.shape[-1], rows * x.shape[-1], x.shape[-1], 1),
-                                               t0 * b * x.shape[-1] + x.storage_offset())
+                                               (t0 + self.first) * b * x.shape[-1] + x.storage_offset())
 
         # key j of query block t's window sits at position (t - w) * b + j
         def key_ok(t0, t1):
@@ -205,8 +208,8 @@ class GatheredPlan:
             # window slot s of query block t is padded row (t - w) * b + s + w * b: add block by block
             grad_k, grad_v = self.token_grads()
             for j in range(width):
-                _add_blocks(grad_k, t0 + j, dk[:, :, j * b:(j + 1) * b])
-                _add_blocks(grad_v, t0 + j, dv[:, :, j * b:(j + 1) * b])
+                _add_blocks(grad_k, t0 + self.first + j, dk[:, :, j * b:(j + 1) * b])
+                _add_blocks(grad_v, t0 + self.first + j, dv[:, :, j * b:(j + 1) * b])
 
         def rel(t0, t1):   # slot s of every query block's window sits s - w * b tokens from the block's start
             return (torch.arange(width * b, device=self.q.device, dtype=self.dtype) - w * b).view(1, 1, -1)
@@ -233,13 +236,13 @@ class GatheredPlan:
         def blocks(x):
             return lambda t0, t1: x.as_strided((t1 - t0, B * Hkv, b, x.shape[-1]),
                                                (b * x.shape[-1], n * x.shape[-1], x.shape[-1], 1),
-                                               t0 * b * x.shape[-1] + x.storage_offset())
+                                               (t0 + self.first) * b * x.shape[-1] + x.storage_offset())
 
         key_ok = F.pad(self.key_ok, (0, n - self.nk), value=False)
         if window is not None:
             listed = None
         else:   # a hand-made plan may leave the own block out
-            t = torch.arange(self.tq, device=self.q.device).view(1, 1, -1, 1)
+            t = (torch.arange(self.tq, device=self.q.device) + self.first).view(1, 1, -1, 1)
             listed = (block_idx.long() == t).any(-1).permute(2, 0, 1)                   # [Tq, B, Hkv]
         tril = torch.ones(b, b, dtype=torch.bool, device=self.q.device).tril()
         r = torch.arange(b, device=self.q.device)
@@ -251,7 +254,8 @@ class GatheredPlan:
             return self._padded_own_part(blocks, key_ok, tril)
 
         def mask(t0, t1):
-            ok = key_ok[:, t0 * b:t1 * b].view(B, t1 - t0, 1, b).transpose(0, 1)        # [C, B, 1, b]
+            f = self.first
+            ok = key_ok[:, (t0 + f) * b:(t1 + f) * b].view(B, t1 - t0, 1, b).transpose(0, 1)   # [C, B, 1, b]
             ok = ok.expand(t1 - t0, B, Hkv, b)
             if listed is not None:
                 ok = ok & listed[t0:t1, :, :, None]
@@ -275,8 +279,8 @@ class GatheredPlan:
 
     def _own_scatter(self, t0, t1, dk, dv):
         grad_k, grad_v = self.token_grads()
-        _add_blocks(grad_k, t0 + self._front[0], dk)
-        _add_blocks(grad_v, t0 + self._front[0], dv)
+        _add_blocks(grad_k, t0 + self.first + self._front[0], dk)
+        _add_blocks(grad_v, t0 + self.first + self._front[0], dv)
 
     def _plain_own_part(self, blocks) -> _Part:
         self.keys_per_block += self.b
@@ -287,7 +291,8 @@ class GatheredPlan:
         b, B = self.b, self.B
 
         def ok_keys(t0, t1):
-            return key_ok[:, t0 * b:t1 * b].view(B, t1 - t0, b).transpose(0, 1)            # [C, B, b]
+            f = self.first
+            return key_ok[:, (t0 + f) * b:(t1 + f) * b].view(B, t1 - t0, b).transpose(0, 1)   # [C, B, b]
 
         def mask(t0, t1):
             ok = ok_keys(t0, t1)[:, :, None, :] & tril                                       # [C, B, b, b]
@@ -472,13 +477,13 @@ class GatheredPlan:
 
     def rows_layout(self, x: Tensor) -> Tensor:
         """[B, H, Nq, X] -> [Tq, B*H, b, X] view (padded rows added)."""
-        x = _pad_rows(x.to(self.dtype), 0, self.tq * self.b - x.shape[2])
+        x = _pad_rows(x.to(self.dtype), self.pad, self.tq * self.b - x.shape[2] - self.pad)
         return x.reshape(self.B * self.H, self.tq, self.b, x.shape[-1]).transpose(0, 1)
 
     def to_output(self, x: Tensor) -> Tensor:
         """[Tq, B*H, b, X] -> [B, H, Nq, X]."""
         x = x.transpose(0, 1).reshape(self.B, self.H, self.tq * self.b, x.shape[-1])
-        return x[:, :, :self.nq]
+        return x[:, :, self.pad:self.pad + self.nq]
 
 
 def _dead_rows(mask: Tensor) -> Tensor:

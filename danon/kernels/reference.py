@@ -16,15 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from danon.core.attention_args import AttentionArgs, BackwardArgs
-from danon.core.blocks import near_block_table
+from danon.core.blocks import near_block_table, query_layout
 from danon.core.dtypes import accumulation_dtype
 
 # Elements of the logit tensor one chunk may hold: bounds the executor's working memory.
 LOGIT_BUDGET = 1 << 22
 
 
-def _with_window(block_idx, window, tq, tk, causal, B, Hkv, device):
-    near = near_block_table(tq, tk, window, causal, B, Hkv, device)
+def _with_window(block_idx, window, tq, tk, causal, B, Hkv, device, first):
+    near = near_block_table(tq, tk, window, causal, B, Hkv, device, first=first)
     return near if block_idx is None else torch.cat([near, block_idx.to(torch.int32)], -1)
 
 
@@ -40,17 +40,20 @@ class Problem:
         self.Dv = v.shape[3]
         self.G = self.H // self.Hkv
         self.b = b = block_size
-        self.tq, self.tk = -(-self.nq // b), -(-self.nk // b)
+        # row i is position Nk - Nq + i: `pad` rows before it make whole blocks, local block t is absolute first + t
+        self.pad, self.first, self.tq = query_layout(self.nq, self.nk, b)
+        self.tk = -(-self.nk // b)
         self.scale, self.causal, self.softcap = a.scale, causal, a.softcap
         self.band = a.band if a.band >= 0 else None
         if window >= 0:   # the near window as explicit blocks, ahead of the listed ones
-            block_idx = _with_window(block_idx, window, self.tq, self.tk, causal, q.shape[0], k.shape[1], q.device)
+            block_idx = _with_window(block_idx, window, self.tq, self.tk, causal, q.shape[0], k.shape[1], q.device,
+                                     self.first)
         self.dense = block_idx is None and token_idx is None and summary_idx is None
         self.block_idx, self.token_idx, self.summary_idx = block_idx, token_idx, summary_idx
         self.summary_count, self.summary_pos = a.summary_count, a.summary_pos
         self.attn_mask = a.attn_mask
         # padded inputs in the accumulation dtype
-        self.q = self.pad_rows(q, self.tq * b)
+        self.q = self.query_rows(q)
         self.k = self.pad_rows(k, self.tk * b)
         self.v = self.pad_rows(v, self.tk * b)
         self.summary_k = None if summary_k is None else summary_k.to(self.dtype)
@@ -65,6 +68,16 @@ class Problem:
     def pad_rows(self, x: Tensor, rows: int) -> Tensor:
         x = x.to(self.dtype)
         return F.pad(x, (0, 0, 0, rows - x.shape[2]))
+
+    def query_rows(self, x: Tensor) -> Tensor:
+        """[B, H, Nq, ...] -> [B, H, Tq*b, ...] in whole query blocks: `pad` rows before the first, the rest after."""
+        x = x.to(self.dtype)
+        tail = (0, 0) * (x.dim() - 3)
+        return F.pad(x, tail + (self.pad, self.tq * self.b - x.shape[2] - self.pad))
+
+    def call_rows(self, x: Tensor) -> Tensor:
+        """[B, H, Tq*b, ...] -> the call's own rows [B, H, Nq, ...]."""
+        return x[:, :, self.pad:self.pad + self.nq]
 
     def key_slots(self) -> int:
         """Key slots per query row of a chunk (blocks padded whole): what bounds its working memory."""
@@ -115,7 +128,8 @@ class Problem:
         """
         b, k, v = self.b, self.k, self.v
         if self.dense:
-            kend = min(t1 * b, self.tk * b) if self.causal else self.tk * b
+            # causal: keys up to the chunk's last block (at least one key: rows before every key are masked)
+            kend = max(min((t1 + self.first) * b, self.tk * b), 1) if self.causal else self.tk * b
             pos = torch.arange(kend, device=k.device)
             return dict(keys=k[:, :, None, :kend], values=v[:, :, None, :kend],
                         ok=self.key_ok[:, None, None, :kend], pos=pos.view(1, 1, 1, kend),
@@ -170,7 +184,7 @@ class Problem:
             logits = self.softcap * tanh
         allowed = ks["ok"][..., None, :]                                               # [B, Hkv|1, C|1, 1, L]
         # query position of each row: block t0 + c, offset r within the block, for each of G heads
-        q_pos = ((torch.arange(t0, t1, device=q_rows.device) * b)[:, None, None]
+        q_pos = (((torch.arange(t0, t1, device=q_rows.device) + self.first) * b)[:, None, None]
                  + torch.arange(b, device=q_rows.device)).expand(c, self.G, b).reshape(1, 1, c, self.G * b, 1)
         n_summaries = 0 if ks["summary_bias"] is None else ks["summary_bias"].shape[-1]
         if (self.causal or self.band is not None) and n_exact:
@@ -267,12 +281,14 @@ class Problem:
     def mask_rows(self, attn_mask: Tensor, t0: int, t1: int, kend: int) -> Tensor:
         """The general mask's rows for query blocks t0..t1 in chunk layout [B, Hkv, C, G*b, kend]."""
         b = self.b
-        m = attn_mask.expand(self.B, self.H, self.nq, self.nk)[:, :, t0 * b:min(t1 * b, self.nq), :min(kend, self.nk)]
-        rows, cols = (t1 - t0) * b - m.shape[2], kend - m.shape[3]
+        lo, hi = max(t0 * b - self.pad, 0), min(t1 * b - self.pad, self.nq)    # the call's rows in the chunk
+        m = attn_mask.expand(self.B, self.H, self.nq, self.nk)[:, :, lo:hi, :min(kend, self.nk)]
+        before = lo - (t0 * b - self.pad)
+        rows, cols = (t1 - t0) * b - m.shape[2] - before, kend - m.shape[3]
         if m.dtype == torch.bool:
-            m = F.pad(m, (0, cols, 0, rows), value=False)
+            m = F.pad(m, (0, cols, before, rows), value=False)
         else:
-            m = F.pad(m.to(self.dtype), (0, cols, 0, rows))
+            m = F.pad(m.to(self.dtype), (0, cols, before, rows))
         return self.to_chunk_rows(m, 0, t1 - t0)
 
 
@@ -287,7 +303,7 @@ def reference_forward(a: AttentionArgs):
         o, l = prob.forward_chunk(t0, t1)
         out[:, :, t0 * b:t1 * b] = prob.from_chunk_rows(o, t0, t1)
         lse[:, :, t0 * b:t1 * b] = prob.from_chunk_rows(l, t0, t1)
-    return out[:, :, :prob.nq].to(q.dtype), lse[:, :, :prob.nq]
+    return prob.call_rows(out).to(q.dtype), prob.call_rows(lse)
 
 
 def reference_backward(a: AttentionArgs, g: BackwardArgs, use_lse: bool):
@@ -309,10 +325,10 @@ def reference_backward(a: AttentionArgs, g: BackwardArgs, use_lse: bool):
         grads["mask"] = torch.zeros(prob.B, prob.H, rows, prob.tk * b, dtype=prob.dtype, device=q.device)
     if g.need_slopes_grad and prob.slopes is not None:
         grads["slopes"] = torch.zeros_like(prob.slopes)
-    go = prob.pad_rows(g.grad_out, rows)
-    o = prob.pad_rows(g.out, rows)
-    l = F.pad(g.lse.to(prob.dtype), (0, rows - prob.nq))
-    gl = F.pad(g.grad_lse.to(prob.dtype), (0, rows - prob.nq)) if use_lse else None
+    go = prob.query_rows(g.grad_out)
+    o = prob.query_rows(g.out)
+    l = prob.query_rows(g.lse)
+    gl = prob.query_rows(g.grad_lse) if use_lse else None
     dq = torch.zeros_like(prob.q)
     for t0, t1 in prob.chunks():
         dq_rows = prob.backward_chunk(t0, t1, go, o, prob.to_chunk_rows(l, t0, t1), gl, grads)
@@ -323,7 +339,7 @@ def reference_backward(a: AttentionArgs, g: BackwardArgs, use_lse: bool):
 
     d_mask = empty
     if "mask" in grads:   # reduce over the dimensions the mask was broadcast along
-        full = grads["mask"][:, :, :prob.nq, :prob.nk]
+        full = prob.call_rows(grads["mask"])[:, :, :, :prob.nk]
         d_mask = full.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
-    return (dq[:, :, :prob.nq].to(q.dtype), grad_of("k", k)[:, :, :prob.nk], grad_of("v", v)[:, :, :prob.nk],
+    return (prob.call_rows(dq).to(q.dtype), grad_of("k", k)[:, :, :prob.nk], grad_of("v", v)[:, :, :prob.nk],
             grad_of("sk", a.summary_k), grad_of("sv", a.summary_v), d_mask, grad_of("slopes", a.slopes))

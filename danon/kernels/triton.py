@@ -81,8 +81,12 @@ def supports(a: AttentionArgs) -> bool:
         (True, False)
     """
     q, k, v = a.q, a.k, a.v
+    # the kernels lay query blocks over key blocks from position 0: queries after a cache (Nq != Nk, where
+    # positions matter) run on the CPU executor's reference path, which runs on any device (issue 19, item 6)
+    positional = a.causal or a.band >= 0 or a.slopes is not None or not is_dense_plan(
+        a.block_idx, a.token_idx, a.summary_idx, a.window)
     return (q.device.type in ("cpu", "cuda") and a.attn_mask is None and q.dtype in _DTYPES
-            and q.dtype == k.dtype == v.dtype)
+            and q.dtype == k.dtype == v.dtype and (q.shape[2] == k.shape[2] or not positional))
 
 
 # --- launch configuration -------------------------------------------------------------------------
@@ -356,7 +360,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, plan, *, scale: Optional[f
         True
     """
     from danon.core import checks
-    checks.check_qkv(q, k, v, self_attention=False)
+    checks.check_qkv(q, k, v, sparse=False)
     checks.check_key_padding_mask(key_padding_mask, q, k)
     a = _plan_args(q, k, v, plan, scale, causal, key_padding_mask, slopes, softcap)
     if not supports(a):

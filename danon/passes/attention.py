@@ -69,6 +69,13 @@ def find_sites(gm: fx.GraphModule) -> List[Site]:
     return sorted(sites + kept_modules, key=lambda s: order.get(s.node, -1))
 
 
+def _causal(site: Site) -> bool:
+    """The site's causal masking, aligned bottom-right like the op's. One query row (a decode step: transformers
+    passes no causal flag and no mask) sees every key either way, so it counts as causal."""
+    q = site.value("q")
+    return site.causal or (q is not None and q.dim() == 4 and isinstance(q.shape[2], int) and q.shape[2] == 1)
+
+
 def decide(site: Site, config: DanonConfig) -> Tuple[Optional[str], Optional[str]]:
     """(family or None when kept, reason) for one site."""
     if site.kept:
@@ -83,8 +90,9 @@ def decide(site: Site, config: DanonConfig) -> Tuple[Optional[str], Optional[str
     if config.attention in SPARSE:
         if site.mask_class not in SPARSE_MASKS or site.mask is not None or site.softcap is not None:
             return "exact", f"{config.attention} applies to no / causal / key-padding masks without softcap; runs exact"
-        if _hint(q.shape[2]) != _hint(k.shape[2]):
-            return "exact", f"{config.attention} needs self-attention (Nq = Nk); runs exact"
+        if _hint(q.shape[2]) != _hint(k.shape[2]) and not (_causal(site) and _hint(q.shape[2]) < _hint(k.shape[2])):
+            return "exact", (f"{config.attention} needs self-attention (Nq = Nk) or causal queries after a cache "
+                             f"(Nq < Nk); runs exact")
         if _hint(k.shape[2]) < config.min_seq_len:
             return config.attention, f"key length {_hint(k.shape[2])} < min_seq_len: runs exact"
         return config.attention, None
@@ -125,7 +133,7 @@ def _report_row(site: Site, family, reason, config) -> SiteReport:
 
 
 def _replace(gm: fx.GraphModule, site: Site, family: str, config: DanonConfig) -> None:
-    kwargs = {"family": family, "causal": site.causal, "attn_mask": site.mask, "scale": site.scale,
+    kwargs = {"family": family, "causal": _causal(site), "attn_mask": site.mask, "scale": site.scale,
               "min_seq_len": config.min_seq_len}
     if site.key_padding is not None:
         kwargs["key_padding_mask"] = site.key_padding

@@ -15,8 +15,9 @@ equal a known class:
    (no padding, left and right padding, random 0/1, a fully padded row, and values other than
    0/1) and, with symbolic shapes, for several sizes (the traced ones, larger ones, and one past
    every integer constant of the construction, so a window wider than the traced length still
-   shows). Every result must equal the class's definition exactly: causal j <= i; sliding window
-   i - w < j <= i; key padding P[b, j] != 0 (or == 0); their conjunctions. An additive float mask
+   shows). Every result must equal the class's definition exactly, with query row i at position
+   p = Nk - Nq + i (aligned bottom-right, as the masks transformers builds for queries after a cache):
+   causal j <= p; sliding window p - w < j <= p; key padding P[b, j] != 0 (or == 0); their conjunctions. An additive float mask
    counts only when every value is 0 or -inf (or <= -65504, as eager paths' finfo.min: the same
    weights in every row that sees a key; a row that sees none returns 0, where eager averages).
 
@@ -498,7 +499,8 @@ def _general_values(B: int, n: int, fake, g: torch.Generator) -> torch.Tensor:
 
 
 def _reference(base: str, window: Optional[int], nq: int, nk: int, device) -> torch.Tensor:
-    i = torch.arange(nq, device=device)[:, None]
+    # query row i sits at position Nk - Nq + i (the op's causal masking, aligned bottom-right: a cache's masks)
+    i = torch.arange(nq, device=device)[:, None] + (nk - nq)
     j = torch.arange(nk, device=device)[None, :]
     if base == "none":
         return torch.ones(nq, nk, dtype=torch.bool, device=device)

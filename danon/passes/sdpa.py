@@ -6,6 +6,7 @@ from typing import List
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from danon.core import torch_internals
 
@@ -46,12 +47,23 @@ def find_sdpa_sites(gm: fx.GraphModule) -> List[Site]:
     return sites
 
 
+def _same_length(site: Site) -> bool:
+    """Whether q and k have one sequence length for every size this graph runs at (not only the traced one)."""
+    q, k = site.value("q"), site.value("k")
+    if q is None or k is None or q.dim() != 4 or k.dim() != 4:
+        return True     # decided elsewhere: such a site is kept for its shapes
+    return statically_known_true(q.shape[2] == k.shape[2])
+
+
 def _read_options(site: Site, args: dict):
     """Fill causal / mask / scale from the call; return why the site must be kept, or None."""
     if isinstance(args["is_causal"], fx.Node) or not isinstance(args["is_causal"], bool):
         return "is_causal is computed at run time"
     site.causal = args["is_causal"]
     site.mask_class = "causal" if site.causal else "none"
+    if site.causal and not _same_length(site):
+        # SDPA aligns is_causal top-left, the op bottom-right: the same mask only when Nq = Nk
+        return "is_causal with Nq != Nk (SDPA aligns it top-left, danon's op bottom-right)"
     if args["attn_mask"] is not None:
         mask = _value(args["attn_mask"])
         site.mask = args["attn_mask"]

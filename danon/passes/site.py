@@ -28,7 +28,7 @@ class Site:
     node: the node whose value is the attention output [B, H, Nq, Dv]; the pass replaces its uses.
     q, k, v: nodes of the 4-D inputs. When the graph repeats kv heads (repeat_kv), k and v are the
         nodes before the repeat (Hkv heads), so no repeated heads are materialised.
-    causal: the causal mask (top-left aligned, j <= i) applies.
+    causal: the causal mask applies, aligned bottom-right as the op's: query i sits at position Nk - Nq + i.
     key_padding: a node of a bool [B, Nk] mask (True = attend), or None.
     mask: a node of any other mask, bool (True = attend) or additive float, broadcastable to
         [B, H, Nq, Nk]; or None.

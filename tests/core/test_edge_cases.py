@@ -53,7 +53,7 @@ def test_sliding_window_with_more_queries_than_keys():
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 1, 40, 4, generator=g), torch.randn(1, 1, 7, 4, generator=g), torch.randn(1, 1, 7, 4, generator=g)
     out = danon.exact_attention(q, k, v, sliding_window=16, block_size=16)
-    i, j = torch.arange(40)[:, None], torch.arange(7)[None, :]
+    i, j = torch.arange(40)[:, None] + (7 - 40), torch.arange(7)[None, :]     # query i sits at position Nk - Nq + i
     band = (i - j).abs() < 16
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=band)
     ref = torch.where(band.any(-1, keepdim=True), ref, torch.zeros(()))

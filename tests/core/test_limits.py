@@ -94,7 +94,10 @@ def test_exact_equals_sdpa(causal, Hkv, scale):
 def test_exact_equals_sdpa_cross_lengths(Nq, Nk, causal):
     q, k, v, _ = inputs(2, seed=24, N=Nq, Nk=Nk)
     out = danon.exact_attention(q, k, v, causal=causal)
-    ref = sdpa(q, k, v, is_causal=causal)  # top-left aligned
+    # causal masking aligned bottom-right: query i sits at position Nk - Nq + i (SDPA's is_causal is top-left)
+    visible = torch.arange(Nk)[None, :] <= torch.arange(Nq)[:, None] + (Nk - Nq)
+    ref = sdpa(q, k, v, attn_mask=visible) if causal else sdpa(q, k, v)
+    ref = torch.where(visible.any(-1, keepdim=True) | (not causal), ref, torch.zeros(()))
     assert rel_err(out, ref) < 1e-5
 
 

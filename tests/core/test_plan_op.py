@@ -59,7 +59,7 @@ def test_closed_form_sizes_equal_the_built_plan(case):
     q, k, v, kpm = _inputs(h, hkv, n, dk, dv, dtype, padded)
     rest = {name: value for name, value in options.items() if name != "sparsity_factor"}
     built = _pack(_run_builder(kind, q, k, v, kpm, None, options.get("sparsity_factor"), json.dumps(rest)), q)
-    shapes = plan_shapes(kind, q, k, v, kpm, None, options)
+    shapes = plan_shapes(kind, q, k, v, kpm, options)
     for field, tensor in zip(FIELDS, built):
         if tensor.dim() == 1:            # a field the plan leaves None
             assert field not in shapes, (field, shapes[field])

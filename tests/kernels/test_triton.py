@@ -154,8 +154,10 @@ def test_exact_cross_attention_band_and_layouts(causal):
     assert not q.is_contiguous() and not v.is_contiguous()
     plan = danon.attention_plan(q, k, v, kind="exact", causal=causal, block_size=32)
     out, _ = triton_attention(q, k, v, plan, scale=0.3)
+    # causal masking aligned bottom-right (query i at position Nk - Nq + i); SDPA's is_causal is top-left
+    visible = torch.arange(130)[None, :] <= torch.arange(70)[:, None] + (130 - 70) if causal else None
     want = torch.nn.functional.scaled_dot_product_attention(
-        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1), is_causal=causal,
+        q.double(), k.double().repeat_interleave(2, 1), v.double().repeat_interleave(2, 1), attn_mask=visible,
         scale=0.3)
     assert rel_err(out, want) < 1e-5
 

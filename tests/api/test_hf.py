@@ -1,0 +1,135 @@
+"""danon.hf: attn_implementation="danon" in transformers models, through prefill, chunked prefill and decode.
+
+Small random configs of Llama, Qwen2 (GQA), Mistral (sliding window) and Gemma2 (softcap, local and global
+layers). The exact family's generated tokens equal transformers' own attention; a sparse family's tokens
+with the cache equal its full-sequence forward's (generate with use_cache=False), and its logits through a
+chunked prefill and single-token steps equal one full-sequence call's in fp64.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import danon.hf  # noqa: E402  (registers "danon" with transformers)
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+MODELS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}, "sdpa"),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}, "sdpa"),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=24), "sdpa"),
+    # Gemma2 has no SDPA path in transformers: its reference is the eager attention
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(sliding_window=24, head_dim=16),
+               "eager"),
+}
+
+
+def _model(name, attn_implementation, danon_attention=None, dtype=torch.float32, seed=0):
+    config_cls, model_cls, extra, _ = MODELS[name]
+    config = config_cls(**SMALL, **extra)
+    if danon_attention is not None:
+        config.danon_attention = danon_attention
+    torch.manual_seed(seed)
+    return model_cls._from_config(copy.deepcopy(config), attn_implementation=attn_implementation).eval().to(dtype)
+
+
+def _prompt(batch=2, n=37, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (batch, n), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1:, :5] = 0                                   # left padding in the second row
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_exact_family_generates_transformers_tokens(name):
+    reference = _model(name, MODELS[name][3])
+    model = _model(name, "danon")
+    assert model.config._attn_implementation == "danon" and reference.config._attn_implementation != "danon"
+    ids, mask = _prompt()
+    want = reference.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    assert torch.equal(got, want)
+    logits = model(ids, attention_mask=mask).logits
+    ref_logits = reference(ids, attention_mask=mask).logits
+    assert (logits[0] - ref_logits[0]).abs().max() < 1e-4
+    assert (logits[1, 5:] - ref_logits[1, 5:]).abs().max() < 1e-4      # padded query rows are not compared
+
+
+SPARSE = {
+    "msra": {"attention": "msra", "block_size": 16, "window": 16, "num_levels": 2},
+    "dala": {"attention": "dala", "block_size": 16, "window": 16, "memory_size": 8},
+}
+
+
+@pytest.mark.parametrize("family", list(SPARSE))
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_sparse_family_generates_its_full_sequence_tokens(name, family):
+    model = _model(name, "danon", SPARSE[family], dtype=torch.float64)
+    ids, mask = _prompt()
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(ids, **kw)
+    full = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(cached.scores, full.scores)) < 1e-10
+
+
+@pytest.mark.parametrize("family", list(SPARSE))
+def test_sparse_family_is_sparse_and_chunked_calls_equal_one_call(family):
+    model = _model("llama", "danon", SPARSE[family], dtype=torch.float64)
+    exact = _model("llama", "sdpa", dtype=torch.float64)
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(2))
+    full = model(ids).logits
+    assert (full - exact(ids).logits).abs().max() > 1e-4           # the family approximates: not exact attention
+    cache = transformers.DynamicCache(config=model.config)
+    pieces, start = [], 0
+    for end in (50, 63, 64, 65, 80, 81, 90):                        # a prefill, chunks, single tokens
+        pieces.append(model(ids[:, start:end], cache=cache, use_cache=True).logits)
+        start = end
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+
+
+def test_beam_search_with_a_sparse_family_reorders_the_cache():
+    model = _model("llama", "danon", SPARSE["msra"], dtype=torch.float64)
+    ids, mask = _prompt(batch=1)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=3)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_registered_family_names_and_their_keywords():
+    assert {"danon", "danon-msra", "danon-ucsa", "danon-dala"} <= set(transformers.AttentionInterface().valid_keys())
+    model = _model("llama", "danon-msra", {"block_size": 16, "window": 16})
+    ids, _ = _prompt(batch=1, n=70)
+    sparse = model(ids).logits
+    exact = _model("llama", "sdpa")(ids).logits
+    assert (sparse - exact).abs().max() > 1e-4
+    name = danon.hf.register("danon-test-wide", attention="msra", block_size=16, window=4096)
+    wide = _model("llama", name)(ids).logits                        # a window over every key: exact attention
+    assert (wide - exact).abs().max() < 1e-4
+
+
+def test_bad_options_name_the_keyword():
+    model = _model("llama", "danon", {"attention": "msra", "windw": 16})
+    ids, _ = _prompt(batch=1)
+    with pytest.raises(ValueError, match="windw"):
+        model(ids)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        danon.hf.register("danon-bad", attention="flash")
+
+
+def test_ucsa_refuses_decode_until_the_cache_keeps_its_queries():
+    model = _model("llama", "danon-ucsa", {"block_size": 16, "local_window_size": 16})
+    ids, mask = _prompt(batch=1)
+    model(ids)                                                      # a prefill without a cache runs
+    with pytest.raises(NotImplementedError, match="use msra or dala for generation"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_a_static_cache_is_refused_not_misaligned():
+    model = _model("llama", "danon-msra", {"block_size": 16, "window": 16})
+    ids, mask = _prompt(batch=1)
+    with pytest.raises(NotImplementedError, match="DynamicCache"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, cache_implementation="static")
