@@ -73,7 +73,8 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     softcap: logits become softcap * tanh(logits / softcap) before masking (Gemma-style).
     sliding_window: w such that query i sees key j only if |i - j| < w (and j <= i with causal), as
     Mistral's sliding window; runs banded in O(N w), not as an N x N mask. Not with attn_mask.
-    Causal masking is top-left aligned like SDPA's is_causal. A query that sees no key returns 0.
+    Query row i sits at position Nk - Nq + i: causal masking is aligned bottom-right (queries after a
+    cache), which equals SDPA's is_causal (top-left) when Nq == Nk. A query that sees no key returns 0.
 
     Example:
         >>> import torch, danon
@@ -87,17 +88,24 @@ def exact_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
 
 @_with_parameters("ucsa")
 def ucsa_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
-                   key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None, **parameters) -> Tensor:
+                   key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
+                   past_queries: Optional[Tensor] = None, **parameters) -> Tensor:
     """UCSA: near, global and top-k selected blocks exactly; every other visible block through its mean.
+
+    past_queries: [B, H, P, D], the query rows before a causal call with Nq < Nk (queries after a cache):
+    the selection of a query block reads the mean query of the block before it.
 
     Example:
         >>> import torch, danon
         >>> q = torch.randn(1, 4, 1024, 32); k = torch.randn(1, 2, 1024, 32)
-        >>> danon.ucsa_attention(q, k, k, causal=True, local_window_size=128, top_k_blocks=2).shape
-        torch.Size([1, 4, 1024, 32])
+        >>> full = danon.ucsa_attention(q, k, k, causal=True, local_window_size=128, top_k_blocks=2)
+        >>> step = danon.ucsa_attention(q[:, :, -1:], k, k, causal=True, local_window_size=128, top_k_blocks=2,
+        ...                             past_queries=q[:, :, :-1])
+        >>> full.shape, bool(torch.allclose(step, full[:, :, -1:], atol=1e-5))
+        (torch.Size([1, 4, 1024, 32]), True)
     """
     return run.attention("ucsa", q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
-                         **parameters)
+                         past_queries=past_queries, **parameters)
 
 
 @_with_parameters("msra")

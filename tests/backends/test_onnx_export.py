@@ -263,7 +263,9 @@ def _site_case(name):
         "float_mask_softcap": (dict(softcap=2.0, tensor_names=("attn_mask",)), (q, k, v, mask)),
         "bool_mask": (dict(tensor_names=("attn_mask",)), (q, k, v, mask > 0)),
         "softcap_causal": (dict(causal=True, softcap=1.5), (q, k, v)),
-        "cross_causal_top_left": (dict(causal=True), (q[:, :, :24], k, v)),   # Nq < Nk
+        # queries after a cache (Nq < Nk): causal masking aligned bottom-right, as in the op
+        "cross_causal_bottom_right": (dict(causal=True), (q[:, :, :24], k, v)),
+        "cross_causal_padded": (dict(causal=True, tensor_names=("key_padding_mask",)), (q[:, :, :24], k, v, kpm)),
         "fp64": (dict(causal=True, tensor_names=("key_padding_mask",)),
                  (q.double(), k.double(), v.double(), kpm)),
     }
@@ -271,7 +273,8 @@ def _site_case(name):
 
 
 @pytest.mark.parametrize("case", ["causal_gqa", "key_padding_causal", "all_padded_row", "float_mask_softcap",
-                                  "bool_mask", "softcap_causal", "cross_causal_top_left", "fp64"])
+                                  "bool_mask", "softcap_causal", "cross_causal_bottom_right",
+                                  "cross_causal_padded", "fp64"])
 def test_dense_translation_matches_the_op(case):
     from danon.backends.onnx import export_program, to_onnx
     kw, inputs = _site_case(case)

@@ -150,3 +150,20 @@ def test_functional_api_takes_queries_after_a_cache():
     full = danon.msra_attention(q, k, v, causal=True, block_size=16, window=16)
     step = danon.msra_attention(q[:, :, 140:], k, v, causal=True, block_size=16, window=16)
     assert (step - full[:, :, 140:]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["exact", "exact-band", "msra", "ucsa", "dala"])
+def test_the_aten_executor_of_the_lowerings_agrees_after_a_cache(name):
+    """danon/kernels/aten.py (what ONNX and TensorRT lower sparse plans to) on queries after a cache."""
+    from danon.core.attention_args import attention_args
+    from danon.kernels.aten import attention_aten
+
+    q, k, v = _inputs(11, dtype=torch.float32)
+    kind, kw = name.split("-")[0], FAMILIES[name]
+    extra = {"past_queries": q[:, :, :123]} if kind == "ucsa" else {}
+    built = plan(kind, q[:, :, 123:], k, v, causal=True, **kw, **extra)
+    args = attention_args(q[:, :, 123:], k, v, built, scale=8 ** -0.5)
+    out, _ = attention_aten(*args)
+    want, _ = torch.ops.danon.attention(*args)
+    assert (out - want).abs().max() < 1e-5
+    assert (want - _full(name, q, k, v)[:, :, 123:]).abs().max() < 1e-5
