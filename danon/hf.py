@@ -39,6 +39,8 @@ __all__ = ["register", "attention_forward", "padding_mask", "REGISTERED"]
 
 # {registered name: (family or None for the config's, keywords)}
 REGISTERED: Dict[str, tuple] = {}
+# attention keywords some transformers models pass that change the logits or the softmax
+_UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks", "position_bias": "additive position bias"}
 _PROBE = 96   # positions on which a mask function is checked to be causal or a causal sliding window
 
 
@@ -90,6 +92,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if kwargs.get("output_attentions"):
         raise ValueError("danon attention does not return attention weights (output_attentions=True); use "
                          "attn_implementation='eager' for them")
+    for name in _UNSUPPORTED:
+        if kwargs.get(name) is not None:   # terms the op has no argument for: refused, not dropped
+            raise NotImplementedError(f"danon attention has no {_UNSUPPORTED[name]} ({name}=...); use "
+                                      f"attn_implementation='sdpa' or 'eager' for this model")
     kind, min_seq_len, keywords = _check_options(_layer_options(module, danon_name))
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     if sliding_window is not None or softcap is not None:

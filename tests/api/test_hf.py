@@ -133,3 +133,9 @@ def test_a_static_cache_is_refused_not_misaligned():
     ids, mask = _prompt(batch=1)
     with pytest.raises(NotImplementedError, match="DynamicCache"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_attention_terms_the_op_lacks_are_refused_not_dropped():
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        danon.hf.attention_forward(torch.nn.Module(), q, q[:, :2], q[:, :2], None, s_aux=torch.zeros(4))
