@@ -30,7 +30,16 @@ from danon.config import DALAConfig, DenseConfig, MSRAConfig, SuperHybridConfig,
 from danon.models import (DanonLanguageModel, create_dala_model, create_dense_model, create_msra_model,
                           create_super_hybrid_model, create_ucsa_model)
 from danon import nn  # noqa: F401
+from danon.decode_cache import DecodeCache
 
 __all__ += ["DALAConfig", "DenseConfig", "MSRAConfig", "SuperHybridConfig", "UCSAConfig", "DanonLanguageModel",
             "create_dala_model", "create_dense_model", "create_msra_model", "create_super_hybrid_model",
-            "create_ucsa_model", "nn"]
+            "create_ucsa_model", "nn", "DecodeCache"]
+
+
+def __getattr__(name):
+    # SparseCache subclasses transformers' Cache: imported on first use, so that `import danon` needs no transformers
+    if name == "SparseCache":
+        from danon.cache import SparseCache
+        return SparseCache
+    raise AttributeError(f"module 'danon' has no attribute {name!r}")

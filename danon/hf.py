@@ -33,9 +33,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 from danon.core.families import FAMILIES, family
+from danon.cache import LAYER_KEYWORD, SparseCache
 from danon.core.run import attention_site
 
-__all__ = ["register", "attention_forward", "padding_mask", "REGISTERED"]
+__all__ = ["register", "attention_forward", "padding_mask", "REGISTERED", "SparseCache"]
 
 # {registered name: (family or None for the config's, keywords)}
 REGISTERED: Dict[str, tuple] = {}
@@ -100,9 +101,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     if sliding_window is not None or softcap is not None:
         kind = "exact"          # a sliding-window layer is already local; a softcap no sparse plan expresses
-    if kind == "ucsa" and query.shape[2] < key.shape[2]:
+    layer_cache = kwargs.get(LAYER_KEYWORD)        # a danon.SparseCache's layer hands itself over
+    if layer_cache is not None and kind != "exact" and causal:
+        state = layer_cache.plan_state(kind, keywords)
+        if key.shape[2] >= min_seq_len:
+            out = state.attention(query, key, value, key_padding_mask=attention_mask, scale=scaling)
+            return out.transpose(1, 2).contiguous(), None
+        state.observe(query, key.shape[2])         # exact below min_seq_len; UCSA still needs the queries
+    if kind == "ucsa" and query.shape[2] < key.shape[2] and key.shape[2] >= min_seq_len:
         raise NotImplementedError("ucsa after a cache selects with the queries before each call, which transformers' "
-                                  "cache does not keep (issue 19: the SparseCache); use msra or dala for generation")
+                                  "DynamicCache does not keep; pass cache=danon.SparseCache() (generate's or the "
+                                  "model's `cache` argument), or use msra or dala")
     if kind == "exact":
         keywords = {}           # the exact path of attention_site takes no family keywords
     out = attention_site(query, key, value, family=kind, causal=causal, key_padding_mask=attention_mask,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+import danon  # noqa: E402
 import danon.hf  # noqa: E402,F401
 from danon.backend import collect_reports  # noqa: E402
 
@@ -44,3 +45,27 @@ def test_prefill_decode_and_chunk_run_the_family_without_a_recompile_per_token(t
     assert decode and chunk
     assert all(s["family"] == "msra" for s in sites), [(s["q_shape"], s["family"], s["reason"]) for s in sites]
     assert {s["mask"] for s in chunk} == {"causal"}          # transformers' bottom-right cache mask, recognised
+
+
+def test_sparse_cache_under_the_backend_runs_decode_from_the_state_without_recompiling(tmp_path, monkeypatch):
+    """attn_implementation="danon" with danon.SparseCache, compiled with backend="danon": the cache's update and
+    the state's attention run eagerly (graph breaks), every decode step runs from the state, the tokens are the
+    eager full-sequence ones, and a second generation compiles nothing new."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    config.danon_attention = MSRA
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="danon").eval()
+    compiled = copy.copy(model)
+    compiled.forward = torch.compile(model.forward, backend="danon")
+    with collect_reports() as report:
+        for n, new in ((40, 12), (53, 20)):
+            ids = torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n))
+            cache = danon.SparseCache()
+            got = compiled.generate(ids, max_new_tokens=new, do_sample=False, cache=cache)
+            assert torch.equal(got, model.generate(ids, max_new_tokens=new, do_sample=False, use_cache=False))
+            assert cache.local_calls() == 2 * (new - 1)
+            if n == 40:
+                warm = report.graphs
+    assert warm > 0 and report.graphs == warm

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+import danon  # noqa: E402
 import danon.hf  # noqa: E402  (registers "danon" with transformers)
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -120,12 +121,103 @@ def test_bad_options_name_the_keyword():
         danon.hf.register("danon-bad", attention="flash")
 
 
-def test_ucsa_refuses_decode_until_the_cache_keeps_its_queries():
+def test_ucsa_decode_asks_for_the_cache_that_keeps_its_queries():
     model = _model("llama", "danon-ucsa", {"block_size": 16, "local_window_size": 16})
     ids, mask = _prompt(batch=1)
     model(ids)                                                      # a prefill without a cache runs
-    with pytest.raises(NotImplementedError, match="use msra or dala for generation"):
+    with pytest.raises(NotImplementedError, match="cache=danon.SparseCache()"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+# --- danon.SparseCache: decode steps from the plan state ------------------------------------------------
+STATEFUL = dict(SPARSE, ucsa={"attention": "ucsa", "block_size": 16, "local_window_size": 16, "global_tokens": 16,
+                              "top_k_blocks": 1})
+
+
+@pytest.mark.parametrize("family", list(STATEFUL))
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_sparse_cache_generates_the_full_sequence_tokens(name, family):
+    """Batch 2 with left padding; every decode step runs from the cache's plan state, not from all keys."""
+    model = _model(name, "danon", STATEFUL[family], dtype=torch.float64)
+    ids, mask = _prompt()
+    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cache = danon.SparseCache()
+    cached = model.generate(ids, cache=cache, **kw)
+    full = model.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(cached.scores, full.scores)) < 1e-10
+    assert cache.local_calls() == 29 * 2                            # 29 decode steps, 2 layers
+    assert 0 < cache.summary_bytes() < cache.kv_bytes()
+
+
+@pytest.mark.parametrize("family", list(STATEFUL))
+def test_sparse_cache_chunks_and_steps_equal_one_call(family):
+    model = _model("llama", "danon", STATEFUL[family], dtype=torch.float64)
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(2))
+    full = model(ids).logits
+    cache = danon.SparseCache()
+    pieces, start = [], 0
+    with torch.no_grad():                                           # inference: the steps run from the state
+        for end in (50, 70, 71, 72, 80, 81, 90):                    # a prefill, a chunk across blocks, steps
+            pieces.append(model(ids[:, start:end], cache=cache, use_cache=True).logits)
+            start = end
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-10
+    assert cache.local_calls() == 2 * 5                             # the 5 calls inside one block, 2 layers
+
+
+@pytest.mark.parametrize("family", ["msra", "ucsa"])
+def test_sparse_cache_follows_beam_search(family):
+    model = _model("llama", "danon", STATEFUL[family], dtype=torch.float64)
+    ids, mask = _prompt(batch=1)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=3)
+    cache = danon.SparseCache()
+    assert torch.equal(model.generate(ids, cache=cache, **kw), model.generate(ids, use_cache=False, **kw))
+    assert cache.local_calls() > 0
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_sparse_cache_with_sliding_and_softcapped_layers(name):
+    """Mistral's sliding window and Gemma2's softcap run exact banded / exact attention beside the cache."""
+    model = _model(name, "danon", STATEFUL["msra"], dtype=torch.float64)
+    ids, mask = _prompt()
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(ids, cache=danon.SparseCache(), **kw), model.generate(ids, use_cache=False, **kw))
+
+
+def test_sparse_cache_below_min_seq_len_runs_exact_and_keeps_ucsa_queries():
+    options = dict(STATEFUL["ucsa"], min_seq_len=45)
+    model = _model("llama", "danon", options, dtype=torch.float64)
+    ids, mask = _prompt(batch=1)                                     # 37 tokens: exact until 45 keys
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False)
+    cache = danon.SparseCache()
+    assert torch.equal(model.generate(ids, cache=cache, **kw), model.generate(ids, use_cache=False, **kw))
+    assert cache.local_calls() == 2 * (56 - 45 + 1)                  # the steps with 45 .. 56 keys, 2 layers
+
+
+@pytest.mark.parametrize("family", ["msra", "ucsa"])
+def test_training_through_a_sparse_cache_gives_the_full_forwards_gradients(family):
+    """Tracked calls run the full path and the cache concatenates: the gradients of a prefill and steps through
+    the cache equal those of one full forward."""
+    model = _model("llama", "danon", STATEFUL[family], dtype=torch.float64)
+    ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(1, 60, 97, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for chunks in ([60], [40, 41, 42, 60]):
+        model.zero_grad()
+        cache, pieces, start = danon.SparseCache(), [], 0
+        for end in chunks:
+            pieces.append(model(ids[:, start:end], cache=cache, use_cache=True).logits)
+            start = end
+        (torch.cat(pieces, 1) * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert max(float((a - b).abs().max()) for a, b in zip(*grads)) < 1e-10
+
+
+def test_sparse_cache_refuses_to_crop():
+    cache = danon.SparseCache()
+    cache.update(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8), 0)
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(3)
 
 
 def test_a_static_cache_is_refused_not_misaligned():
