@@ -112,9 +112,11 @@ class DanonBlock(nn.Module):
             nn.Dropout(config.hidden_dropout),
         )
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``hidden_states`` [B, N, hidden] and ``attention_mask`` [B, N] (1/True = attend)."""
-        h = hidden_states + self.attention(self.attention_norm(hidden_states), attention_mask)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache=None) -> torch.Tensor:
+        """``hidden_states`` [B, N, hidden] and ``attention_mask`` [B, N] (1/True = attend); ``cache``: the
+        layer's ``danon.decode_cache.LayerCache`` (incremental decoding) or None."""
+        h = hidden_states + self.attention(self.attention_norm(hidden_states), attention_mask, cache=cache)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -194,9 +196,14 @@ class DanonLanguageModel(nn.Module, PerformanceMonitorMixin):
         """
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache=None) -> torch.Tensor:
         """Logits ``[B, N, vocab_size]`` for ``input_ids`` [B, N] (int64) and an optional
-        ``attention_mask`` [B, N] (1/True = real token, 0/False = padding)."""
+        ``attention_mask`` [B, N] (1/True = real token, 0/False = padding).
+
+        ``cache``: a :class:`danon.DecodeCache` (causal models, under torch.no_grad()): the tokens continue
+        the cached ones (positions from ``cache.length``), and a prefill, chunks and single-token steps give
+        the logits of one forward over the whole sequence."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor [B, N] of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
@@ -204,9 +211,12 @@ class DanonLanguageModel(nn.Module, PerformanceMonitorMixin):
         if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
             raise TypeError(f"input_ids must be an integer tensor (int64), got {input_ids.dtype}")
         b, n = input_ids.shape
-        if n > self.config.max_sequence_length:
+        start = 0 if cache is None else cache.length
+        if start + n > self.config.max_sequence_length:
+            cached = f" after {start} cached ones" if start else ""
             raise ValueError(
-                f"input_ids has {n} tokens; at most max_sequence_length={self.config.max_sequence_length} are allowed"
+                f"input_ids has {n} tokens{cached}; at most max_sequence_length={self.config.max_sequence_length} "
+                f"are allowed"
             )
         if attention_mask is not None:
             if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (b, n):
@@ -216,14 +226,17 @@ class DanonLanguageModel(nn.Module, PerformanceMonitorMixin):
                 )
             attention_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
         x = self.embed_tokens(input_ids)
-        if n <= self.position_table.shape[0]:
-            x = x + self.position_table[:n].to(x.dtype)
+        if start + n <= self.position_table.shape[0]:
+            x = x + self.position_table[start:start + n].to(x.dtype)
         else:
-            x = x + sinusoidal_position_encoding(n, self.config.hidden_size, device=x.device, dtype=x.dtype)
+            x = x + sinusoidal_position_encoding(start + n, self.config.hidden_size, device=x.device,
+                                                 dtype=x.dtype)[start:]
         x = self.embed_dropout(x)
         use_checkpoint = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if use_checkpoint:
+        for index, layer in enumerate(self.layers):
+            if cache is not None:
+                x = layer(x, attention_mask, cache=cache.layer(index))
+            elif use_checkpoint:
                 x = checkpoint(layer, x, attention_mask, use_reentrant=False)
             else:
                 x = layer(x, attention_mask)

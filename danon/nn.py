@@ -198,10 +198,23 @@ class _AttentionBase(nn.Module):
     def _coverage(self, q, k, kpm, hidden_states) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                cache=None) -> torch.Tensor:
         """Attend over ``hidden_states`` [B, N, hidden_size]; ``attention_mask`` [B, N]
-        (1 / True = attend, 0 / False = padding) masks keys. Returns [B, N, hidden_size]."""
+        (1 / True = attend, 0 / False = padding) masks keys. Returns [B, N, hidden_size].
+
+        ``cache``: a ``danon.decode_cache.LayerCache`` (causal layers, inference): the new tokens' keys and
+        values are appended to it and the queries attend to every token so far (they are the last ones)."""
         q, k, v, kpm = self._project(hidden_states, attention_mask)
+        if cache is not None:
+            if not self.causal:
+                raise ValueError(f"{type(self).__name__}: a cache needs a causal layer (causal=True); this one "
+                                 f"attends both ways")
+            k, v, kpm = cache.append(k, v, kpm)
+            out = self._attend_cached(q, k, v, kpm, hidden_states, cache)
+            b, _, n, _ = out.shape
+            out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+            return self.dropout(self.o_proj(out))
         out = self._attend(q, k, v, kpm, hidden_states)
         if self.record_coverage:
             with torch.no_grad():
@@ -214,6 +227,21 @@ class _AttentionBase(nn.Module):
         """The functional API's keywords for family ``kind`` (default: the layer's): its parameters as this
         layer holds them (and, given ``hidden_states``, the family's per-call inputs)."""
         return {name: getattr(self, name) for name in FAMILIES[kind or self.kind].names()}
+
+    def _attend_cached(self, q, k, v, kpm, hidden_states, cache) -> torch.Tensor:
+        """The queries of the call (the last ones) on every cached key: exact attention by default."""
+        return _functional().attention(q, k, v, kind="exact", causal=True, key_padding_mask=kpm)
+
+    def _run_family_cached(self, kind: str, q, k, v, kpm, hidden_states, cache) -> torch.Tensor:
+        """Family `kind` for the call's queries from the cache's plan state (decode steps read the near keys and
+        the summaries only); DALA's router scores of the new tokens join the cached ones."""
+        keywords = self._family_kwargs(kind, hidden_states)
+        names = FAMILIES[kind].names()
+        inputs = {name: value for name, value in keywords.items() if name not in names}
+        if "importance" in inputs:
+            inputs["importance"] = cache.append_importance(inputs["importance"])
+        state = cache.plan_state(kind, {name: keywords[name] for name in names})
+        return state.attention(q, k, v, key_padding_mask=kpm, **inputs)
 
     def _run_family(self, kind: str, q, k, v, kpm, hidden_states) -> torch.Tensor:
         return _functional().attention(
@@ -244,6 +272,9 @@ class _FamilyAttention(_AttentionBase):
 
     def _attend(self, q, k, v, kpm, hidden_states):
         return self._run_family(self.kind, q, k, v, kpm, hidden_states)
+
+    def _attend_cached(self, q, k, v, kpm, hidden_states, cache):
+        return self._run_family_cached(self.kind, q, k, v, kpm, hidden_states, cache)
 
     def _coverage(self, q, k, kpm, hidden_states):
         return _coverage_dict(self.kind, self._plan_coverage(self.kind, q, k, kpm, hidden_states))
@@ -525,7 +556,13 @@ class HybridAttention(_DALAParts, _AttentionBase):
         return self._family_kwargs("ucsa")
 
     def _attend(self, q, k, v, kpm, hidden_states):
-        outs = [self._run_family(kind, q, k, v, kpm, hidden_states) for kind in self.families]
+        return self._mix([self._run_family(kind, q, k, v, kpm, hidden_states) for kind in self.families], q)
+
+    def _attend_cached(self, q, k, v, kpm, hidden_states, cache):
+        return self._mix([self._run_family_cached(kind, q, k, v, kpm, hidden_states, cache)
+                          for kind in self.families], q)
+
+    def _mix(self, outs, q):
         g = self.gate().to(q.dtype)  # [H, 3]
         out = outs[0] * g[:, 0].view(1, -1, 1, 1)
         for m in range(1, len(outs)):
