@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from danon.core.attention_args import GRADIENTS, AttentionArgs, BackwardArgs, attention_args
+from danon.core.blocks import query_layout
 from danon.core.executors import prefer
 from danon.core.plan import is_dense_plan
 
@@ -81,12 +82,16 @@ def supports(a: AttentionArgs) -> bool:
         (True, False)
     """
     q, k, v = a.q, a.k, a.v
-    # the kernels lay query blocks over key blocks from position 0: queries after a cache (Nq != Nk, where
-    # positions matter) run on the CPU executor's reference path, which runs on any device (issue 19, item 6)
-    positional = a.causal or a.band >= 0 or a.slopes is not None or not is_dense_plan(
-        a.block_idx, a.token_idx, a.summary_idx, a.window)
+    # queries after a cache (Nq < Nk) sit at positions Nk - Nq + i, which the kernels take as an offset; more
+    # queries than keys where positions matter run on the CPU executor's reference path (any device)
     return (q.device.type in ("cpu", "cuda") and a.attn_mask is None and q.dtype in _DTYPES
-            and q.dtype == k.dtype == v.dtype and (q.shape[2] == k.shape[2] or not positional))
+            and q.dtype == k.dtype == v.dtype and (q.shape[2] <= k.shape[2] or not _positional(a)))
+
+
+def _positional(a: AttentionArgs) -> bool:
+    """Whether the rows' positions matter (causal, a band, ALiBi, or a sparse plan's blocks)."""
+    return a.causal or a.band >= 0 or a.slopes is not None or not is_dense_plan(
+        a.block_idx, a.token_idx, a.summary_idx, a.window)
 
 
 # --- launch configuration -------------------------------------------------------------------------
@@ -145,7 +150,9 @@ class _Launch:
         self.B, self.H, self.Hkv, self.nq, self.nk, self.D, self.Dv = B, H, Hkv, nq, nk, D, Dv
         self.cuda = _compiled(q)
         b = a.block_size
-        tq = -(-nq // b)
+        # row i is position qoff + i: Nk - Nq for queries after a cache (query_layout), 0 where positions do not matter
+        self.qoff = nk - nq if _positional(a) else 0
+        tq = query_layout(nq, nq + self.qoff, b)[2]
         self.block_idx = _list(a.block_idx, B, Hkv, tq, "block_idx")
         self.token_idx = _list(a.token_idx, B, Hkv, tq, "token_idx")
         self.summary_idx = _list(a.summary_idx, B, Hkv, tq, "summary_idx")
@@ -154,7 +161,7 @@ class _Launch:
         cfg = _config(self.dense, b, D, Dv, self.cuda, backward)
         self.cfg = cfg
         self.b = cfg["b"]
-        self.tq = -(-nq // self.b)
+        self.pad, _, self.tq = query_layout(nq, nq + self.qoff, self.b)
         # the dense plan is a window that reaches every key block from every query block
         self.window = (self.tq + -(-nk // self.b) + 1) if self.dense else max(a.window, 0)
         dev = q.device
@@ -189,6 +196,10 @@ class _Launch:
         self.idx_tables = [t if t is not None else torch.zeros(1, dtype=torch.int32, device=dev)
                            for t in (self.block_idx, self.token_idx, self.summary_idx)]
 
+    def query_programs(self) -> int:
+        """Programs along the rows: BLOCK_M rows each, from the first query block's start (`pad` rows before row 0)."""
+        return triton_cdiv(self.pad + self.nq, self.cfg["BLOCK_M"])
+
     def counts(self):
         return [0 if t is None else t.shape[-1] for t in (self.block_idx, self.token_idx, self.summary_idx)]
 
@@ -199,7 +210,7 @@ class _Launch:
 
     def shape_args(self):
         n_blocks, n_tokens, n_summ = self.counts()
-        return (self.H, self.Hkv, self.H // self.Hkv, self.nq, self.nk, self.b, self.tq, self.window,
+        return (self.H, self.Hkv, self.H // self.Hkv, self.nq, self.nk, self.b, self.tq, self.qoff, self.window,
                 max(self.band, 1), n_blocks, n_tokens, n_summ, max(self.S, 1), self.scale, self.softcap)
 
     def flags(self):
@@ -249,7 +260,7 @@ def attention_forward(a: AttentionArgs):
     L = _Launch(a, backward=False)
     out = q.new_full((B, H, nq, Dv), float("nan"))                     # poisoned until the kernel writes it
     lse = q.new_full((B, H, nq), float("nan"), dtype=torch.float32)
-    grid = (triton_cdiv(nq, L.cfg["BLOCK_M"]), B * H)
+    grid = (L.query_programs(), B * H)
     with _device_guard(q):
         L.mod._forward[grid](
             q, k, v, out, lse, L.kpm, *L.idx_tables, L.summary_k, L.summary_v, L.summary_count, L.summary_pos,
@@ -303,7 +314,7 @@ def attention_backward(a: AttentionArgs, g: BackwardArgs):
     dsl = torch.zeros(H, dtype=f32, device=q.device)
     flags = L.flags()
     with _device_guard(q):
-        L.mod._backward_dq[(triton_cdiv(nq, L.cfg["BLOCK_M"]), B * H)](
+        L.mod._backward_dq[(L.query_programs(), B * H)](
             q, k, v, grad_out, lse, delta, dq, dk, dv, dsk, dsv, dsl, L.kpm, *L.idx_tables, L.summary_k,
             L.summary_v, L.summary_count, L.summary_pos, L.slopes, *q.stride(), *k.stride(), *v.stride(),
             *grad_out.stride(), *L.shape_args(), NEED_SUMM=need_summ, NEED_SLOPES=need_sl, **flags)
@@ -312,7 +323,8 @@ def attention_backward(a: AttentionArgs, g: BackwardArgs):
                 flags.pop(name)
             L.mod._backward_dkdv_near[(triton_cdiv(nk, L.cfg["BLOCK_N"]), B * Hkv)](
                 q, k, v, grad_out, lse, delta, dk, dv, L.kpm, L.slopes, *q.stride(), *k.stride(), *v.stride(),
-                *grad_out.stride(), H, Hkv, H // Hkv, nq, nk, L.b, L.window, max(a.band, 1), L.scale, L.softcap,
+                *grad_out.stride(), H, Hkv, H // Hkv, nq, nk, L.b, L.qoff, L.window, max(a.band, 1), L.scale,
+                L.softcap,
                 **flags)
     d_summary_k = d_summary_v = empty
     if need_summ:   # back to the summary tables' own shapes (they may have been broadcast)

@@ -136,9 +136,21 @@ def _near_keys(t_q, m0, window, band, nk, b, BLOCK_M: tl.constexpr, BLOCK_N: tl.
 
 
 @triton.jit
+def _query_tile(pid_m, qoff, nq, b, BLOCK_M: tl.constexpr):
+    """The rows of program pid_m. The call's row i is position qoff + i (queries after a cache: qoff = Nk - Nq;
+    0 for self-attention); programs tile whole query blocks from block qoff // b. Returns (first position m0,
+    absolute query block, positions, row indices, which rows exist, the block's row in the plan lists)."""
+    first = qoff // b
+    m0 = first * b + pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    ri = rows - qoff
+    return m0, m0 // b, rows, ri, (ri >= 0) & (ri < nq), m0 // b - first
+
+
+@triton.jit
 def _forward(Q, K, V, O, LSE, KPM, BIDX, TIDX, SIDX, SK, SV, SCNT, SPOS, SLOPES,
              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-             H, HKV, G, nq, nk, b, tq, window, band, n_blocks, n_tokens, n_summ, S, scale, softcap,
+             H, HKV, G, nq, nk, b, tq, qoff, window, band, n_blocks, n_tokens, n_summ, S, scale, softcap,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              CAUSAL: tl.constexpr, NEAR: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BAND: tl.constexpr,
@@ -149,19 +161,17 @@ def _forward(Q, K, V, O, LSE, KPM, BIDX, TIDX, SIDX, SK, SV, SCNT, SPOS, SLOPES,
     bb = pid_bh // H
     h = pid_bh % H
     hkv = h // G
-    m0 = pid_m * BLOCK_M
-    t_q = m0 // b
-    rows = m0 + tl.arange(0, BLOCK_M)
+    m0, t_q, rows, ri, row_ok, plan_t = _query_tile(pid_m, qoff, nq, b, BLOCK_M)
     cd = tl.arange(0, BLOCK_D)
     cv = tl.arange(0, BLOCK_DV)
     cn = tl.arange(0, BLOCK_N)
     ct = tl.arange(0, BLOCK_T)
-    row_ok = rows < nq
-    q = _rows(Q + bb.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, row_ok, sqn, sqd, cd, D)
+    q = _rows(Q + bb.to(tl.int64) * sqb + h.to(tl.int64) * sqh, ri, row_ok, sqn, sqd, cd, D)
+    nq = qoff + nq                                              # from here on: the end of the rows' positions
     k_base = K + bb.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + bb.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     kpm_base = KPM + bb.to(tl.int64) * nk
-    plan_row = (bb * HKV + hkv) * tq + t_q                      # row of the [B, Hkv, Tq, K] plan lists
+    plan_row = (bb * HKV + hkv) * tq + plan_t                   # row of the [B, Hkv, Tq, K] plan lists
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(SLOPES + h).to(tl.float32)
@@ -228,16 +238,16 @@ def _forward(Q, K, V, O, LSE, KPM, BIDX, TIDX, SIDX, SK, SV, SCNT, SPOS, SLOPES,
     dead = l_i == 0.0                                              # a row that saw no key: out 0, lse -inf
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.log2(tl.where(dead, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = O + bb.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * son + cv[None, :] * sod
+    o_ptrs = O + bb.to(tl.int64) * sob + h.to(tl.int64) * soh + ri[:, None].to(tl.int64) * son + cv[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (cv[None, :] < DV))
-    tl.store(LSE + pid_bh.to(tl.int64) * nq + rows, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * (nq - qoff) + ri, lse, mask=row_ok)
 
 
 @triton.jit
 def _backward_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, GSK, GSV, GSL, KPM, BIDX, TIDX, SIDX, SK, SV, SCNT, SPOS,
                  SLOPES,
                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                 H, HKV, G, nq, nk, b, tq, window, band, n_blocks, n_tokens, n_summ, S, scale, softcap,
+                 H, HKV, G, nq, nk, b, tq, qoff, window, band, n_blocks, n_tokens, n_summ, S, scale, softcap,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  CAUSAL: tl.constexpr, NEAR: tl.constexpr, HAS_KPM: tl.constexpr, HAS_BAND: tl.constexpr,
@@ -250,26 +260,25 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, GSK, GSV, GSL, KPM, BIDX, 
     bb = pid_bh // H
     h = pid_bh % H
     hkv = h // G
-    m0 = pid_m * BLOCK_M
-    t_q = m0 // b
-    rows = m0 + tl.arange(0, BLOCK_M)
+    m0, t_q, rows, ri, row_ok, plan_t = _query_tile(pid_m, qoff, nq, b, BLOCK_M)
     cd = tl.arange(0, BLOCK_D)
     cv = tl.arange(0, BLOCK_DV)
     cn = tl.arange(0, BLOCK_N)
     ct = tl.arange(0, BLOCK_T)
-    row_ok = rows < nq
-    q = _rows(Q + bb.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, row_ok, sqn, sqd, cd, D)
-    do = _rows(DO + bb.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, row_ok, sdn, sdd, cv, DV)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * nq + rows, mask=row_ok, other=0.0)
+    q = _rows(Q + bb.to(tl.int64) * sqb + h.to(tl.int64) * sqh, ri, row_ok, sqn, sqd, cd, D)
+    do = _rows(DO + bb.to(tl.int64) * sdb + h.to(tl.int64) * sdh, ri, row_ok, sdn, sdd, cv, DV)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * nq + ri, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)   # dead rows: every p is 0 anyway
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * nq + rows, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * nq + ri, mask=row_ok, other=0.0)
+    dq_ptrs = GQ + pid_bh.to(tl.int64) * nq * D + ri[:, None].to(tl.int64) * D + tl.arange(0, BLOCK_D)[None, :]
+    nq = qoff + nq                                              # from here on: the end of the rows' positions
     k_base = K + bb.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + bb.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     kv_row = (bb * HKV + hkv).to(tl.int64)
     dk_base = GK + kv_row * nk * D                                  # dk, dv: contiguous fp32 [B, Hkv, Nk, D]
     dv_base = GV + kv_row * nk * DV
     kpm_base = KPM + bb.to(tl.int64) * nk
-    plan_row = (bb * HKV + hkv) * tq + t_q
+    plan_row = (bb * HKV + hkv) * tq + plan_t
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(SLOPES + h).to(tl.float32)
@@ -350,8 +359,7 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, GSK, GSV, GSL, KPM, BIDX, 
                 tl.atomic_add(GSV + (table + sidx[:, None]) * DV + cv[None, :], dv,
                               mask=ok[:, None] & (cv[None, :] < DV))
 
-    dq_ptrs = GQ + pid_bh.to(tl.int64) * nq * D + rows[:, None].to(tl.int64) * D + cd[None, :]   # contiguous
-    tl.store(dq_ptrs, dq.to(GQ.dtype.element_ty), mask=row_ok[:, None] & (cd[None, :] < D))
+    tl.store(dq_ptrs, dq.to(GQ.dtype.element_ty), mask=row_ok[:, None] & (cd[None, :] < D))   # dq: contiguous
     if NEED_SLOPES:
         tl.atomic_add(GSL + h, _reduce_sum(dsl, 0))
 
@@ -359,7 +367,7 @@ def _backward_dq(Q, K, V, DO, LSE, DELTA, GQ, GK, GV, GSK, GSV, GSL, KPM, BIDX, 
 @triton.jit
 def _backward_dkdv_near(Q, K, V, DO, LSE, DELTA, GK, GV, KPM, SLOPES,
                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
-                        H, HKV, G, nq, nk, b, window, band, scale, softcap,
+                        H, HKV, G, nq, nk, b, qoff, window, band, scale, softcap,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CAUSAL: tl.constexpr,
                         HAS_KPM: tl.constexpr, HAS_BAND: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -385,16 +393,17 @@ def _backward_dkdv_near(Q, K, V, DO, LSE, DELTA, GK, GV, KPM, SLOPES,
     v = _rows(V + bb.to(tl.int64) * svb + hkv.to(tl.int64) * svh, kpos, ok, svn, svd, cv, DV)
     kposf = kpos.to(tl.float32)
     zero_n = tl.full([BLOCK_N], 0.0, tl.float32)
-    # query rows whose window holds key block t: blocks t - window .. t + window (causal: t .. t + window)
+    # query positions (row i is position qoff + i) whose window holds key block t: blocks t - window ..
+    # t + window (causal: t .. t + window); tiles start on the query blocks' grid
     if CAUSAL:
         lo = n0
     else:
         lo = tl.maximum(t - window, 0) * b
-    hi = tl.minimum((t + window + 1) * b, nq)
+    hi = tl.minimum((t + window + 1) * b, qoff + nq)
     if HAS_BAND:
         lo = tl.maximum(lo, n0 - band + 1)
         hi = tl.minimum(hi, n0 + BLOCK_N - 1 + band)
-    lo = (lo // BLOCK_M) * BLOCK_M
+    lo = (tl.maximum(lo, (qoff // b) * b) // BLOCK_M) * BLOCK_M
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     for g in range(0, G):
@@ -407,13 +416,14 @@ def _backward_dkdv_near(Q, K, V, DO, LSE, DELTA, GK, GV, KPM, SLOPES,
         do_base = DO + bb.to(tl.int64) * sdb + h.to(tl.int64) * sdh
         for m0 in range(lo, hi, BLOCK_M):
             rows = m0 + cm
-            row_ok = rows < nq
-            q = _rows(q_base, rows, row_ok, sqn, sqd, cd, D)
-            do = _rows(do_base, rows, row_ok, sdn, sdd, cv, DV)
-            lse = tl.load(LSE + bh * nq + rows, mask=row_ok, other=0.0)
+            ri = rows - qoff
+            row_ok = (ri >= 0) & (ri < nq)
+            q = _rows(q_base, ri, row_ok, sqn, sqd, cd, D)
+            do = _rows(do_base, ri, row_ok, sdn, sdd, cv, DV)
+            lse = tl.load(LSE + bh * nq + ri, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-            delta = tl.load(DELTA + bh * nq + rows, mask=row_ok, other=0.0)
-            s, th = _scores(q, k, rows, kpos, kposf, ok, zero_n, slope, scale, softcap, nq, band,
+            delta = tl.load(DELTA + bh * nq + ri, mask=row_ok, other=0.0)
+            s, th = _scores(q, k, rows, kpos, kposf, ok, zero_n, slope, scale, softcap, qoff + nq, band,
                             True, CAUSAL, HAS_BAND, False, HAS_SLOPES, HAS_SOFTCAP, IP, UPCAST)
             p = tl.exp2(s - lse2[:, None])
             dv += _mm(tl.trans(p).to(do.dtype), do, IP, UPCAST)

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from oracle import oracle_attention, rel_err  # noqa: E402
 
 import danon  # noqa: E402
-from danon.core.attention_args import AttentionArgs, BackwardArgs  # noqa: E402
+from danon.core.attention_args import AttentionArgs, BackwardArgs, attention_args  # noqa: E402
 from danon.kernels import reference  # noqa: E402
 from danon.kernels import triton as triton_executor  # noqa: E402
 from danon.kernels import triton_attention, triton_attention_backward  # noqa: E402
@@ -318,3 +318,26 @@ def test_gpu_op_dispatches_to_triton_and_compiles(kind, monkeypatch):
     assert len(calls) >= 2
     assert torch.equal(got, want)
     assert rel_err(compiled, want) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_queries_after_a_cache_match_the_cpu_executor(kind):
+    """Decode steps and a chunk (Nq < Nk, causal, aligned bottom-right): the kernels take the rows' position
+    offset Nk - Nq; forward and backward equal the CPU executor's on the same plan, with padding and GQA."""
+    q, k, v, kpm = _inputs(2, 2, 1, 90, 16, _seed(kind, "cache"), pad=True)
+    for nq in (1, 5, 23):                                # inside one block, at a block's end, across blocks
+        rows = q[:, :, 90 - nq:]
+        plan = danon.attention_plan(rows, k, v, kind=kind, causal=True, key_padding_mask=kpm, block_size=BS,
+                                    **FAMILY[kind], **({"past_queries": q[:, :, :90 - nq]} if kind == "ucsa" else {}))
+        results = []
+        for run in (lambda *x: triton_attention(*x, plan, key_padding_mask=kpm)[0],
+                    lambda *x: danon.core.attention_op.run_plan(*x, plan, scale=16 ** -0.5, key_padding_mask=kpm)):
+            leaves = [x.detach().requires_grad_() for x in (rows, k, v)]
+            out = run(*leaves)
+            go = torch.randn(out.shape, generator=torch.Generator().manual_seed(nq))
+            results.append((out.detach(), torch.autograd.grad((out * go).sum(), leaves)))
+        (out, grads), (want, want_grads) = results
+        assert triton_executor.supports(attention_args(rows, k, v, plan, scale=16 ** -0.5, key_padding_mask=kpm))
+        assert rel_err(out, want) < TOL[torch.float32], nq
+        for got, ref in zip(grads, want_grads):
+            assert rel_err(got, ref) < TOL[torch.float32], nq
