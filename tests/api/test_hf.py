@@ -69,10 +69,15 @@ SPARSE = {
 @pytest.mark.parametrize("family", list(SPARSE))
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_sparse_family_generates_its_full_sequence_tokens(name, family):
-    model = _model(name, "danon", SPARSE[family], dtype=torch.float64)
+    _assert_cached_generation_equals_full(_model(name, "danon", SPARSE[family], dtype=torch.float64))
+
+
+def _assert_cached_generation_equals_full(model, **cache):
+    """Greedy generation through a cache (transformers' own, or `cache=...`) gives the tokens and scores of
+    full-sequence forwards (use_cache=False): batch 2 with left padding, fp64."""
     ids, mask = _prompt()
     kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, output_scores=True, return_dict_in_generate=True)
-    cached = model.generate(ids, **kw)
+    cached = model.generate(ids, **cache, **kw)
     full = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached.sequences, full.sequences)
     assert max(float((a - b).abs().max()) for a, b in zip(cached.scores, full.scores)) < 1e-10
@@ -138,14 +143,8 @@ STATEFUL = dict(SPARSE, ucsa={"attention": "ucsa", "block_size": 16, "local_wind
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_sparse_cache_generates_the_full_sequence_tokens(name, family):
     """Batch 2 with left padding; every decode step runs from the cache's plan state, not from all keys."""
-    model = _model(name, "danon", STATEFUL[family], dtype=torch.float64)
-    ids, mask = _prompt()
-    kw = dict(attention_mask=mask, max_new_tokens=30, do_sample=False, output_scores=True, return_dict_in_generate=True)
     cache = danon.SparseCache()
-    cached = model.generate(ids, cache=cache, **kw)
-    full = model.generate(ids, use_cache=False, **kw)
-    assert torch.equal(cached.sequences, full.sequences)
-    assert max(float((a - b).abs().max()) for a, b in zip(cached.scores, full.scores)) < 1e-10
+    _assert_cached_generation_equals_full(_model(name, "danon", STATEFUL[family], dtype=torch.float64), cache=cache)
     assert cache.local_calls() == 29 * 2                            # 29 decode steps, 2 layers
     assert 0 < cache.summary_bytes() < cache.kv_bytes()
 
