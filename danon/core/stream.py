@@ -193,10 +193,7 @@ class PlanState:
         key_padding_mask = checks.check_key_padding_mask(key_padding_mask, q, k)
         inputs = {name: x for name, x in self.spec.check_inputs(q, k, **inputs).items() if name != "past_queries"}
         nq, nk = q.shape[2], k.shape[2]
-        if nk < self.length or self.batch not in (None, k.shape[0]):
-            self.reset()              # a shorter sequence or another batch: not the one the state follows
-        if self.q_end != nk - nq:
-            self.q_history = None     # the rows before this call were not all seen
+        self._follow(q, nk)
         b = self.b
         # autograd through the state would reach keys of earlier calls the state folded in: train on the full path
         tensors = (q, k, v, *(x for x in inputs.values() if isinstance(x, Tensor)))
@@ -215,15 +212,20 @@ class PlanState:
     def observe(self, q: Tensor, nk: int) -> None:
         """Record a causal call of q (the last Nq of nk positions) that ran elsewhere (say, exact attention
         below a length threshold): UCSA's selection reads the queries of the block before each call's."""
-        if nk < self.length or self.batch not in (None, q.shape[0]):
-            self.reset()
+        self._follow(q, nk)
         self.length, self.batch = nk, q.shape[0]
         if self.kind != "ucsa":
             return
-        if self.q_end != nk - q.shape[2]:
-            self.q_history = None
         rows = q.detach() if self.q_history is None else torch.cat([self.q_history, q.detach()], 2)
         self.q_history, self.q_end = rows[:, :, -2 * self.b:], nk
+
+    def _follow(self, q: Tensor, nk: int) -> None:
+        """Start over for a shorter sequence or another batch (not the one the state follows); forget UCSA's
+        queries when the rows just before this call's were not all seen."""
+        if nk < self.length or self.batch not in (None, q.shape[0]):
+            self.reset()
+        if self.q_end != nk - q.shape[2]:
+            self.q_history = None
 
     def _catch_up(self, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], blocks: int) -> None:
         """Level-0 sums of blocks up to `blocks` (each complete): O(new keys), the full plan's own arithmetic."""
