@@ -144,6 +144,8 @@ class SparseCache(Cache):
     """
 
     def __init__(self, config: Optional[object] = None):
+        # config: taken, and unused, so that code that builds DynamicCache(config=...) builds this one alike; every
+        # layer keeps all its keys (a sliding-window layer too: danon.hf runs it as exact banded attention)
         super().__init__(layer_class_to_replicate=SparseLayer)
 
     def summary_bytes(self) -> int:
