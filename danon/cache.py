@@ -28,7 +28,7 @@ from typing import Dict, Optional
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from danon.core.stream import PlanState, Rows
+from danon.core.stream import PlanState, Rows, state_for
 
 __all__ = ["SparseCache", "SparseLayer"]
 
@@ -81,10 +81,7 @@ class SparseLayer(DynamicLayer):
 
     def plan_state(self, kind: str, keywords: dict) -> PlanState:
         """The state of family `kind` with `keywords` for this layer (made on first use)."""
-        key = (kind, tuple(sorted(keywords.items())))
-        if key not in self.states:
-            self.states[key] = PlanState(kind, **keywords)
-        return self.states[key]
+        return state_for(self.states, kind, keywords)
 
     def _select(self, index: torch.Tensor) -> None:
         if self.get_seq_length() == 0:

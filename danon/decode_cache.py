@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor
 
-from danon.core.stream import PlanState, Rows
+from danon.core.stream import PlanState, Rows, state_for
 
 __all__ = ["DecodeCache", "LayerCache"]
 
@@ -70,10 +70,7 @@ class LayerCache:
 
     def plan_state(self, kind: str, params: dict) -> PlanState:
         """The plan state of family `kind` with `params` in this layer (made on first use)."""
-        key = (kind, tuple(sorted(params.items())))
-        if key not in self.states:
-            self.states[key] = PlanState(kind, **params)
-        return self.states[key]
+        return state_for(self.states, kind, params)
 
 
 class DecodeCache:

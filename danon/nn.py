@@ -212,13 +212,11 @@ class _AttentionBase(nn.Module):
                                  f"attends both ways")
             k, v, kpm = cache.append(k, v, kpm)
             out = self._attend_cached(q, k, v, kpm, hidden_states, cache)
-            b, _, n, _ = out.shape
-            out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
-            return self.dropout(self.o_proj(out))
-        out = self._attend(q, k, v, kpm, hidden_states)
-        if self.record_coverage:
-            with torch.no_grad():
-                self.last_coverage = self._coverage(q.detach(), k.detach(), kpm, hidden_states.detach())
+        else:
+            out = self._attend(q, k, v, kpm, hidden_states)
+            if self.record_coverage:
+                with torch.no_grad():
+                    self.last_coverage = self._coverage(q.detach(), k.detach(), kpm, hidden_states.detach())
         b, _, n, _ = out.shape
         out = out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
         return self.dropout(self.o_proj(out))

@@ -45,7 +45,7 @@ from .plan import Plan
 from .run import attention as family_attention
 from .ucsa import causal_selection_counts, causal_selection_queries, list_capacity
 
-__all__ = ["PlanState", "Rows"]
+__all__ = ["PlanState", "Rows", "state_for"]
 
 
 def _rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -409,3 +409,17 @@ class PlanState:
             top, pos = torch.topk(torch.cat([score, new], -1), m, dim=-1)
             self.routed = (top, torch.gather(torch.cat([old_ids, ids], -1), -1, pos))
         self.candidates = first
+
+
+def state_for(states: dict, kind: str, params: dict) -> PlanState:
+    """The PlanState of family `kind` with `params` in `states` (a cache layer's), made on first use.
+
+    Example:
+        >>> states = {}
+        >>> state_for(states, "msra", {"window": 32}) is state_for(states, "msra", {"window": 32}), len(states)
+        (True, 1)
+    """
+    key = (kind, tuple(sorted(params.items())))
+    if key not in states:
+        states[key] = PlanState(kind, **params)
+    return states[key]
