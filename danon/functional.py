@@ -46,9 +46,9 @@ def check_family_options(kind: str, options: dict) -> None:
 def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: str = "exact", **family_keywords) -> Plan:
     """The plan a family would execute, for inspection (which keys each query block sees).
 
-    Takes the same keywords as the family's function (scale, attn_mask and softcap are accepted and
-    ignored: they do not change which keys are seen). `v` defaults
-    to `k` (the plan's summary values are then means of k).
+    Takes the same keywords as the family's function (attn_mask and softcap are accepted and ignored: they
+    do not change which keys are seen; scale is too, except for UCSA with gamma, whose estimate of each
+    block's attention mass uses it). `v` defaults to `k` (the plan's summary values are then means of k).
 
     Example:
         >>> import torch, danon
@@ -57,9 +57,10 @@ def attention_plan(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, kind: st
         >>> plan.kind, plan.window, plan.summary_idx.shape[:3]
         ('msra', 2, torch.Size([1, 2, 32]))
     """
-    family(kind)
+    spec = family(kind)
     for name in ("scale", "attn_mask", "softcap"):   # they change the logits, not which keys are seen
-        family_keywords.pop(name, None)
+        if name not in spec.inputs:
+            family_keywords.pop(name, None)
     return run.plan(kind, q, k, k if v is None else v, **family_keywords)
 
 

@@ -72,6 +72,7 @@ _DEFAULTS = {
         "top_k_blocks": 16,
         "sparsity_factor": None,
         "compress": True,
+        "gamma": None,
     },
     "msra": {"window": 256, "num_levels": 3, "compression_factor": 4},
     "dala": {
@@ -120,6 +121,30 @@ def _msra_levels(num_levels, nb: int, W: int, c: int) -> int:
     return int(num_levels)
 
 
+def _mass_choice(qbar, k_head, vis_tokens, fixed, eligible, topk, gamma, scale, seen, b, Nk) -> set:
+    """UCSA's selection by attention mass, from its definition (docs/design.md): per query head, the softmax over
+    the seen blocks of scale * qbar_h . kbar_t + log n_t, averaged over the group; blocks in order of mass,
+    each taken while the mass of the fixed (near, global) and the higher-ranked blocks is below gamma."""
+    mass = {t: 0.0 for t in seen}
+    for h in range(qbar.shape[0]):
+        logits = {}
+        for t in seen:
+            toks = vis_tokens(_block_tokens(t, b, Nk))
+            logits[t] = scale * float(qbar[h] @ k_head[toks].mean(dim=0)) + math.log(len(toks))
+        top = max(logits.values())
+        z = sum(math.exp(x - top) for x in logits.values())
+        for t in seen:
+            mass[t] += math.exp(logits[t] - top) / z / qbar.shape[0]
+    covered = sum(mass[t] for t in seen if t in fixed)
+    chosen = set()
+    for t in sorted(eligible, key=lambda t: -mass[t])[:topk]:
+        if covered >= gamma:
+            break
+        chosen.add(t)
+        covered += mass[t]
+    return chosen
+
+
 def oracle_plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,6 +153,7 @@ def oracle_plan(
     causal: bool,
     key_padding_mask: Optional[torch.Tensor],
     block_size: int,
+    scale: Optional[float] = None,
     **family_kw,
 ):
     """The oracle's selection, as Python sets, for every (batch, kv head, query block).
@@ -198,6 +224,11 @@ def oracle_plan(
                             scores.append(float(qsum @ kbar))
                         order = sorted(range(len(eligible)), key=lambda n: -scores[n])
                         chosen = {eligible[n] for n in order[:topk]}
+                        if kw["gamma"] is not None:
+                            chosen = _mass_choice(qbar, kd[bi, g], vis_tokens, exact_blocks, eligible, topk,
+                                                  float(kw["gamma"]), scale or 1.0 / math.sqrt(D),
+                                                  [t for t in range(nb) if blk_vis[t] and (not causal or t < tq)],
+                                                  b, Nk)
                     else:
                         chosen = set()
                     exact_blocks = exact_blocks | chosen
@@ -309,7 +340,7 @@ def oracle_attention(
         slopes = alibi_slopes(H) if slopes is None else slopes.detach().double().cpu()
 
     plans = oracle_plan(q, k, kind, causal=causal, key_padding_mask=key_padding_mask,
-                        block_size=block_size, **family_kw)
+                        block_size=block_size, scale=scale, **family_kw)
 
     out = []
     for bi in range(B):

@@ -156,6 +156,10 @@ SPARSITY_FACTOR = Rule(lambda value: value is None or (_is_real(value) and 0 < f
                        "a fraction in (0, 1] of the key blocks, or None",
                        "None or a fraction of the key blocks in (0, 1]", separator=";",
                        normal=lambda value: None if value is None else float(value))
+GAMMA = Rule(lambda value: value is None or (_is_real(value) and 0 < float(value) <= 1),
+             "a share in (0, 1] of the estimated attention mass, or None",
+             "None or a share of the estimated attention mass in (0, 1]", separator=";",
+             normal=lambda value: None if value is None else float(value))
 SLIDING_WINDOW = Rule(lambda value: value is None or (_is_int(value) and value >= 1), "an integer >= 1 or None",
                       "an int >= 1 or None")
 

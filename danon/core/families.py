@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Dict, Optional, Tuple, Union
 from torch import Tensor
 
 from . import checks
-from .checks import (BLOCK_SIZE, BOOL, COMPRESSION_FACTOR, NONNEG_INT, NUM_LEVELS, SLIDING_WINDOW, SPARSITY_FACTOR,
+from .checks import (BLOCK_SIZE, BOOL, COMPRESSION_FACTOR, GAMMA, NONNEG_INT, NUM_LEVELS, SLIDING_WINDOW, SPARSITY_FACTOR,
                      Rule, one_of)
 from .dala import dala_plan
 from .exact import exact_plan
@@ -144,7 +144,7 @@ class UCSA(Family):
         >>> UCSA(sparsity_factor=1).sparsity_factor     # the normal form: a float
         1.0
         >>> UCSA.inputs
-        ('past_queries',)
+        ('past_queries', 'scale')
     """
 
     name: ClassVar[str] = "ucsa"
@@ -155,18 +155,22 @@ class UCSA(Family):
     top_k_blocks: int = param(16, NONNEG_INT)
     sparsity_factor: Optional[float] = param(None, SPARSITY_FACTOR)
     compress: bool = param(True, BOOL)
+    # selection by attention mass: take blocks until this estimated share is covered (top_k_blocks is the cap)
+    gamma: Optional[float] = param(None, GAMMA)
     build = staticmethod(ucsa_plan)
 
-    def check_inputs(self, q: Tensor, k: Tensor, past_queries: Optional[Tensor] = None) -> Dict[str, Any]:
+    def check_inputs(self, q: Tensor, k: Tensor, past_queries: Optional[Tensor] = None,
+                     scale: Optional[float] = None) -> Dict[str, Any]:
         """past_queries [B, H, P, D]: the query rows before a causal call's first one, which the selection of
-        queries after a cache reads (core/ucsa.py, history_rows)."""
+        queries after a cache reads (core/ucsa.py, history_rows); scale: the logit scale the `gamma` estimate
+        uses (the attention's; default D ** -0.5)."""
         if past_queries is not None:
             if not isinstance(past_queries, Tensor) or past_queries.dim() != 4 or \
                     tuple(past_queries.shape[:2]) != tuple(q.shape[:2]) or past_queries.shape[3] != q.shape[3]:
                 raise ValueError(f"past_queries must be a tensor [B, H, P, D] = [{q.shape[0]}, {q.shape[1]}, P, "
                                  f"{q.shape[3]}], got {getattr(past_queries, 'shape', type(past_queries).__name__)}")
             checks.check_same_device(q, past_queries=past_queries)
-        return dict(past_queries=past_queries)
+        return dict(past_queries=past_queries, scale=checks.check_scale(scale, q.shape[-1]))
 
 
 @_spec

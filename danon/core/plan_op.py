@@ -49,12 +49,16 @@ observers: List = []
 PER_CALL = {"dala": "importance", "ucsa": "past_queries"}
 
 
-def _run_builder(kind: str, q, k, v, key_padding_mask, per_call, sparsity_factor, options: str) -> Plan:
-    kw = json.loads(options)
+def _floats(kind: str, sparsity_factor, gamma, scale) -> Dict[str, Any]:
+    """UCSA's float keywords, which travel as the op's own arguments (see plan_op)."""
+    return dict(sparsity_factor=sparsity_factor, gamma=gamma, scale=scale) if kind == "ucsa" else {}
+
+
+def _run_builder(kind: str, q, k, v, key_padding_mask, per_call, sparsity_factor, options: str, gamma=None,
+                 scale=None) -> Plan:
+    kw = dict(json.loads(options), **_floats(kind, sparsity_factor, gamma, scale))
     if kind in PER_CALL:
         kw[PER_CALL[kind]] = per_call
-    if kind == "ucsa":
-        kw["sparsity_factor"] = sparsity_factor
     return FAMILIES[kind].build(q, k, v, key_padding_mask=key_padding_mask, **kw)
 
 
@@ -64,22 +68,25 @@ def _pack(plan: Plan, like: Tensor) -> List[Tensor]:
 
 @torch.library.custom_op("danon::plan", mutates_args=())
 def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], per_call: Optional[Tensor],
-            sparsity_factor: Optional[float], kind: str, options: str) -> List[Tensor]:
+            sparsity_factor: Optional[float], kind: str, options: str, gamma: Optional[float],
+            scale: Optional[float]) -> List[Tensor]:
     """The plan tensors of family `kind` (FIELDS order); `options` is the builder's other keywords as JSON.
 
     per_call: the family's per-call tensor (PER_CALL): DALA's importance, UCSA's past queries.
 
-    UCSA's sparsity_factor is an argument of its own: under dynamic=True Dynamo makes a module's float
-    attribute a SymFloat, which no JSON constant can hold.
+    UCSA's floats (sparsity_factor, gamma, and the logit scale gamma's estimate uses) are arguments of their
+    own: under dynamic=True Dynamo makes a module's float attribute (or the scale) a SymFloat, which no JSON
+    constant can hold.
 
     Example:
         >>> import torch
         >>> q = torch.randn(1, 1, 64, 8)
-        >>> out = torch.ops.danon.plan(q, q, q, None, None, None, "ucsa", '{"block_size": 16, "causal": true}')
+        >>> out = torch.ops.danon.plan(q, q, q, None, None, None, "ucsa", '{"block_size": 16, "causal": true}', None,
+        ...                            None)
         >>> len(out), out[0].dtype
         (8, torch.int32)
     """
-    plan = _run_builder(kind, q, k, v, key_padding_mask, per_call, sparsity_factor, options)
+    plan = _run_builder(kind, q, k, v, key_padding_mask, per_call, sparsity_factor, options, gamma, scale)
     for observe in observers:
         observe(plan)
     # a custom op's outputs may not alias its inputs nor each other (a builder may return a view of either);
@@ -88,12 +95,12 @@ def plan_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor],
 
 
 @plan_op.register_fake
-def _plan_fake(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options):
+def _plan_fake(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options, gamma, scale):
     # the plan's sizes in closed form (danon/core/plan_shapes.py): the builder itself, run on fake tensors,
     # costs seconds of sympy per call under symbolic sizes, and a compile asks about a dozen times
     # Size-oblivious: an empty tensor's strides ask whether each size is 1; a plan size that happens to be 1 at
     # this length must not guard the graph to the lengths where it is (a recompile at every such boundary)
-    options = dict(json.loads(options), **({"sparsity_factor": sparsity_factor} if kind == "ucsa" else {}))
+    options = dict(json.loads(options), **_floats(kind, sparsity_factor, gamma, scale))
     with backed_size_oblivious():
         shapes = plan_shapes(kind, q, k, v, key_padding_mask, options)
         return [q.new_empty(shapes[f][0], dtype=shapes[f][1]) if f in shapes else q.new_empty(0) for f in FIELDS]
@@ -102,11 +109,13 @@ def _plan_fake(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, optio
 @torch.library.custom_op("danon::plan_backward", mutates_args=())
 def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, k: Tensor, v: Tensor,
                      key_padding_mask: Optional[Tensor], per_call: Optional[Tensor],
-                     sparsity_factor: Optional[float], kind: str, options: str) -> tuple[Tensor, Tensor]:
+                     sparsity_factor: Optional[float], kind: str, options: str, gamma: Optional[float],
+                     scale: Optional[float]) -> tuple[Tensor, Tensor]:
     """(dk, dv) of the plan's summary keys and values, by rebuilding the plan under autograd."""
     with torch.enable_grad(), autograd_inside_op():
         k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
-        plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, per_call, sparsity_factor, options)
+        plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, per_call, sparsity_factor, options, gamma,
+                            scale)
         pairs = [(out, g) for out, g in ((plan.summary_k, grad_summary_k), (plan.summary_v, grad_summary_v))
                  if out is not None and g.numel() and out.requires_grad]
         grads = (None, None)
@@ -117,14 +126,14 @@ def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, 
 
 @plan_backward_op.register_fake
 def _plan_backward_fake(grad_summary_k, grad_summary_v, q, k, v, key_padding_mask, per_call, sparsity_factor,
-                        kind, options):
+                        kind, options, gamma, scale):
     return k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options = inputs
+    q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options, gamma, scale = inputs
     ctx.save_for_backward(q, k, v, key_padding_mask, per_call)
-    ctx.sparsity_factor, ctx.kind, ctx.options = sparsity_factor, kind, options
+    ctx.floats, ctx.kind, ctx.options = (sparsity_factor, gamma, scale), kind, options
 
 
 def _backward(ctx, grads):
@@ -132,9 +141,10 @@ def _backward(ctx, grads):
     gk, gv = grads[_SUMMARY_K], grads[_SUMMARY_V]
     gk = q.new_empty(0) if gk is None else gk
     gv = q.new_empty(0) if gv is None else gv
-    dk, dv = plan_backward_op(gk, gv, q, k, v, key_padding_mask, per_call, ctx.sparsity_factor, ctx.kind,
-                              ctx.options)
-    return None, dk, dv, None, None, None, None, None
+    sparsity_factor, gamma, scale = ctx.floats
+    dk, dv = plan_backward_op(gk, gv, q, k, v, key_padding_mask, per_call, sparsity_factor, ctx.kind, ctx.options,
+                              gamma, scale)
+    return (None, dk, dv) + (None,) * 7
 
 
 plan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -165,8 +175,8 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     kpm = options.pop("key_padding_mask", None)
     per_call = options.pop(PER_CALL[kind], None) if kind in PER_CALL else None
     slopes = options.pop("slopes", None)
-    sparsity_factor = options.pop("sparsity_factor", None)
-    outs = torch.ops.danon.plan(q, k, v, kpm, per_call, sparsity_factor, kind, _json(options))
+    sparsity_factor, gamma, scale = (options.pop(name, None) for name in ("sparsity_factor", "gamma", "scale"))
+    outs = torch.ops.danon.plan(q, k, v, kpm, per_call, sparsity_factor, kind, _json(options), gamma, scale)
     fields = {f: (None if x.dim() == 1 else x) for f, x in zip(FIELDS, outs)}
     plan = Plan(kind, options["block_size"], options["causal"], q.shape[2], k.shape[2],
                 window=window_blocks(options[FAMILIES[kind].window_option], options["block_size"]), **fields)
@@ -175,8 +185,8 @@ def build_plan(kind: str, q: Tensor, k: Tensor, v: Tensor, options: Dict[str, An
     return plan
 
 
-def _plan_decomposition(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options):
-    return _pack(_run_builder(kind, q, k, v, key_padding_mask, per_call, sparsity_factor, options), q)
+def _plan_decomposition(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, options, gamma, scale):
+    return _pack(_run_builder(kind, q, k, v, key_padding_mask, per_call, sparsity_factor, options, gamma, scale), q)
 
 
 def plan_decompositions() -> dict:

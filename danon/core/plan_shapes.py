@@ -60,7 +60,7 @@ def _msra(q, k, v, key_padding_mask, *, causal, block_size, window, num_levels, 
 
 
 def _ucsa(q, k, v, key_padding_mask, *, causal, block_size, local_window_size, global_tokens, top_k_blocks,
-          sparsity_factor, compress):
+          sparsity_factor, compress, gamma, scale=None):
     B, _, nq, D = q.shape
     Hkv, nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     b = block_size

@@ -83,6 +83,8 @@ def attention(kind: str, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fals
     if spec.sparse:
         if attn_mask is not None or softcap is not None:
             raise TypeError(f"attn_mask and softcap are keywords of kind='exact' only, not of kind={kind!r}")
+        if "scale" in spec.inputs:          # UCSA's gamma estimate uses the attention's logit scale
+            inputs["scale"] = scale
         # through danon::plan: one opaque op for Inductor instead of the builder's index arithmetic
         built = plan_op.build_plan(kind, q, k, v, params.options(q, k, v, causal=causal,
                                                                 key_padding_mask=key_padding_mask, **inputs))

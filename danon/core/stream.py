@@ -43,7 +43,8 @@ from .families import family
 from .msra import auto_levels
 from .plan import Plan
 from .run import attention as family_attention
-from .ucsa import causal_selection_counts, causal_selection_queries, list_capacity
+from .ucsa import (causal_selection_counts, causal_selection_queries, estimated_mass, list_capacity,
+                   mass_selection)
 
 __all__ = ["PlanState", "Rows", "state_for"]
 
@@ -191,7 +192,9 @@ class PlanState:
         """
         checks.check_qkv(q, k, v, sparse=True, causal=True)
         key_padding_mask = checks.check_key_padding_mask(key_padding_mask, q, k)
-        inputs = {name: x for name, x in self.spec.check_inputs(q, k, **inputs).items() if name != "past_queries"}
+        # UCSA's past_queries come from the state, and its scale is this call's
+        inputs = {name: x for name, x in self.spec.check_inputs(q, k, **inputs).items()
+                  if name not in ("past_queries", "scale")}
         nq, nk = q.shape[2], k.shape[2]
         self._follow(q, nk)
         b = self.b
@@ -247,9 +250,11 @@ class PlanState:
         nk = k.shape[2]
         t_q = (nk - 1) // b
         first = max(0, t_q - w)                       # the first near block: every earlier block is complete
-        self._catch_up(k, v, kpm, first)
+        # UCSA's gamma estimate reads every complete block before t_q, the near ones too
+        mass = self.kind == "ucsa" and self.spec.gamma is not None
+        self._catch_up(k, v, kpm, t_q if mass else first)
         start = first * b
-        table = getattr(self, f"_{self.kind}_table")(q, k, v, kpm, t_q, first, inputs)
+        table = getattr(self, f"_{self.kind}_table")(q, k, v, kpm, t_q, first, dict(inputs, scale=scale))
         k_near, v_near = k[:, :, start:], v[:, :, start:]
         kpm_near = None if kpm is None else kpm[:, start:]
         plan = Plan(self.kind, b, True, q.shape[2], nk - start, window=w, **table)
@@ -317,10 +322,20 @@ class PlanState:
         eligible = has_keys.clone()
         eligible[:, :, :g] = False
         if selects and first > g and top_k > 0:
-            qbar = causal_selection_queries(q, self.q_history, k.shape[2], b, Hkv)          # [B, Hkv, 1, D]
-            score = (qbar @ kbar.transpose(-1, -2))[:, :, 0].masked_fill(~eligible, float("-inf"))
-            top_val, top_idx = torch.topk(score, min(top_k, first), dim=-1)
-            take = top_val > float("-inf")
+            gamma = spec.gamma
+            qbar = causal_selection_queries(q, self.q_history, k.shape[2], b, Hkv, gamma is not None)  # [B, H.., 1, D]
+            if gamma is None:
+                score = (qbar @ kbar.transpose(-1, -2))[:, :, 0].masked_fill(~eligible, float("-inf"))
+                top_val, top_idx = torch.topk(score, min(top_k, first), dim=-1)
+                take = top_val > float("-inf")
+            else:   # the full plan's estimate: every complete block before t_q, near ones included
+                past_k, _, past_counts = level.means(0, t_q)
+                mass = estimated_mass(qbar, past_k, past_counts, torch.ones(1, t_q, dtype=torch.bool,
+                                                                             device=k.device), inputs["scale"])[:, :, 0]
+                near_or_global = torch.arange(t_q, device=k.device) >= first
+                near_or_global[:g] = True
+                covered = (mass * near_or_global).sum(-1, keepdim=True)
+                top_idx, take = mass_selection(mass[..., :first], covered, eligible, min(top_k, first), gamma)
             if spec.sparsity_factor is not None:
                 allowed = causal_selection_counts(1, spec.sparsity_factor, k.device, t_q)[0]
                 take = take & (torch.arange(top_idx.shape[-1], device=k.device) < allowed)

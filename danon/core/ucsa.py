@@ -13,8 +13,9 @@ from .blocks import (block_counts, block_sums, compact, key_visibility, means, n
 from .plan import Plan
 
 
-def selection_queries(q: Tensor, b: int, num_kv_heads: int, causal: bool) -> Tensor:
-    """qbar [B, Hkv, Tq, D]: the query each query block selects with, summed over its kv group's heads.
+def selection_queries(q: Tensor, b: int, num_kv_heads: int, causal: bool, per_head: bool = False) -> Tensor:
+    """qbar [B, Hkv, Tq, D]: the query each query block selects with, summed over its kv group's heads
+    (per_head: [B, H, Tq, D], one per query head, for the attention-mass estimate).
 
     Without causal masking, the mean query of the block itself. With it, the mean query of the
     previous block: every row of block t_q sees positions < t_q b, none of it sees the block's later
@@ -38,7 +39,7 @@ def selection_queries(q: Tensor, b: int, num_kv_heads: int, causal: bool) -> Ten
     else:
         q_rows = torch.clamp(nq - torch.arange(tq, device=q.device) * b, max=b).to(q_sum.dtype)
         qbar = q_sum / q_rows[:, None]
-    return qbar.view(B, num_kv_heads, H // num_kv_heads, tq, D).sum(2)
+    return qbar if per_head else qbar.view(B, num_kv_heads, H // num_kv_heads, tq, D).sum(2)
 
 
 def history_rows(nq: int, nk: int, b: int) -> int:
@@ -53,7 +54,8 @@ def history_rows(nq: int, nk: int, b: int) -> int:
     return pad + b if first > 0 else pad
 
 
-def causal_selection_queries(q: Tensor, past_queries: Optional[Tensor], nk: int, b: int, num_kv_heads: int) -> Tensor:
+def causal_selection_queries(q: Tensor, past_queries: Optional[Tensor], nk: int, b: int, num_kv_heads: int,
+                             per_head: bool = False) -> Tensor:
     """qbar [B, Hkv, Tq, D] of a causal call whose rows are absolute positions Nk - Nq + i (queries after a cache):
     `selection_queries` of the full sequence, read from the call's queries and the `past_queries` before them
     (at least `history_rows` of them; the last ones are used).
@@ -69,7 +71,7 @@ def causal_selection_queries(q: Tensor, past_queries: Optional[Tensor], nk: int,
     pad, first, _ = query_layout(nq, nk, b)
     need = history_rows(nq, nk, b)
     if need == 0:
-        return selection_queries(q, b, num_kv_heads, causal=True)
+        return selection_queries(q, b, num_kv_heads, causal=True, per_head=per_head)
     have = 0 if past_queries is None else past_queries.shape[2]
     if have < need:
         raise ValueError(f"ucsa with queries after a cache (Nq = {nq} < Nk = {nk}) selects blocks with the mean query "
@@ -77,7 +79,7 @@ def causal_selection_queries(q: Tensor, past_queries: Optional[Tensor], nk: int,
                          f"this call's (got {have})")
     # the rows from the start of absolute block first - 1 (or 0): entry 1 (or 0) of their qbar is block first's
     rows = torch.cat([past_queries[:, :, have - need:].to(q.dtype), q], 2)
-    qbar = selection_queries(rows, b, num_kv_heads, causal=True)
+    qbar = selection_queries(rows, b, num_kv_heads, causal=True, per_head=per_head)
     return qbar[:, :, 1:] if first > 0 else qbar
 
 
@@ -91,6 +93,52 @@ def causal_selection_counts(num_query_blocks, sparsity_factor: float, device, fi
     """
     seen = torch.arange(1, num_query_blocks + 1, device=device, dtype=torch.float64) + first
     return torch.ceil(seen * sparsity_factor).to(torch.int64)
+
+
+def estimated_mass(qbar: Tensor, kbar: Tensor, counts: Tensor, seen: Tensor, scale: float) -> Tensor:
+    """m [B, Hkv, Tq, Tk]: each key block's estimated share of a query block's attention, the `gamma` selection's
+    estimate (docs/design.md, "Selection by attention mass").
+
+    For query head h, the softmax over the blocks in `seen` that hold a visible key of
+    scale * qbar_h . kbar_t + log n_t: the weight block t would get, as a summary, from the block's selection
+    query (its mean query; causal: the previous block's); then the mean over the kv group's heads.
+    qbar [B, H, Tq, D] per head; kbar [B, Hkv, Tk, D]; counts [B, Tk] visible keys per block; seen bool
+    [Tq, Tk]. A query block that sees no block gets zeros.
+
+    Example:
+        >>> import torch
+        >>> qbar = torch.tensor([[[[1.0, 0.0]]]]); kbar = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+        >>> m = estimated_mass(qbar, kbar, torch.tensor([[1.0, 1.0]]), torch.ones(1, 2, dtype=torch.bool), 1.0)
+        >>> [round(x, 4) for x in m.flatten().tolist()]     # softmax(1, 0)
+        [0.7311, 0.2689]
+    """
+    B, H, tq, D = qbar.shape
+    Hkv, tk = kbar.shape[1], kbar.shape[2]
+    kbar = kbar.detach().to(qbar.dtype)              # selections carry no gradient
+    logits = (qbar.view(B, Hkv, H // Hkv, tq, D) @ kbar[:, :, None].transpose(-1, -2)) * scale
+    counts = counts.to(qbar.dtype)
+    logits = logits + counts.clamp(min=1).log()[:, None, None, None, :]
+    ok = seen[None, None, None] & (counts > 0)[:, None, None, None, :]
+    logits = logits.masked_fill(~ok, float("-inf"))
+    # a row with no block is all -inf: its softmax is NaN, and it holds no mass
+    return torch.softmax(logits, -1).nan_to_num(0.0).mean(2)
+
+
+def mass_selection(mass: Tensor, covered: Tensor, eligible: Tensor, top_k: int, gamma: float) -> tuple:
+    """(top_idx, take) [..., top_k]: the eligible blocks in order of estimated mass, each taken while the mass
+    already covered (`covered`, the near and global blocks', plus the higher-ranked ones') is below `gamma`.
+
+    Example:
+        >>> import torch
+        >>> mass = torch.tensor([[0.5, 0.3, 0.15, 0.05]]); eligible = torch.tensor([[False, True, True, True]])
+        >>> idx, take = mass_selection(mass, mass[:, :1], eligible, 3, 0.9)
+        >>> idx.tolist(), take.tolist()    # 0.5 covered; + 0.3 = 0.8 < 0.9, so block 2 is taken too
+        ([[1, 2, 3]], [[True, True, False]])
+    """
+    val, idx = torch.topk(mass.masked_fill(~eligible, -1.0), top_k, dim=-1)
+    got = val.clamp(min=0)
+    before = covered + torch.cumsum(got, -1) - got
+    return idx, (val >= 0) & (before < gamma)
 
 
 def list_capacity(tk, b: int, global_tokens: int, top_k_blocks: int, sparsity_factor: Optional[float]) -> tuple:
@@ -110,7 +158,8 @@ def list_capacity(tk, b: int, global_tokens: int, top_k_blocks: int, sparsity_fa
 
 def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
               block_size: int, local_window_size: int, global_tokens: int, top_k_blocks: int,
-              sparsity_factor: Optional[float], compress: bool, past_queries: Optional[Tensor] = None) -> Plan:
+              sparsity_factor: Optional[float], compress: bool, gamma: Optional[float],
+              past_queries: Optional[Tensor] = None, scale: Optional[float] = None) -> Plan:
     """Build the UCSA plan (DESIGN.md section 3).
 
     The family's parameters have no defaults here: their defaults live in its spec (core/families.py), which
@@ -124,12 +173,17 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     the block before each query block, so it needs `past_queries`, the query rows before the call
     (``causal_selection_queries``).
 
+    With `gamma`, the selection is by attention mass instead: the eligible blocks in order of `estimated_mass`
+    (per head, from the same selection queries, with the logit `scale`, default D ** -0.5), each taken while the
+    estimated mass of the near, global and higher-ranked blocks is below gamma, at most k of them
+    (``mass_selection``). Under causal masking the estimate spans the blocks strictly before the query block.
+
     Example:
         >>> import torch
         >>> from danon.core import ucsa_plan
         >>> q = torch.randn(1, 4, 256, 16); k = torch.randn(1, 2, 256, 16)
         >>> p = ucsa_plan(q, k, k, block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2,
-        ...               sparsity_factor=None, compress=True)
+        ...               sparsity_factor=None, compress=True, gamma=None)
         >>> p.window, p.block_idx.shape  # near blocks: the window; listed: global 1 + top-k 2
         (1, torch.Size([1, 2, 16, 3]))
     """
@@ -162,11 +216,18 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     kbar = means(k_sums, counts[:, None, :])
     exact = fixed.expand(B, Hkv, tq, tk)                               # listed blocks (the near ones are the window)
     if selects:
-        qbar = causal_selection_queries(q, past_queries, nk, b, Hkv) if causal else selection_queries(q, b, Hkv, False)
-        score = qbar @ kbar.transpose(-1, -2)                              # [B, Hkv, Tq, Tk]
-        score = score.masked_fill(~eligible, float("-inf"))
-        top_val, top_idx = torch.topk(score, top_k, dim=-1)
-        take = top_val > float("-inf")
+        per_head = gamma is not None
+        qbar = (causal_selection_queries(q, past_queries, nk, b, Hkv, per_head) if causal
+                else selection_queries(q, b, Hkv, False, per_head))
+        if gamma is None:
+            score = qbar @ kbar.transpose(-1, -2)                              # [B, Hkv, Tq, Tk]
+            score = score.masked_fill(~eligible, float("-inf"))
+            top_val, top_idx = torch.topk(score, top_k, dim=-1)
+            take = top_val > float("-inf")
+        else:
+            mass = estimated_mass(qbar, kbar, counts, past, D ** -0.5 if scale is None else scale)
+            covered = (mass * (near | is_global)).sum(-1, keepdim=True)
+            top_idx, take = mass_selection(mass, covered, eligible, top_k, gamma)
         if causal and sparsity_factor is not None:
             take = take & (torch.arange(top_k, device=dev) < causal_selection_counts(tq, sparsity_factor, dev, first)[:, None])
         chosen = torch.zeros_like(exact).scatter(-1, top_idx, take)

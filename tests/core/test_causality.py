@@ -23,6 +23,7 @@ OPTIONS = [
     ("ucsa", dict(local_window_size=16, global_tokens=0, sparsity_factor=0.2)),
     ("ucsa", dict(local_window_size=16, global_tokens=32, sparsity_factor=0.5, compress=False)),
     ("ucsa", dict(local_window_size=32, global_tokens=16, top_k_blocks=3, compress=False)),
+    ("ucsa", dict(local_window_size=16, global_tokens=16, top_k_blocks=4, gamma=0.6)),
     ("msra", dict(window=32, num_levels=2, compression_factor=2)),
     ("msra", dict(window=16, num_levels="auto", compression_factor=2)),
     ("msra", dict(window=32, num_levels="auto", compression_factor=4)),
@@ -120,7 +121,7 @@ def test_the_properties_catch_the_old_ucsa_selection():
     kw = dict(local_window_size=32, global_tokens=16, top_k_blocks=2)
     original = ucsa_module.selection_queries
     try:
-        ucsa_module.selection_queries = lambda q, b, hkv, causal: original(q, b, hkv, False)
+        ucsa_module.selection_queries = lambda q, b, hkv, causal, per_head=False: original(q, b, hkv, False, per_head)
         before = _call("ucsa", kw, q, k, v, None)[:, :, :t + 1]
         after = _call("ucsa", kw, *_perturbed_after(t, q, k, v, None, 3))[:, :, :t + 1]
     finally:

@@ -184,6 +184,8 @@ def test_family_custom_scale(kind):
     ("ucsa", dict(local_window_size=48, global_tokens=0, top_k_blocks=3)),
     ("ucsa", dict(local_window_size=16, global_tokens=16, top_k_blocks=0)),
     ("ucsa", dict(local_window_size=16, global_tokens=0, top_k_blocks=0)),
+    ("ucsa", dict(local_window_size=16, global_tokens=16, top_k_blocks=6, gamma=0.6)),
+    ("ucsa", dict(local_window_size=16, global_tokens=0, sparsity_factor=0.5, gamma=0.9)),
     ("msra", dict(window=32, num_levels="auto", compression_factor=2)),
     ("msra", dict(window=16, num_levels=1, compression_factor=3)),
     ("msra", dict(window=16, num_levels=3, compression_factor=2)),
@@ -243,3 +245,28 @@ def test_sparse_configs_differ_from_exact(kind, causal, N, b):
     nb = -(-N // b)
     assert any(len(s) > 0 for (_, _, s) in plans.values())
     assert any(len(blk) < nb for (blk, _, _) in plans.values())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ucsa_gamma_selects_by_estimated_mass_with_the_sites_scale(causal):
+    """gamma's estimate uses the attention's logit scale: the oracle, given the same scale, lists the same blocks."""
+    q, k, v = make_inputs(2, 4, 2, 200, 16, seed=21)
+    pad = make_mask(2, 200, seed=21)
+    kw = dict(block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=8, gamma=0.7)
+    check("ucsa", q, k, v, tol=1e-5, causal=causal, key_padding_mask=pad, scale=2.5, **kw)
+    # the scale reaches the selection: a sharper scale concentrates the estimate, so fewer blocks cover 0.7
+    blocks = [float(danon.attention_plan(q, k, kind="ucsa", causal=causal, key_padding_mask=pad, scale=s, **kw)
+                    .counts()["blocks"].float().mean()) for s in (0.05, 2.5)]
+    assert blocks[1] < blocks[0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ucsa_gamma_lists_fewer_blocks_as_it_falls_and_top_k_at_one(causal):
+    q, k, _ = make_inputs(2, 4, 2, 256, 16, seed=22)
+    kw = dict(block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=6, causal=causal)
+    listed = [danon.attention_plan(q, k, kind="ucsa", gamma=g, **kw).block_idx for g in (0.3, 0.8, 1.0)]
+    counts = [float((x >= 0).sum()) for x in listed]
+    assert counts[0] < counts[1] <= counts[2]
+    # gamma = 1 takes every candidate up to the cap, like top-k (the order may differ: mass, not the score)
+    top_k = danon.attention_plan(q, k, kind="ucsa", **kw).block_idx
+    assert torch.equal((listed[2] >= 0).sum(-1), (top_k >= 0).sum(-1))

@@ -30,7 +30,8 @@ def plan_cases(draw):
     elif kind == "ucsa":
         sparsity = draw(st.sampled_from([None, 0.0, 0.1, 0.5, 1.0]))
         options = dict(local_window_size=window, global_tokens=draw(st.sampled_from([0, 1, b, 5 * b])),
-                       top_k_blocks=draw(st.integers(0, 6)), sparsity_factor=sparsity, compress=draw(st.booleans()))
+                       top_k_blocks=draw(st.integers(0, 6)), sparsity_factor=sparsity, compress=draw(st.booleans()),
+                       gamma=draw(st.sampled_from([None, 0.5, 0.95])))
     else:
         options = dict(window=window, memory_size=draw(st.sampled_from([0, 1, 7, 64])),
                        decay=draw(st.sampled_from(["alibi", "none"])), compress_rest=draw(st.booleans()))
@@ -57,8 +58,9 @@ def _inputs(h, hkv, n, dk, dv, dtype, padded, batch=2):
 def test_closed_form_sizes_equal_the_built_plan(case):
     kind, h, hkv, n, dk, dv, dtype, padded, options = case
     q, k, v, kpm = _inputs(h, hkv, n, dk, dv, dtype, padded)
-    rest = {name: value for name, value in options.items() if name != "sparsity_factor"}
-    built = _pack(_run_builder(kind, q, k, v, kpm, None, options.get("sparsity_factor"), json.dumps(rest)), q)
+    rest = {name: value for name, value in options.items() if name not in ("sparsity_factor", "gamma")}
+    built = _pack(_run_builder(kind, q, k, v, kpm, None, options.get("sparsity_factor"), json.dumps(rest),
+                               options.get("gamma")), q)
     shapes = plan_shapes(kind, q, k, v, kpm, options)
     for field, tensor in zip(FIELDS, built):
         if tensor.dim() == 1:            # a field the plan leaves None
@@ -72,6 +74,8 @@ def test_closed_form_sizes_equal_the_built_plan(case):
     ("msra", dict(window=8, num_levels="auto", compression_factor=4)),
     ("ucsa", dict(local_window_size=16, global_tokens=8, top_k_blocks=2, sparsity_factor=None, compress=True)),
     ("ucsa", dict(local_window_size=8, global_tokens=0, top_k_blocks=0, sparsity_factor=0.3, compress=False)),
+    ("ucsa", dict(local_window_size=8, global_tokens=8, top_k_blocks=3, sparsity_factor=None, compress=True,
+                  gamma=0.7, scale=0.5)),
     ("dala", dict(window=16, memory_size=8, decay="alibi", compress_rest=True)),
 ])
 @pytest.mark.parametrize("padded", [False, True])
@@ -84,8 +88,10 @@ def test_opcheck_plan_op(kind, options, padded, grad):
     of the harness, not of the op), so UCSA's backward runs the other checks here and its values are checked by tests/core/test_gradients.py."""
     options = dict(options, block_size=8, causal=True)
     q, k, v, kpm = _inputs(4, 2, 100, 8, 8, torch.float64, padded)
-    rest = {name: value for name, value in options.items() if name != "sparsity_factor"}
-    args = (q, k, v, kpm, None, options.get("sparsity_factor"), kind, json.dumps(rest, sort_keys=True))
+    floats = ("sparsity_factor", "gamma", "scale")
+    rest = {name: value for name, value in options.items() if name not in floats}
+    args = (q, k, v, kpm, None, options.get("sparsity_factor"), kind, json.dumps(rest, sort_keys=True),
+            options.get("gamma"), options.get("scale"))
     checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     if grad:
         if not torch.ops.danon.plan(*args)[0].is_floating_point():
@@ -107,6 +113,7 @@ class _Family(torch.nn.Module):
 @pytest.mark.parametrize("kind,kw", [
     ("msra", dict(block_size=16, window=16, num_levels=2, compression_factor=2)),
     ("ucsa", dict(block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2, sparsity_factor=0.25)),
+    ("ucsa", dict(block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=4, gamma=0.8)),
     ("dala", dict(block_size=16, window=16, memory_size=8)),
 ])
 def test_one_symbolic_graph_serves_lengths_where_plan_sizes_cross_their_bounds(kind, kw):

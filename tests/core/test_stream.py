@@ -22,6 +22,7 @@ SPARSE = {
     "ucsa": dict(block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2),
     "ucsa-fraction": dict(block_size=16, local_window_size=16, global_tokens=0, top_k_blocks=2, sparsity_factor=0.3),
     "ucsa-no-compress": dict(block_size=16, local_window_size=16, global_tokens=32, top_k_blocks=1, compress=False),
+    "ucsa-gamma": dict(block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=4, gamma=0.6),
     "dala": dict(block_size=16, window=16, memory_size=8),
     "dala-no-decay": dict(block_size=16, window=16, memory_size=4, decay="none", compress_rest=False),
     "dala-no-memory": dict(block_size=16, window=32, memory_size=0),
