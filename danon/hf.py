@@ -7,6 +7,9 @@ Importing this module registers, with transformers' `AttentionInterface` and `At
 - "danon-msra", "danon-ucsa", "danon-dala": that family with its default keywords (the config's
   `danon_attention` keywords still apply).
 
+A family put into a pretrained model adds no positional bias it was not trained with: DALA runs with
+decay="none" unless the keywords ask for "alibi" (danon.core.families.substitution_options).
+
 `register(name, attention=..., **keywords)` adds more. The mask function hands the attention function
 the key-padding mask only ([B, Nk] bool, or None without padding); causal masking comes from the layer,
 aligned bottom-right (query i is position Nk - Nq + i), which is what a cache needs: the prefill, a
@@ -32,7 +35,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
-from danon.core.families import FAMILIES, family
+from danon.core.families import FAMILIES, family, substitution_options
 from danon.cache import LAYER_KEYWORD, SparseCache
 from danon.core.run import attention_site
 
@@ -70,7 +73,8 @@ def _check_options(options: Dict[str, Any]) -> tuple:
         raise ValueError(f"danon_attention has keywords {sorted(unknown)} that {kind} does not take; its keywords "
                          f"are {', '.join(spec.names())}")
     spec(**options)
-    return kind, min_seq_len, options
+    # a family put into a pretrained model adds no positional bias it was not trained with
+    return kind, min_seq_len, substitution_options(kind, options) if spec.sparse else options
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -38,7 +38,7 @@ from .msra import msra_plan
 from .plan import Plan
 from .ucsa import ucsa_plan
 
-__all__ = ["FAMILIES", "Family", "Exact", "UCSA", "MSRA", "DALA", "family", "param"]
+__all__ = ["FAMILIES", "Family", "Exact", "UCSA", "MSRA", "DALA", "family", "param", "substitution_options"]
 
 
 def param(default, rule: Rule):
@@ -224,6 +224,20 @@ class DALA(Family):
 
 
 FAMILIES: Dict[str, type] = {spec.name: spec for spec in (Exact, UCSA, MSRA, DALA)}
+
+
+def substitution_options(kind: Optional[str], options: Dict[str, Any]) -> Dict[str, Any]:
+    """The keywords a family runs with when it is substituted into a model someone else trained (the backend,
+    danon.hf): DALA adds no ALiBi decay, a bias the model was not trained with, unless `options` asks for it.
+    The exact family takes none of a sparse family's keywords.
+
+    Example:
+        >>> substitution_options("dala", {"window": 64}), substitution_options("dala", {"decay": "alibi"})
+        ({'window': 64, 'decay': 'none'}, {'decay': 'alibi'})
+    """
+    if kind == "dala" and "decay" not in options:
+        return dict(options, decay="none")
+    return dict(options) if kind in FAMILIES and FAMILIES[kind].sparse else {}
 
 
 def family(kind: str) -> type:

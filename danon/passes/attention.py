@@ -10,12 +10,12 @@ and the site qualifies); every site kept says why.
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 
-from danon.core.families import FAMILIES
+from danon.core.families import FAMILIES, substitution_options
 from danon.core.plan import keys_per_query
 from danon.core.run import attention_site, plan
 
@@ -25,6 +25,7 @@ from .options import DanonConfig
 # on ATen graphs inside Inductor only, while the report, the eager target and the ONNX/TensorRT lowerings
 # need the rewrite on Dynamo's torch-level graph, with source lines, masks' provenance and module names.
 from .inputs import normalize_kv
+from .weight_quantization import module_name
 from .manual import find_manual_sites
 from .masks import classify_mask
 from .modules import expand_module_calls
@@ -76,30 +77,93 @@ def _causal(site: Site) -> bool:
     return site.causal or (q is not None and q.dim() == 4 and isinstance(q.shape[2], int) and q.shape[2] == 1)
 
 
-def decide(site: Site, config: DanonConfig) -> Tuple[Optional[str], Optional[str]]:
-    """(family or None when kept, reason) for one site."""
+def site_names(sites: List[Site]) -> List[str]:
+    """Each site's name: the qualified name of the module it runs in (as in `model.named_modules()`), "#2", "#3",
+    ... for a module's later sites; "site<i>" where Dynamo recorded no module. The `sites` option's keys.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> class Attn(torch.nn.Module):
+        ...     def forward(self, q):
+        ...         return F.scaled_dot_product_attention(q, q, q) + F.scaled_dot_product_attention(q, q, q)
+        >>> class Model(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.attn = Attn()
+        ...     def forward(self, q):
+        ...         return self.attn(q)
+        >>> names = []
+        >>> def backend(gm, inputs):
+        ...     names.extend(site_names(find_sites(gm)))
+        ...     return gm.forward
+        >>> _ = torch.compile(Model(), backend=backend)(torch.randn(1, 2, 8, 4))
+        >>> names
+        ['attn', 'attn#2']
+    """
+    names, seen = [], {}
+    for i, site in enumerate(sites):
+        stack = site.node.meta.get("nn_module_stack") or {}
+        base = (module_name(list(stack.values())[-1][0]) if stack else "") or f"site{i}"
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
+    return names
+
+
+def approximation(family: Optional[str], options: dict) -> str:
+    """What `family` with `options` computes in place of a site's exact attention, in words (the report's).
+
+    Example:
+        >>> approximation("dala", {"window": 64, "memory_size": 32, "decay": "none"})
+        'near 64 tokens and 32 routed tokens exact; the rest as one mean; no positional bias added'
+        >>> approximation("exact", {})
+        'exact'
+    """
+    if family is None:
+        return ""
+    if family not in SPARSE:
+        return "exact"
+    spec = FAMILIES[family](**options)
+    if family == "ucsa":
+        chosen = (f"blocks up to {spec.gamma:g} of the estimated attention mass (at most {spec.top_k_blocks})"
+                  if spec.gamma is not None else
+                  f"the best {spec.sparsity_factor:g} of the blocks" if spec.sparsity_factor is not None else
+                  f"the top {spec.top_k_blocks} blocks")
+        rest = "other blocks as their means" if spec.compress else "other blocks left out"
+        return (f"near {spec.local_window_size} tokens, the first {spec.global_tokens} and {chosen} exact "
+                f"({spec.block_size}-token blocks); {rest}")
+    if family == "msra":
+        return (f"near {spec.window} tokens exact; farther keys as means of spans of {spec.block_size} x "
+                f"{spec.compression_factor}^l tokens ({spec.num_levels} levels)")
+    rest = "; the rest as one mean" if spec.compress_rest else "; the rest left out"
+    bias = "; adds ALiBi decay, a bias the model may not have" if spec.decay == "alibi" else "; no positional bias added"
+    return f"near {spec.window} tokens and {spec.memory_size} routed tokens exact{rest}{bias}"
+
+
+def decide(site: Site, config: DanonConfig, attention: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
+    """(family or None when kept, reason) for one site; `attention` overrides config.attention (a site's choice)."""
+    attention = config.attention if attention is None else attention
     if site.kept:
         return None, site.kept
-    if config.attention == "keep":
+    if attention == "keep":
         return None, "attention='keep'"
     q, k, v = site.value("q"), site.value("k"), site.value("v")
     if any(x is None for x in (q, k, v)) or any(x.dim() != 4 for x in (q, k, v)):
         return None, "q, k, v are not all 4-D [B, H, N, D] tensors"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         return None, f"dtype {q.dtype} is not supported"
-    if config.attention in SPARSE:
+    if attention in SPARSE:
         if site.mask_class not in SPARSE_MASKS or site.mask is not None or site.softcap is not None:
-            return "exact", f"{config.attention} applies to no / causal / key-padding masks without softcap; runs exact"
+            return "exact", f"{attention} applies to no / causal / key-padding masks without softcap; runs exact"
         if _hint(q.shape[2]) != _hint(k.shape[2]) and not (_causal(site) and _hint(q.shape[2]) < _hint(k.shape[2])):
-            return "exact", (f"{config.attention} needs self-attention (Nq = Nk) or causal queries after a cache "
+            return "exact", (f"{attention} needs self-attention (Nq = Nk) or causal queries after a cache "
                              f"(Nq < Nk); runs exact")
         if _hint(k.shape[2]) < config.min_seq_len:
-            return config.attention, f"key length {_hint(k.shape[2])} < min_seq_len: runs exact"
-        return config.attention, None
+            return attention, f"key length {_hint(k.shape[2])} < min_seq_len: runs exact"
+        return attention, None
     return "exact", None
 
 
-def _cost(site: Site, family: Optional[str], config: DanonConfig):
+def _cost(site: Site, family: Optional[str], options: dict, config: DanonConfig):
     """(keys per query, FLOPs before, FLOPs after) from the traced shapes."""
     q, k = site.value("q"), site.value("k")
     if q is None or k is None or q.dim() != 4:
@@ -113,26 +177,30 @@ def _cost(site: Site, family: Optional[str], config: DanonConfig):
         meta_q = torch.empty(B, H, nq, D, device="meta")
         meta_k = torch.empty(B, _hint(k.shape[1]), nk, D, device="meta")
         try:
-            keys = float(plan(family, meta_q, meta_k, causal=site.causal, **config.family_options).keys_per_query())
+            keys = float(plan(family, meta_q, meta_k, causal=site.causal, **options).keys_per_query())
         except Exception:   # a plan that cannot be built on meta tensors: no estimate rather than a wrong one
             return None, before, None
         return keys, before, 4.0 * B * H * nq * min(keys, nk) * D
     return dense_keys, before, before
 
 
-def _report_row(site: Site, family, reason, config) -> SiteReport:
+def _report_row(site: Site, name: str, family, reason, options: dict, error, config) -> SiteReport:
     q, k = site.value("q"), site.value("k")
-    keys, before, after = _cost(site, family, config)
+    keys, before, after = _cost(site, family, options, config)
+    runs_sparse = family in SPARSE and reason is None
     return SiteReport(
         location=_location(site.node), source=site.source, mask=site.mask_class, family=family,
         replaced=family is not None, reason=reason,
         q_shape=tuple(_hint(s) for s in q.shape) if q is not None else (),
         k_shape=tuple(_hint(s) for s in k.shape) if k is not None else (),
         dtype=str(q.dtype).replace("torch.", "") if q is not None else "", keys_per_query=keys,
-        flops_before=before, flops_after=after if family is not None else before)
+        flops_before=before, flops_after=after if family is not None else before, name=name,
+        options=options if runs_sparse else {}, approximates=approximation(family, options) if runs_sparse else
+        ("exact" if family is not None else ""), error=error)
 
 
-def _replace(gm: fx.GraphModule, site: Site, family: str, config: DanonConfig) -> None:
+def _replace(gm: fx.GraphModule, site: Site, family: str, options: dict, config: DanonConfig,
+             site_function: Callable = attention_site, site_name: Optional[str] = None) -> None:
     kwargs = {"family": family, "causal": _causal(site), "attn_mask": site.mask, "scale": site.scale,
               "min_seq_len": config.min_seq_len}
     if site.key_padding is not None:
@@ -141,10 +209,11 @@ def _replace(gm: fx.GraphModule, site: Site, family: str, config: DanonConfig) -
         kwargs["sliding_window"] = site.window
     if site.softcap is not None:
         kwargs["softcap"] = site.softcap
-    if family in SPARSE:
-        kwargs.update(config.family_options)
+    kwargs.update(options)
+    if site_name is not None:
+        kwargs["site_name"] = site_name
     with gm.graph.inserting_before(site.node):
-        new = gm.graph.call_function(attention_site, (site.q, site.k, site.v), kwargs)
+        new = gm.graph.call_function(site_function, (site.q, site.k, site.v), kwargs)
     new.meta = dict(site.node.meta)
     site.node.replace_all_uses_with(new)
 
@@ -161,8 +230,11 @@ def _is_impure(node: fx.Node) -> bool:
     return node.is_impure() or in_place
 
 
-def rewrite_attention(gm: fx.GraphModule, config: DanonConfig):
+def rewrite_attention(gm: fx.GraphModule, config: DanonConfig, site_function: Optional[Callable] = None):
     """Replace every attention site that qualifies; returns (gm, [SiteReport, ...]).
+
+    Each site runs `danon.core.run.attention_site`; `site_function`, when given, runs instead, with the same
+    keywords plus `site_name` (danon.calibrate measures each site's candidates this way).
 
     Example:
         >>> import torch, torch.nn.functional as F
@@ -181,15 +253,21 @@ def rewrite_attention(gm: fx.GraphModule, config: DanonConfig):
         (True, 'causal', 'exact')
     """
     rows = []
-    for site in find_sites(gm):
-        family, reason = decide(site, config)
-        rows.append(_report_row(site, family, reason, config))
+    sites = find_sites(gm)
+    for site, name in zip(sites, site_names(sites)):
+        choice = (config.sites or {}).get(name)
+        family, reason = decide(site, config, None if choice is None else choice.family)
+        options = substitution_options(family, config.family_options if choice is None else choice.options)
+        rows.append(_report_row(site, name, family, reason, options, None if choice is None else choice.error, config))
         if family is not None:
-            _replace(gm, site, family, config)
+            if site_function is None:
+                _replace(gm, site, family, options, config)
+            else:   # danon.calibrate's measuring call, told which site it runs
+                _replace(gm, site, family, options, config, site_function, name)
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     return gm, rows
 
 
-__all__ = ["rewrite_attention", "find_sites", "decide"]
+__all__ = ["rewrite_attention", "find_sites", "decide", "site_names", "approximation"]

@@ -7,6 +7,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from danon.core.families import FAMILIES
 
+from .site_choices import load_site_choices
+
 ATTENTION_CHOICES = tuple(FAMILIES) + ("keep",)
 TARGET_CHOICES = ("inductor", "eager", "onnxrt", "tensorrt")
 CHECKPOINT_CHOICES = ("none", "auto")
@@ -28,6 +30,10 @@ class DanonConfig:
         run with ONNX Runtime; inference only) | "tensorrt" (needs CUDA and torch-tensorrt).
     report: print the compile report after each compiled graph.
     family_options: keywords of the chosen family (e.g. window=512 for msra), checked by name.
+    sites: per-site choices, {site name: family or {"family": ..., "options": {...}}}, or the path of the JSON
+        file `danon.calibrate(...).save(path)` wrote (danon/passes/site_choices.py); a site it names runs its
+        choice, the others follow `attention`. A sparse family substituted into a model adds no positional
+        bias the model did not have: DALA runs with decay="none" unless decay is given.
 
     Memory decisions (docs/memory.md):
     checkpoint: "none" (default) | "auto": in training graphs, choose which activations to recompute in
@@ -69,9 +75,12 @@ class DanonConfig:
     quantize_min_features: Optional[int] = None
     quantize_skip: Tuple[str, ...] = ()
     quantize_tolerance: Optional[float] = None
+    sites: Optional[Any] = None
     family_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        if self.sites is not None:
+            self.sites = load_site_choices(self.sites)
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"danon option 'attention' must be one of {', '.join(ATTENTION_CHOICES)}; "
                              f"got {self.attention!r}")

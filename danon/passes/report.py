@@ -22,6 +22,10 @@ class SiteReport:
     keys_per_query: Optional[float] = None
     flops_before: Optional[float] = None
     flops_after: Optional[float] = None
+    name: str = ""                # the module it runs in ("encoder.layer.0.attention.self"), the `sites` option's key
+    options: dict = dataclasses.field(default_factory=dict)   # the family keywords it runs with
+    approximates: str = ""        # what the family computes in place of the site's exact attention
+    error: Optional[float] = None  # its output error as calibration measured it (the `sites` option's), or None
 
 
 @dataclasses.dataclass
@@ -163,15 +167,16 @@ class CompileReport:
                 "linears": [dataclasses.asdict(r) for r in self.linears]}
 
     def __str__(self) -> str:
-        head = ["location", "source", "mask", "q shape", "family", "keys/query", "GFLOP before", "GFLOP after", "note"]
+        head = ["site", "location", "source", "mask", "q shape", "family", "keys/query", "GFLOP before",
+                "GFLOP after", "error", "approximates", "note"]
         rows = []
         for s in self.sites:
-            rows.append([s.location, s.source, s.mask, "x".join(str(d) for d in s.q_shape),
+            rows.append([s.name or "-", s.location, s.source, s.mask, "x".join(str(d) for d in s.q_shape),
                          s.family if s.replaced else "kept",
                          "-" if s.keys_per_query is None else f"{s.keys_per_query:.0f}",
                          "-" if s.flops_before is None else f"{s.flops_before / 1e9:.3f}",
                          "-" if s.flops_after is None else f"{s.flops_after / 1e9:.3f}",
-                         s.reason or ""])
+                         "-" if s.error is None else f"{s.error:.1e}", s.approximates or "-", s.reason or ""])
         widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
         line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()   # noqa: E731
         t = self.totals()
