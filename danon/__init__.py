@@ -31,10 +31,11 @@ from danon.models import (DanonLanguageModel, create_dala_model, create_dense_mo
                           create_super_hybrid_model, create_ucsa_model)
 from danon import nn  # noqa: F401
 from danon.decode_cache import DecodeCache
+from danon.calibrate import Calibration, calibrate
 
 __all__ += ["DALAConfig", "DenseConfig", "MSRAConfig", "SuperHybridConfig", "UCSAConfig", "DanonLanguageModel",
             "create_dala_model", "create_dense_model", "create_msra_model", "create_super_hybrid_model",
-            "create_ucsa_model", "nn", "DecodeCache"]
+            "create_ucsa_model", "nn", "DecodeCache", "calibrate", "Calibration"]
 
 
 def __getattr__(name):

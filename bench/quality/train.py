@@ -136,13 +136,14 @@ def _train_steps(model, opt, spec: RunSpec, steps: range, g: torch.Generator, lo
 _SHARED = ("task", "family", "seed", "steps", "short_steps", "short_len", "tokens_per_step", "lr", "warmup")
 
 
-def train_runs(specs: Sequence[RunSpec], progress: Optional[Callable[[int, float], None]] = None) -> List[Dict]:
+def train_runs(specs: Sequence[RunSpec], progress: Optional[Callable[[int, float], None]] = None,
+               keep_models: bool = False) -> List[Dict]:
     """Train runs that differ only in N, sharing their curriculum; one result per spec, in order.
 
     Each result holds the spec, the losses of all its steps (curriculum first), accuracy, and
     timings: ``curriculum_s`` (the shared phase, the same number in every result of the call),
     ``train_s`` (this run's own steps at N) and ``eval_s``. ``progress(step, loss)`` is called
-    after every step, the curriculum's once.
+    after every step, the curriculum's once. keep_models: each result also holds its trained model ("model").
 
     Example:
         >>> specs = [RunSpec(task="copy", family="dense", seq_len=n, seed=0, steps=2, tokens_per_step=256,
@@ -184,6 +185,8 @@ def train_runs(specs: Sequence[RunSpec], progress: Optional[Callable[[int, float
                         "trainable_params": params["trainable"], "curriculum_s": curriculum_s,
                         "train_s": train_s, "eval_s": time.perf_counter() - start,
                         "cpu_s": time.process_time() - cpu_start, "curriculum_cpu_s": curriculum_cpu})
+        if keep_models:
+            results[-1]["model"] = own.eval()
     return results
 
 

@@ -136,6 +136,36 @@ def keys_per_query(nk: int, *, causal: bool, block_size: int, window: int, band:
     return n + (blocks or 0) * block_size + (tokens or 0) + (summaries or 0)
 
 
+def listed_keys_per_query(plan: Plan) -> float:
+    """Keys a plan lists for a query row, averaged over (batch, kv head, query block): the near blocks' keys, the
+    listed blocks' keys, routed tokens and summaries, -1 slots not counted. A selection by attention mass (UCSA's
+    gamma) lists fewer than its capacity, which is what `Plan.keys_per_query` counts and executors compute at.
+    Dense and banded plans give `Plan.keys_per_query`.
+
+    Example:
+        >>> import torch, danon
+        >>> q = torch.randn(1, 2, 512, 16)
+        >>> kw = dict(kind="ucsa", block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=20)
+        >>> full, by_mass = danon.attention_plan(q, q, **kw), danon.attention_plan(q, q, gamma=0.5, **kw)
+        >>> listed_keys_per_query(by_mass) < listed_keys_per_query(full) <= full.keys_per_query()
+        True
+    """
+    if plan.is_dense or plan.band is not None:
+        return float(plan.keys_per_query())
+    b, tk = plan.block_size, plan.num_key_blocks
+    keys = torch.zeros(())
+    if plan.window is not None:
+        t = torch.arange(plan.num_query_blocks) + plan.first_query_block
+        lo = (t - plan.window).clamp(min=0)
+        hi = t.clamp(max=tk - 1) if plan.causal else (t + plan.window).clamp(max=tk - 1)
+        keys = keys + ((hi - lo + 1).clamp(min=0) * b).to(torch.float64).mean()
+    counts = plan.counts()
+    for name, weight in (("blocks", b), ("tokens", 1), ("summaries", 1)):
+        if counts[name] is not None:
+            keys = keys + counts[name].to(torch.float64).mean() * weight
+    return float(keys)
+
+
 def plan_coverage(plan: Plan) -> dict:
     """Share of the visible keys a plan's queries see exactly, through summaries, or not at all.
 

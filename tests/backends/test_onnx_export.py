@@ -97,6 +97,27 @@ def test_dala_export_holds_at_lengths_far_beyond_the_export_length(tmp_path, cau
         assert relative_error(run_session(sess, [q, k, v])[0], module(q, k, v)) < TOL, n
 
 
+class _UCSAMassSite(torch.nn.Module):
+    def forward(self, q, k, v):
+        return danon.ucsa_attention(q, k, v, causal=True, scale=0.7, block_size=16, local_window_size=16,
+                                    global_tokens=16, top_k_blocks=4, gamma=0.6)
+
+
+def test_ucsa_selection_by_attention_mass_exports_and_runs_in_onnx_runtime():
+    """gamma's estimate is part of the plan (softmax, cumsum, top-k as ATen ops): the exported file selects what
+    eager selects, with the site's own scale, at the export length and at others."""
+    from danon.backends.onnx import export_program, to_onnx
+    module = _UCSAMassSite()
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, h, EXPORT_N, 8, generator=g) for h in (4, 2, 2))
+    dim = torch.export.Dim.DYNAMIC
+    program = to_onnx(export_program(module, (q, k, v), dynamic_shapes=({2: dim}, {2: dim}, {2: dim})))
+    sess = session(program.model_proto)
+    for n in (37, EXPORT_N, 300):
+        q, k, v = (torch.randn(1, h, n, 8, generator=g) for h in (4, 2, 2))
+        assert relative_error(run_session(sess, [q, k, v])[0], module(q, k, v)) < TOL, n
+
+
 def test_export_with_a_plan_level_of_one_span_runs_where_that_level_has_more(tmp_path):
     """MSRA with 3 levels exported at N = 128: its two coarsest levels hold one span there, and torch.export
     annotated the output of an Add on them with a literal 1; ONNX Runtime then re-used a 1-wide buffer for
