@@ -363,21 +363,32 @@ class GatheredPlan:
         rows = (bc + base).permute(2, 0, 1, 3)                                             # [Tq, B, Hkv, Kb]
         width = num_blocks * b
         self.keys_per_block += width
+        # a plan may list fewer blocks than its capacity (UCSA's gamma): a chunk gathers the slots up to the last
+        # one any of its query blocks uses, not the capacity (ALiBi's positions keep the full width)
+        last_used = ((bidx >= 0) * torch.arange(1, num_blocks + 1, device=dev)).amax(-1).amax(1).amax(0)   # [Tq]
+
+        def used(t0, t1) -> int:
+            return num_blocks if key_pos is not None else max(1, int(last_used[t0:t1].max()))
 
         def gathered(x):
             flat = x.reshape(B * Hkv * tk, b * x.shape[-1])                                # a view: one row a block
-            return lambda t0, t1: flat.index_select(0, rows[t0:t1].reshape(-1)).view(t1 - t0, B * Hkv, width,
-                                                                                       x.shape[-1])
+
+            def chunk(t0, t1):
+                w = used(t0, t1)
+                return flat.index_select(0, rows[t0:t1, ..., :w].reshape(-1)).view(t1 - t0, B * Hkv, w * b,
+                                                                                   x.shape[-1])
+            return chunk
 
         def mask(t0, t1):
-            return self._finish_mask(bias[t0:t1], None if key_pos is None else key_pos[t0:t1], t0, t1)
+            w = used(t0, t1) * b
+            return self._finish_mask(bias[t0:t1, ..., :w], None if key_pos is None else key_pos[t0:t1], t0, t1)
 
         def dead(t0, t1):
             return self._dead_per_head(dead_blocks[t0:t1, :, :, None])
 
         def scatter(t0, t1, dk, dv):
             grad_k, grad_v = self.grads()
-            idx = rows[t0:t1].reshape(-1)
+            idx = rows[t0:t1, ..., :used(t0, t1)].reshape(-1)
             grad_k.view(B * Hkv * tk, b * self.D).index_add_(0, idx, dk.reshape(-1, b * self.D))
             grad_v.view(B * Hkv * tk, b * self.Dv).index_add_(0, idx, dv.reshape(-1, b * self.Dv))
 

@@ -199,3 +199,23 @@ def test_views_of_other_storage_equal_contiguous_copies(kind, batch):
         ref.backward(grad)
         for a, b in zip(views, copies):
             assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("causal,pad", [(False, False), (True, True)])
+def test_lists_shorter_than_their_capacity_gather_only_the_used_slots_and_equal_the_reference(causal, pad):
+    """UCSA's gamma lists fewer blocks than its capacity; the fast path gathers up to the last slot a chunk uses
+    (not the capacity), forward and backward, and still equals the reference."""
+    q, k, v, kpm = _inputs(4, 2, 300, pad=pad, seed=3)
+    plan = danon.attention_plan(q, k, v, kind="ucsa", causal=causal, key_padding_mask=kpm, block_size=16,
+                                local_window_size=16, global_tokens=0, top_k_blocks=12, gamma=0.4, scale=0.3)
+    used = (plan.block_idx >= 0).sum(-1)
+    assert int(used.max()) < plan.block_idx.shape[-1], "the plan must leave slots unused for this test"
+    args = _op_args(plan, q, k, v, kpm)
+    out, lse = cpu.attention_forward(args)
+    ref_out, ref_lse = reference.reference_forward(args)
+    assert torch.allclose(out, ref_out, atol=1e-12, rtol=0)
+    grad_out = torch.randn_like(out)
+    fast = cpu.attention_backward(args, BackwardArgs(grad_out, torch.zeros_like(lse), out, lse, True, False, False))
+    slow = reference.reference_backward(args, BackwardArgs(grad_out, None, out, lse, True, False, False), False)
+    for name, a, b in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
+        assert torch.allclose(a, b, atol=1e-11, rtol=0), name
