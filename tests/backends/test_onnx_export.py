@@ -103,6 +103,7 @@ class _UCSAMassSite(torch.nn.Module):
                                     global_tokens=16, top_k_blocks=4, gamma=0.6)
 
 
+@pytest.mark.slow   # 17 s, like the other UCSA exports (SLOW above): -m slow
 def test_ucsa_selection_by_attention_mass_exports_and_runs_in_onnx_runtime():
     """gamma's estimate is part of the plan (softmax, cumsum, top-k as ATen ops): the exported file selects what
     eager selects, with the site's own scale, at the export length and at others."""
