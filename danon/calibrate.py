@@ -36,6 +36,7 @@ from danon.core.plan import listed_keys_per_query
 from danon.core.run import attention_site, plan
 from danon.passes.attention import rewrite_attention
 from danon.passes.options import DanonConfig
+from danon.visualization import capture_plans
 
 __all__ = ["calibrate", "Calibration", "SiteCalibration", "default_candidates"]
 
@@ -168,11 +169,9 @@ class _Recorder:
             runs = {name: site[name] for name in ("causal", "key_padding_mask", "scale") if name in site}
             for fam, opts in grid:
                 opts = substitution_options(fam, opts)
-                out = attention_site(q, k, v, family=fam, **runs, **opts)
-                built = plan(fam, q, k, v, causal=runs.get("causal", False),
-                             key_padding_mask=None if runs.get("key_padding_mask") is None
-                             else runs["key_padding_mask"].to(torch.bool),
-                             **(dict(opts, scale=runs.get("scale")) if "scale" in FAMILIES[fam].inputs else opts))
+                with capture_plans() as plans:        # the plan the call ran, not a second one built to count
+                    out = attention_site(q, k, v, family=fam, **runs, **opts)
+                built = plans[-1]
                 row = self.measured.setdefault(site_name, {}).setdefault(
                     (fam, json.dumps(opts, sort_keys=True)), {"family": fam, "options": opts, "error": 0.0,
                                                               "keys": [], "capacity": built.keys_per_query()})

@@ -27,7 +27,6 @@ UCSA's plan form with an ideal selector (blocks by their true attention mass up 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import inspect
 import json
@@ -44,8 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from _common import machine  # noqa: E402
 
 import danon  # noqa: E402
-from danon.core import plan_op  # noqa: E402
 from danon.core.plan import listed_keys_per_query  # noqa: E402
+from danon.visualization import capture_plans  # noqa: E402
 
 N = 512
 MODULES = ["argparse", "collections", "json", "logging", "pathlib", "subprocess", "typing", "unittest"]
@@ -91,27 +90,18 @@ def compare(h, s, ref_h, ref_s, mask) -> dict:
             "token_p5": float(torch.quantile(tok, 0.05))}
 
 
-@contextlib.contextmanager
-def plans_seen():
-    """Every plan the danon op builds while the model runs: (listed keys per query, capacity) per plan."""
-    seen = []
-
-    def observe(plan):
-        seen.append((listed_keys_per_query(plan), float(plan.keys_per_query())))
-    plan_op.observers.append(observe)
-    try:
-        yield seen
-    finally:
-        plan_op.observers.remove(observe)
-
-
 def run_danon(model, enc, options) -> tuple:
     compiled = torch.compile(model, backend="danon", options=dict(options, min_seq_len=0, target="eager"))
-    with plans_seen() as seen:
+    with capture_plans() as plans:
         h, s = embed(compiled, enc)
-    if not seen:
+    if not plans:
         raise RuntimeError(f"no danon plan was built for {options}: the backend did not run")
-    return h, s, sum(k for k, _ in seen) / len(seen), sum(c for _, c in seen) / len(seen)
+    return h, s, mean_keys(plans), sum(float(p.keys_per_query()) for p in plans) / len(plans)
+
+
+def mean_keys(plans) -> float:
+    """Listed keys per query, averaged over plans."""
+    return sum(listed_keys_per_query(p) for p in plans) / len(plans)
 
 
 def baseline_model(path, name, mask_fn):

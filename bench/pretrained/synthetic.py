@@ -32,7 +32,8 @@ sys.path.insert(0, ROOT)
 
 import danon  # noqa: E402
 from bench._common import machine  # noqa: E402
-from bench.pretrained.minilm import plans_seen  # noqa: E402
+from bench.pretrained.minilm import mean_keys  # noqa: E402
+from danon.visualization import capture_plans  # noqa: E402
 from bench.quality.tasks import make_batch  # noqa: E402
 from bench.quality.train import RunSpec, evaluate, train_runs  # noqa: E402
 
@@ -142,9 +143,9 @@ def main(argv=None) -> None:
             for method, settings in methods(n, args.quick).items():
                 for options in settings:
                     compiled = torch.compile(model, backend="danon", options=dict(options, min_seq_len=0, target="eager"))
-                    with plans_seen() as seen:
+                    with capture_plans() as plans:
                         compiled(make_batch(task, 1, n, torch.Generator().manual_seed(1))[0])
-                    keys = sum(k for k, _ in seen) / len(seen)
+                    keys = mean_keys(plans)
                     score(method, options, keys, lambda: evaluate_with(compiled))
             x, _ = make_batch(task, spec.batch, n, torch.Generator().manual_seed(123))     # a training-like batch
             cal = danon.calibrate(model, (x,), family=["ucsa", "msra", "dala"], max_error=0.05, progress=False,

@@ -259,11 +259,9 @@ def rewrite_attention(gm: fx.GraphModule, config: DanonConfig, site_function: Op
         family, reason = decide(site, config, None if choice is None else choice.family)
         options = substitution_options(family, config.family_options if choice is None else choice.options)
         rows.append(_report_row(site, name, family, reason, options, None if choice is None else choice.error, config))
-        if family is not None:
-            if site_function is None:
-                _replace(gm, site, family, options, config)
-            else:   # danon.calibrate's measuring call, told which site it runs
-                _replace(gm, site, family, options, config, site_function, name)
+        if family is not None:   # danon.calibrate's measuring call is told which site it runs
+            _replace(gm, site, family, options, config, site_function or attention_site,
+                     None if site_function is None else name)
     gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
