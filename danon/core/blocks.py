@@ -113,8 +113,11 @@ def block_sums(x: Tensor, visible: Tensor, b: int, masked: bool = True) -> Tenso
     """
     B, Hkv, n, D = x.shape
     tk = visible.shape[-1] // b
-    # Pad unconditionally (by 0 when N is a multiple of b): a branch on N would guard dynamic shapes to one length.
-    xs = F.pad(x.to(summary_dtype(x)), (0, 0, 0, tk * b - n))
+    xs = x.to(summary_dtype(x))
+    if not (isinstance(n, int) and n == tk * b):
+        # Pad (by 0 too under symbolic sizes: a branch on N would guard dynamic shapes to one length). A concrete N
+        # that is whole blocks skips the copy, which costs as much as the sum (fresh pages at N = 16k).
+        xs = F.pad(xs, (0, 0, 0, tk * b - n))
     if masked:
         xs = xs * visible[:, None, :, None].to(xs.dtype)
     return xs.reshape(B, Hkv, tk, b, D).sum(-2)

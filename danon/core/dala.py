@@ -31,6 +31,20 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     return x.reshape(B * Hkv * n, D).index_select(0, (idx + base).reshape(-1)).view(*idx.shape, D)
 
 
+def _gathered_sum(x: Tensor, idx: Tensor) -> Tensor:
+    """x [B, Hkv, N, D], idx [B, Hkv, Tq, M] (valid, >= 0) -> sum over M of the rows: [B, Hkv, Tq, D].
+
+    embedding_bag sums the rows without materialising the [.., M, D] gather (at N = 16k that gather is twice
+    the size of the keys, in fresh pages); exports keep the plain gather, which every exporter knows.
+    """
+    if torch.compiler.is_exporting():
+        return _gather_rows(x, idx).sum(-2)
+    B, Hkv, n, D = x.shape
+    base = (torch.arange(B * Hkv, device=x.device) * n).view(B, Hkv, 1, 1)
+    bags = (idx + base).reshape(-1, idx.shape[-1])
+    return F.embedding_bag(bags, x.reshape(B * Hkv * n, D), mode="sum").view(*idx.shape[:-1], D)
+
+
 # Under torch.export with a symbolic length (ONNX export) the tree gets this many levels whatever N is, so
 # that no level count is baked into a graph exported at one length (2^32 blocks is beyond any sequence).
 # torch.compile and static-shape exports (target="onnxrt") instead know the level count.
@@ -222,8 +236,8 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
             idx = plan.token_idx.long().clamp(min=0)
             n_empty = (~valid).sum(-1, keepdim=True).to(acc)           # -1 slots gathered row 0: take it back out
             k_acc, v_acc = k.to(acc), v.to(acc)
-            k_rest = k_rest - _gather_rows(k_acc, idx).sum(-2) + n_empty * k_acc[:, :, :1]
-            v_rest = v_rest - _gather_rows(v_acc, idx).sum(-2) + n_empty * v_acc[:, :, :1]
+            k_rest = k_rest - _gathered_sum(k_acc, idx) + n_empty * k_acc[:, :, :1]
+            v_rest = v_rest - _gathered_sum(v_acc, idx) + n_empty * v_acc[:, :, :1]
             n_rest = n_rest - valid.sum(-1).to(acc)
             pos_rest = pos_rest - (idx.to(acc) * valid).sum(-1)
         n_rest = n_rest.expand(B, Hkv, tq)

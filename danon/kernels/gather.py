@@ -43,13 +43,13 @@ def _pad_rows(x: Tensor, before: int, after: int) -> Tensor:
 
 
 def _add_blocks(target: Tensor, first_block: int, src: Tensor) -> None:
-    """Token-major target [rows, B*Hkv, X]: rows of blocks first_block .. + C += src [C, B*Hkv, b, X].
+    """Head-major target [B*Hkv, rows, X]: rows of blocks first_block .. + C += src [C, B*Hkv, b, X].
 
-    The flash backward returns key gradients laid out [C, b, B*Hkv, X] in memory (whatever their
-    shape says), so a token-major target takes them in contiguous runs of B*Hkv*X values.
+    Written block by block in place: the flash backward lays its key gradients out [C, b, B*Hkv, X] in memory,
+    and adding them in runs of X values costs less than a transposed copy of the whole gradient at the end.
     """
     C, heads, b, X = src.shape
-    target[first_block * b:(first_block + C) * b].view(C, b, heads, X).add_(src.transpose(1, 2))
+    target[:, first_block * b:(first_block + C) * b].view(heads, C, b, X).transpose(0, 1).add_(src)
 
 
 class _Part:
@@ -92,6 +92,7 @@ class GatheredPlan:
         self.q_blocks = self.q.reshape(B * H, self.tq, b, D).transpose(0, 1)              # [Tq, B*H, b, D]
         key_ok = torch.ones(B, nk, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask.bool()
         self.key_ok = key_ok
+        self.all_keys_ok = key_padding_mask is None or bool(key_ok.all())
         self.block_start = (torch.arange(self.tq, device=dev) + self.first) * b            # [Tq] absolute
         self.slopes = None if slopes is None else slopes.to(dt)                            # [H]
         # contiguous: the own-block part reads blocks through as_strided, which ignores a view's strides
@@ -99,9 +100,7 @@ class GatheredPlan:
         self.v_pad = _pad_rows(v.to(dt), 0, self.tk * b - nk).reshape(B * Hkv, self.tk * b, self.Dv).contiguous()
         # gradient buffers, filled by the parts' scatter functions during the backward
         self.grad_k = self.grad_v = None
-        self._front = (0, 0)   # blocks of padding the window part puts before and after the keys
-        self._token_grad_k = self._token_grad_v = None
-        self.table_grad = self.summary_grad = None
+        self.summary_grad = None
         # an empty list (capacity 0) is no part at all: the flash kernel cannot take zero keys
         block_idx, token_idx, summary_idx = (None if x is None or x.shape[-1] == 0 else x
                                              for x in (a.block_idx, a.token_idx, a.summary_idx))
@@ -170,16 +169,33 @@ class GatheredPlan:
     def _window_part(self, k, v, window: int) -> _Part:
         b, B, Hkv = self.b, self.B, self.Hkv
         w = min(window, self.tk)
-        before, after = w, (0 if self.causal else w + 1)
         width = w if self.causal else 2 * w + 1                       # causal: the own block is its own part
-        front_k = F.pad(self.k_pad, (0, 0, before * b, after * b))    # [B*Hkv, (Tk + before + after) b, D]
-        front_v = F.pad(self.v_pad, (0, 0, before * b, after * b))
-        rows = front_k.shape[1]
+        n = self.tk * b
 
         def strided(x):
-            return lambda t0, t1: x.as_strided((t1 - t0, B * Hkv, width * b, x.shape[-1]),
-                                               (b * x.shape[-1], rows * x.shape[-1], x.shape[-1], 1),
-                                               (t0 + self.first) * b * x.shape[-1] + x.storage_offset())
+            def chunk(t0, t1):
+                lo, hi = (t0 + self.first - w) * b, (t1 - 1 + self.first - w + width) * b   # the rows it reads
+                if lo < 0 or hi > n:   # a window that reaches past either end: a zero-padded copy of its rows
+                    src = x.new_zeros(B * Hkv, hi - lo, x.shape[-1])
+                    src[:, max(0, -lo):min(hi, n) - lo] = x[:, max(lo, 0):min(hi, n)]
+                    lo = 0
+                else:                   # inside the keys: a view, nothing copied
+                    src = x
+                return src.as_strided((t1 - t0, B * Hkv, width * b, x.shape[-1]),
+                                      (b * x.shape[-1], src.shape[1] * x.shape[-1], x.shape[-1], 1),
+                                      lo * x.shape[-1] + src.storage_offset())
+            return chunk
+
+        def inside(t0, t1) -> bool:
+            """No key of the chunk's windows is padding or out of range, and no band: every query block's window
+            mask is the same (none at all without ALiBi, whose bias depends on the key's slot alone)."""
+            lo, hi = (t0 + self.first - w) * b, (t1 - 1 + self.first - w + width) * b
+            return self.all_keys_ok and self.band is None and lo >= 0 and hi <= self.nk
+
+        shared = {}   # the mask of one query block inside the keys, built once
+
+        def plain(t0, t1) -> bool:
+            return self.slopes is None and inside(t0, t1)
 
         # key j of query block t's window sits at position (t - w) * b + j
         def key_ok(t0, t1):
@@ -189,6 +205,13 @@ class GatheredPlan:
             return ok.view(B, t1 - t0, -1).transpose(0, 1) & inside[:, None, :], pos                       # [C, B, L]
 
         def mask(t0, t1):
+            if plain(t0, t1):
+                return None, None
+            if inside(t0, t1) and t1 - t0 > 1:
+                if not shared:
+                    shared["mask"] = mask(t0, t0 + 1)
+                m, offset = shared["mask"]
+                return m.expand(t1 - t0, -1, -1, -1), None if offset is None else offset.expand(t1 - t0, -1, -1)
             ok, pos = key_ok(t0, t1)
             m = torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, NEG_INF)[:, :, None]
             m, offset = self._finish_mask(m, pos[:, None, None, :], t0, t1)
@@ -200,33 +223,27 @@ class GatheredPlan:
             return m, offset
 
         def dead(t0, t1):
+            if inside(t0, t1):
+                return None
             if self.band is not None:   # which rows the band leaves empty: read the per-row mask
                 return _dead_rows(mask(t0, t1)[0])
             return self._dead_per_head(~key_ok(t0, t1)[0].any(-1)[:, :, None, None])
 
         def scatter(t0, t1, dk, dv):
-            # window slot s of query block t is padded row (t - w) * b + s + w * b: add block by block
-            grad_k, grad_v = self.token_grads()
+            # slot j of query block t holds key block t + first - w + j: add slot by slot, dropping the padding
+            grad_k, grad_v = self.grads()
             for j in range(width):
-                _add_blocks(grad_k, t0 + self.first + j, dk[:, :, j * b:(j + 1) * b])
-                _add_blocks(grad_v, t0 + self.first + j, dv[:, :, j * b:(j + 1) * b])
+                first = t0 + self.first - w + j
+                lo, hi = max(first, 0), min(first + t1 - t0, self.tk)
+                if lo < hi:
+                    _add_blocks(grad_k, lo, dk[lo - first:hi - first, :, j * b:(j + 1) * b])
+                    _add_blocks(grad_v, lo, dv[lo - first:hi - first, :, j * b:(j + 1) * b])
 
         def rel(t0, t1):   # slot s of every query block's window sits s - w * b tokens from the block's start
             return (torch.arange(width * b, device=self.q.device, dtype=self.dtype) - w * b).view(1, 1, -1)
 
-        self._front = (before, after)
         self.keys_per_block += width * b
-        return _Part(strided(front_k), strided(front_v), mask, scatter=scatter, dead=dead, rel=rel)
-
-    def token_grads(self):
-        """Token-major key and value gradients [(before + Tk + after) * b, B*Hkv, D] of the window and own-block
-        parts (rows as in the window's padded keys), added to the key gradients at the end of the backward."""
-        if self._token_grad_k is None:
-            before, after = self._front
-            rows = (before + self.tk + after) * self.b
-            self._token_grad_k = self.q.new_zeros(rows, self.B * self.Hkv, self.D)
-            self._token_grad_v = self.q.new_zeros(rows, self.B * self.Hkv, self.Dv)
-        return self._token_grad_k, self._token_grad_v
+        return _Part(strided(self.k_pad), strided(self.v_pad), mask, scatter=scatter, dead=dead, rel=rel)
 
     # --- the own block under causal masking: per-row triangular mask --------------------------------
     def _own_part(self, block_idx, window) -> _Part:
@@ -271,6 +288,12 @@ class GatheredPlan:
         def dead(t0, t1):
             return _dead_rows(mask(t0, t1)[0])
 
+        if listed is None and self.band is None and self.all_keys_ok:
+            # ALiBi alone: the same mask for every query block (built once), and every row sees its diagonal
+            shared = mask(0, 1)[0]
+            mask = lambda t0, t1: (shared.expand(t1 - t0, -1, -1, -1), None)   # noqa: E731
+            dead = lambda t0, t1: None                                           # noqa: E731
+
         def rel(t0, t1):
             return torch.arange(b, device=self.q.device, dtype=self.dtype).view(1, 1, -1)
 
@@ -278,9 +301,9 @@ class GatheredPlan:
         return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=self._own_scatter, dead=dead, rel=rel)
 
     def _own_scatter(self, t0, t1, dk, dv):
-        grad_k, grad_v = self.token_grads()
-        _add_blocks(grad_k, t0 + self.first + self._front[0], dk)
-        _add_blocks(grad_v, t0 + self.first + self._front[0], dv)
+        grad_k, grad_v = self.grads()
+        _add_blocks(grad_k, t0 + self.first, dk)
+        _add_blocks(grad_v, t0 + self.first, dv)
 
     def _plain_own_part(self, blocks) -> _Part:
         self.keys_per_block += self.b
@@ -395,57 +418,56 @@ class GatheredPlan:
         return _Part(gathered(self.k_pad), gathered(self.v_pad), mask, scatter=scatter, dead=dead,
                      rel=None if key_pos is None else self._rel_of(key_pos))
 
-    # --- listed tokens and summaries: one index_select from a key+summary table --------------------
+    # --- listed tokens and summaries: gathered from the keys and from the summary table --------------
     def _list_part(self, token_idx, summary_idx, summary_k, summary_v, summary_count, summary_pos):
         b, B, Hkv, dt, dev = self.b, self.B, self.Hkv, self.dtype, self.q.device
         n = self.tk * b
         num_summaries = 0 if summary_idx is None else summary_k.shape[2]
-        token_rows = 0 if token_idx is None else n       # the table: the keys (when tokens are listed), then summaries
-        tables_k = ([self.k_pad] if token_rows else []) + \
-            ([summary_k.to(dt).reshape(B * Hkv, num_summaries, self.D)] if num_summaries else [])
-        tables_v = ([self.v_pad] if token_rows else []) + \
-            ([summary_v.to(dt).reshape(B * Hkv, num_summaries, self.Dv)] if num_summaries else [])
-        table_k = tables_k[0] if len(tables_k) == 1 else torch.cat(tables_k, 1)
-        table_v = tables_v[0] if len(tables_v) == 1 else torch.cat(tables_v, 1)
-        per_head = table_k.shape[1]
         key_ok = F.pad(self.key_ok, (0, n - self.nk), value=False)
-        rows, ok, pos, extra = [], [], [], []
-        if token_idx is not None:
+        ok, pos, widths = [], [], []
+        token_rows = summary_rows = None
+        if token_idx is not None:   # rows of the keys [B*Hkv*n, D] (read in place: no copy of the keys)
             tidx = token_idx.long()
             tc = tidx.clamp(min=0)
-            rows.append(tc)
-            ok.append((tidx >= 0) & self._ok_at(key_ok, tc))
-            pos.append(tc)
-        if self.causal:   # exact keys of the own block (and later) belong to the own-block part
-            start = self.block_start.view(1, 1, -1, 1)
-            ok = [o & (p < start) for o, p in zip(ok, pos)]
-        n_exact = sum(r.shape[-1] for r in rows)
-        if num_summaries:
+            token_ok = (tidx >= 0) & self._ok_at(key_ok, tc)
+            if self.causal:   # exact keys of the own block (and later) belong to the own-block part
+                token_ok = token_ok & (tc < self.block_start.view(1, 1, -1, 1))
+            ok.append(token_ok)
+            pos.append(tc.to(dt))
+            token_rows = tc.permute(2, 0, 1, 3) + (torch.arange(B * Hkv, device=dev) * n).view(1, B, Hkv, 1)
+            widths.append(tidx.shape[-1])
+        if num_summaries:           # rows of the summary table [B*Hkv*S, D]
             sidx = summary_idx.long()
             sc = sidx.clamp(min=0)
-            rows.append(sc + token_rows)
             ok.append(sidx >= 0)
-            count = torch.gather(summary_count.to(dt).expand(B, Hkv, -1), 2, sc.flatten(2)).view(sc.shape)
-            extra.append(torch.log(count.clamp(min=1)))
             if summary_pos is not None:
                 pos.append(torch.gather(summary_pos.to(dt).expand(B, Hkv, -1), 2, sc.flatten(2)).view(sc.shape))
             else:
                 pos.append(torch.zeros(sc.shape, dtype=dt, device=dev))
-        base = (torch.arange(B * Hkv, device=dev) * per_head).view(B, Hkv, 1, 1)
-        all_rows = (torch.cat(rows, -1) + base).permute(2, 0, 1, 3)                        # [Tq, B, Hkv, L]
+            summary_rows = (sc + (torch.arange(B * Hkv, device=dev) * num_summaries).view(B, Hkv, 1, 1))
+            summary_rows = summary_rows.permute(2, 0, 1, 3)
+            widths.append(sidx.shape[-1])
         ok = torch.cat(ok, -1)
         bias = torch.zeros(ok.shape, dtype=dt, device=dev)
-        if extra:
-            bias[..., n_exact:] = extra[0]
+        if num_summaries:   # log n_s: a summary stands for the n_s keys it averages
+            count = torch.gather(summary_count.to(dt).expand(B, Hkv, -1), 2, sc.flatten(2)).view(sc.shape)
+            bias[..., bias.shape[-1] - widths[-1]:] = torch.log(count.clamp(min=1))
         bias = bias.masked_fill(~ok, NEG_INF).permute(2, 0, 1, 3)                          # [Tq, B, Hkv, L]
         dead_blocks = ~ok.any(-1).permute(2, 0, 1)                                         # [Tq, B, Hkv]
-        key_pos = torch.cat([p.to(dt) for p in pos], -1).permute(2, 0, 1, 3)
-        width = all_rows.shape[-1]
+        key_pos = torch.cat(pos, -1).permute(2, 0, 1, 3)
+        width = sum(widths)
         self.keys_per_block += width
-        flat_k, flat_v = table_k.reshape(-1, self.D), table_v.reshape(-1, self.Dv)
+        sk = None if not num_summaries else summary_k.to(dt).reshape(-1, self.D)
+        sv = None if not num_summaries else summary_v.to(dt).reshape(-1, self.Dv)
+        sources = [(token_rows, self.k_pad.reshape(-1, self.D), self.v_pad.reshape(-1, self.Dv))] if token_rows is not None else []
+        sources += [(summary_rows, sk, sv)] if num_summaries else []
 
-        def gathered(flat):
-            return lambda t0, t1: flat.index_select(0, all_rows[t0:t1].reshape(-1)).view(t1 - t0, B * Hkv, width, flat.shape[-1])
+        def gathered(which):
+            def chunk(t0, t1):
+                pieces = [(k_ if which == 0 else v_).index_select(0, rows[t0:t1].reshape(-1))
+                          .view(t1 - t0, B * Hkv, rows.shape[-1], -1) for rows, k_, v_ in sources]
+                return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
+            return chunk
 
         def mask(t0, t1):
             return self._finish_mask(bias[t0:t1], key_pos[t0:t1], t0, t1)
@@ -454,14 +476,23 @@ class GatheredPlan:
             return self._dead_per_head(dead_blocks[t0:t1, :, :, None])
 
         def scatter(t0, t1, dk, dv):
-            if self.table_grad is None:
-                self.table_grad = (torch.zeros_like(flat_k), torch.zeros_like(flat_v))
-            idx = all_rows[t0:t1].reshape(-1)
-            self.table_grad[0].index_add_(0, idx, dk.reshape(-1, self.D))
-            self.table_grad[1].index_add_(0, idx, dv.reshape(-1, self.Dv))
+            start = 0
+            if token_rows is not None:
+                grad_k, grad_v = self.grads()
+                w = widths[0]
+                idx = token_rows[t0:t1].reshape(-1)
+                grad_k.view(-1, self.D).index_add_(0, idx, dk[:, :, :w].reshape(-1, self.D))
+                grad_v.view(-1, self.Dv).index_add_(0, idx, dv[:, :, :w].reshape(-1, self.Dv))
+                start = w
+            if num_summaries:
+                if self.summary_grad is None:
+                    self.summary_grad = (torch.zeros_like(summary_k, dtype=dt).reshape(B * Hkv, -1, self.D),
+                                         torch.zeros_like(summary_v, dtype=dt).reshape(B * Hkv, -1, self.Dv))
+                idx = summary_rows[t0:t1].reshape(-1)
+                self.summary_grad[0].view(-1, self.D).index_add_(0, idx, dk[:, :, start:].reshape(-1, self.D))
+                self.summary_grad[1].view(-1, self.Dv).index_add_(0, idx, dv[:, :, start:].reshape(-1, self.Dv))
 
-        self.table_rows = (per_head, num_summaries, token_rows)
-        return _Part(gathered(flat_k), gathered(flat_v), mask, scatter=scatter, dead=dead,
+        return _Part(gathered(0), gathered(1), mask, scatter=scatter, dead=dead,
                      rel=self._rel_of(key_pos) if self.slopes is not None else None)
 
     def _rel_of(self, key_pos: Tensor):
@@ -491,10 +522,17 @@ class GatheredPlan:
         x = _pad_rows(x.to(self.dtype), self.pad, self.tq * self.b - x.shape[2] - self.pad)
         return x.reshape(self.B * self.H, self.tq, self.b, x.shape[-1]).transpose(0, 1)
 
-    def to_output(self, x: Tensor) -> Tensor:
-        """[Tq, B*H, b, X] -> [B, H, Nq, X]."""
-        x = x.transpose(0, 1).reshape(self.B, self.H, self.tq * self.b, x.shape[-1])
-        return x[:, :, self.pad:self.pad + self.nq]
+    def row_buffer(self, width: int) -> Tensor:
+        """An uninitialised [B*H, Tq*b, width] buffer in the output's own layout (every chunk writes its rows)."""
+        return self.q.new_empty(self.B * self.H, self.tq * self.b, width)
+
+    def blocks_of(self, buf: Tensor, t0: int, t1: int) -> Tensor:
+        """[B*H, Tq*b, X] -> the view [t1 - t0, B*H, b, X] of query blocks t0 .. t1 - 1."""
+        return buf.view(buf.shape[0], self.tq, self.b, buf.shape[-1])[:, t0:t1].transpose(0, 1)
+
+    def to_output(self, buf: Tensor) -> Tensor:
+        """[B*H, Tq*b, X] -> [B, H, Nq, X]: a view (contiguous when Nq is a whole number of blocks)."""
+        return buf.view(self.B, self.H, self.tq * self.b, buf.shape[-1])[:, :, self.pad:self.pad + self.nq]
 
 
 def _dead_rows(mask: Tensor) -> Tensor:
@@ -515,8 +553,7 @@ def _merge(out_a, lse_a, out_b, lse_b):
 
 def gathered_forward(gp: GatheredPlan):
     """Returns out [B, H, Nq, Dv] (accumulation dtype) and lse [B, H, Nq]."""
-    out = gp.q.new_full((gp.tq, gp.B * gp.H, gp.b, gp.Dv), float("nan"))    # poisoned until written
-    lse = gp.q.new_full((gp.tq, gp.B * gp.H, gp.b, 1), float("nan"))
+    out, lse = gp.row_buffer(gp.Dv), gp.row_buffer(1)
     for t0, t1 in gp.chunks():
         q = gp.q_blocks[t0:t1]
         o_acc = l_acc = None
@@ -532,9 +569,11 @@ def gathered_forward(gp: GatheredPlan):
                 l = l + offset
             o_acc, l_acc = (o, l) if o_acc is None else _merge(o_acc, l_acc, o, l)
         if o_acc is None:   # a plan that lists no key at all
-            o_acc, l_acc = torch.zeros_like(out[t0:t1]), torch.full_like(lse[t0:t1, ..., 0], NEG_INF)
-        out[t0:t1] = o_acc
-        lse[t0:t1] = l_acc[..., None]
+            gp.blocks_of(out, t0, t1).fill_(0.0)
+            gp.blocks_of(lse, t0, t1).fill_(NEG_INF)
+            continue
+        gp.blocks_of(out, t0, t1).copy_(o_acc)
+        gp.blocks_of(lse, t0, t1)[..., 0] = l_acc
     return gp.to_output(out), gp.to_output(lse)[..., 0]
 
 
@@ -555,13 +594,16 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
     o_all = gp.rows_layout(out)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))      # dead rows: every p is 0
     l_all = gp.rows_layout(lse[..., None])[..., 0]
-    dq = torch.zeros(*gp.q_blocks.shape[:3], gp.D + extra, dtype=gp.dtype, device=gp.q.device)
+    dq_rows = gp.row_buffer(gp.D + extra)
     for t0, t1 in gp.chunks():
         q = gp.q_blocks[t0:t1]
         go, o, l = go_all[t0:t1].contiguous(), o_all[t0:t1].contiguous(), l_all[t0:t1].contiguous()
         if extra:
             q, go, o = (F.pad(x, (0, extra)) for x in (q, go, o))
-        for part in gp.parts:
+        dq_chunk = gp.blocks_of(dq_rows, t0, t1)
+        if not gp.parts:
+            dq_chunk.zero_()
+        for i, part in enumerate(gp.parts):
             mask, offset = part.mask(t0, t1)
             l_part = l if offset is None else (l - offset).contiguous()
             keys, values = part.keys(t0, t1), part.values(t0, t1)
@@ -569,35 +611,20 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
                 keys, values = _with_position_column(keys, part.rel(t0, t1)), F.pad(values, (0, extra))
             dq_p, dk_p, dv_p = _flash_backward(go, q, keys, values, o, l_part, 0.0, part.causal, attn_mask=mask,
                                                scale=gp.scale)
-            dq[t0:t1] += dq_p
+            dq_chunk.copy_(dq_p) if i == 0 else dq_chunk.add_(dq_p)
             part.scatter(t0, t1, dk_p[..., :gp.D], dv_p[..., :gp.Dv])
     dslopes = None
     if extra:
-        dslopes = (dq[..., gp.D] / gp.scale).view(gp.tq, gp.B, gp.H, gp.b).sum((0, 1, 3))
-        dq = dq[..., :gp.D]
+        dslopes = (dq_rows[..., gp.D] / gp.scale).view(gp.B, gp.H, -1).sum((0, 2))
+    dq = gp.to_output(dq_rows)[..., :gp.D]
     grad_k, grad_v = gp.grads()
-    if gp._token_grad_k is not None:
-        rows = slice(gp._front[0] * gp.b, (gp._front[0] + gp.tk) * gp.b)
-        grad_k += gp._token_grad_k[rows].transpose(0, 1)
-        grad_v += gp._token_grad_v[rows].transpose(0, 1)
     dsk = dsv = None
-    if gp.table_grad is not None:
-        per_head, num_summaries, n = gp.table_rows
-        tk_, tv_ = gp.table_grad
-        tk_ = tk_.view(gp.B * gp.Hkv, per_head, gp.D)
-        tv_ = tv_.view(gp.B * gp.Hkv, per_head, gp.Dv)
-        if n:
-            grad_k += tk_[:, :n]
-            grad_v += tv_[:, :n]
-        if num_summaries:
-            dsk = tk_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.D)
-            dsv = tv_[:, n:].reshape(gp.B, gp.Hkv, num_summaries, gp.Dv)
     if gp.summary_grad is not None:
         dsk = gp.summary_grad[0].view(gp.B, gp.Hkv, -1, gp.D)
         dsv = gp.summary_grad[1].view(gp.B, gp.Hkv, -1, gp.Dv)
     dk = grad_k.view(gp.B, gp.Hkv, -1, gp.D)[:, :, :gp.nk]
     dv = grad_v.view(gp.B, gp.Hkv, -1, gp.Dv)[:, :, :gp.nk]
-    return gp.to_output(dq), dk, dv, dsk, dsv, dslopes
+    return dq, dk, dv, dsk, dsv, dslopes
 
 
 def slopes_grad_supported(gp: GatheredPlan) -> bool:
