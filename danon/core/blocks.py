@@ -178,6 +178,19 @@ def compact(mask: Tensor, capacity: int) -> Tensor:
     return torch.where(key < n, key, torch.full_like(key, -1)).to(torch.int32)
 
 
+def compact_values(mask: Tensor, values: Tensor, capacity: int) -> Tensor:
+    """The entries of `values` where `mask` holds, in their order along the last dim, padded with -1 to
+    `capacity` (int32): `compact` for a table whose columns are not the indices themselves.
+
+    Example:
+        >>> compact_values(torch.tensor([[True, False, True]]), torch.tensor([[7, 8, 9]]), 3)
+        tensor([[ 7,  9, -1]], dtype=torch.int32)
+    """
+    pos = compact(mask, capacity).long()
+    picked = torch.gather(values, -1, pos.clamp(min=0))
+    return torch.where(pos >= 0, picked, torch.full_like(picked, -1)).to(torch.int32)
+
+
 def means(sums: Tensor, counts: Tensor) -> Tensor:
     """Count-weighted means; a span with no visible token gets 0 (it is never referenced)."""
     return sums / counts.clamp(min=1).unsqueeze(-1).to(sums.dtype)

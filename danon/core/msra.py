@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_spans, num_blocks,
+from .blocks import (block_counts, block_sums, compact, compact_values, key_visibility, means, near_spans, num_blocks,
                      query_layout, strictly_past, window_blocks)
 from .plan import Plan
 
@@ -74,22 +74,31 @@ def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         v_sums.append(_coarsen(v_sums[-1], c))
 
     t_q = torch.arange(tq, device=dev) + first
-    near = [near_spans(t_q // c ** l, counts[l].shape[2], w, causal) for l in range(levels + 1)]
-
     summary_idx, offset = [], 0
     for l in range(levels + 1):
         spans = counts[l].shape[2]
-        cand = ~near[l]
+        has_keys = counts[l][:, 0, :, 0] > 0                                    # [B, S_l]
         if l < levels:
-            parent = torch.arange(spans, device=dev) // c
-            cand = cand & near[l + 1][:, parent]
-            capacity = near_width * c
-        else:
-            capacity = spans
-        if causal:
-            cand = cand & strictly_past(t_q // c ** l, spans)
-        cand = cand[None, None] & (counts[l][:, :, None, :, 0] > 0)     # [B, 1, Tq, S_l]
-        idx = compact(cand, capacity)
+            # the children of the near parents at level l + 1, as a [Tq, near_width * c] table of span indices:
+            # memory O(N / b), where a [Tq, S_l] candidate table would be O(N^2 / b^2)
+            width = near_width * c
+            cand_spans = ((t_q // c ** (l + 1) - w) * c)[:, None] + torch.arange(width, device=dev)
+            inside = (cand_spans >= 0) & (cand_spans < spans)
+            d = (t_q // c ** l)[:, None] - cand_spans
+            near = ((d >= 0) & (d <= w)) if causal else (d.abs() <= w)
+            cand = inside & ~near
+            if causal:
+                cand = cand & (d > 0)
+            nonempty = torch.gather(has_keys, 1, cand_spans.clamp(0, spans - 1).reshape(1, -1).expand(B, -1))
+            cand = cand[None] & nonempty.view(B, tq, width)                     # [B, Tq, width]
+            capacity = torch.sym_min(width, spans)
+            idx = compact_values(cand, cand_spans.expand(B, tq, width), capacity)[:, None]   # [B, 1, Tq, cap]
+        else:   # the top level: every visible span that is not near (S_L = Tk / c^L of them)
+            cand = ~near_spans(t_q // c ** l, spans, w, causal)
+            if causal:
+                cand = cand & strictly_past(t_q // c ** l, spans)
+            cand = cand[None, None] & has_keys[:, None, None, :]                # [B, 1, Tq, S_L]
+            idx = compact(cand, spans)
         summary_idx.append(torch.where(idx >= 0, idx + offset, idx))
         offset += spans
 

@@ -84,3 +84,62 @@ def test_sparse_cpu_executor_memory(kind):
     assert r.returncode == 0 and "OK" in r.stdout, (
         f"{kind} at N={N} failed under an address-space cap of +{CAP_MIB} MiB "
         f"(an fp32 N x N tensor is 1024 MiB): rc={r.returncode}\n{r.stdout}\n{r.stderr[-3000:]}")
+
+
+# --- memory per token stays constant as N grows (no hidden O(N^2 / b) table) ------------------------------
+# Peak extra resident memory of one forward + backward in a fresh process (VmHWM reset after a warm-up, minus
+# the resident size once the inputs exist). Small heads and a small block make any table of size Tq x Tk (or
+# N x Tk) a large share of the total at the larger N.
+GROWTH_SCRIPT = textwrap.dedent(r"""
+    import sys
+    import torch
+    import danon
+
+    kind, n = sys.argv[1], int(sys.argv[2])
+
+    def status_kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+    def step(n):
+        g = torch.Generator().manual_seed(n)
+        q = torch.randn(1, 2, n, 8, generator=g, requires_grad=True)
+        k, v = (torch.randn(1, 1, n, 8, generator=g, requires_grad=True) for _ in range(2))
+        if kind == "dense-scores":   # the control: a [N, N] score matrix, what the check must catch
+            return lambda: ((q[:, :1] @ k.transpose(-1, -2)).softmax(-1) @ v).sum().backward()
+        # MSRA with a fixed level count lists Tk / c^L top-level summaries per query block, by definition a plan
+        # that grows with N; "auto" levels keep the top level bounded (O(log N) summaries per query)
+        levels = dict(num_levels="auto") if kind == "msra" else {}
+        return lambda: danon.attention(q, k, v, kind=kind, causal=True, block_size=16, window=32,
+                                       **levels).sum().backward()
+
+    step(2048)()                       # warm-up: thread pool, lazy imports
+    run = step(n)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                   # VmHWM := VmRSS
+    base = status_kib("VmRSS")
+    run()
+    print((status_kib("VmHWM") - base) * 1024 / n)
+""")
+
+
+def _bytes_per_token(kind: str, n: int) -> float:
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT, kind, str(n)], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return float(r.stdout.split()[-1])
+
+
+def test_peak_memory_check_sees_quadratic_growth():
+    small, large = (_bytes_per_token("dense-scores", n) for n in (2048, 16384))
+    assert large > 4 * small, (small, large)
+
+
+@pytest.mark.parametrize("kind", ["msra", "dala"])
+def test_peak_memory_per_token_is_constant(kind):
+    small, large = (_bytes_per_token(kind, n) for n in (8192, 65536))
+    # 8x the tokens: O(N) memory keeps the bytes per token (DALA's routing tree adds log N lists); an O(N^2 / b)
+    # table (b = 16) would add 4 KiB per token at the larger N, far beyond the allowance
+    assert large <= 1.3 * small, f"{kind}: {small:.0f} B/token at N = 8192, {large:.0f} at N = 65536"
