@@ -236,6 +236,8 @@ def report(cells: dict, memory: dict, seq_lens: list, command: str) -> str:
         "peak (2048^3) measured in the same process before and after the rounds (their mean)",
         "- memory: peak extra resident bytes per token of one call in a fresh process (fwd: no autograd; train: "
         "forward + backward)",
+        "- fwd vs Flex (first table): Flex on the plan's exact blocks alone against the family's whole call (summaries "
+        "and routed tokens included); the same-blocks table below compares the same work",
         "",
     ]
     for n in seq_lens:

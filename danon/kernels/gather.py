@@ -5,10 +5,11 @@ view of q: no copy unless q needs padding to whole blocks or upcasting), its key
 four parts, each one flash call, merged by log-sum-exp (exactly, as ring attention merges):
 
 - the near window: the plan's `window` blocks around the query block. Consecutive query blocks'
-  windows overlap, so they are one overlapping strided view of the padded keys: nothing is copied;
+  windows overlap, so they are one overlapping strided view of the keys: nothing is copied (a chunk
+  whose windows reach past either end reads a zero-padded copy of just its rows);
 - the own block under causal masking: the only keys that need a per-row (triangular) mask;
-- the listed part: exact blocks, routed tokens and summaries, gathered by one index_select from
-  a table of keys and summaries;
+- the listed part: exact blocks, routed tokens and summaries, gathered by index_select from the
+  keys and from the summary table (no concatenated copy of the keys);
 - the summary table, when most of it is in use (UCSA): attended whole, masked, without a gather.
 
 Every bias that depends on the key alone (padding, -1 slots, log n_s, ALiBi measured from the
