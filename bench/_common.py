@@ -57,10 +57,14 @@ def bench_main(script: str, doc: str, columns: tuple, default_seq_lens: list, wo
     jobs = [(c, n) for n in args.seq_lens for c in columns]
     cells = [run_cell(script, [c, n, "--repeats", args.repeats]) for c, n in tqdm(jobs, desc=name)]
     command = (f"python bench/{name}.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    text = report(cells, args.seq_lens, command)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    write_results(args.out, report(cells, args.seq_lens, command), {"command": command, "cells": cells})
+
+
+def write_results(out: str, text: str, data: dict) -> None:
+    """Write a benchmark's report to `out` (.md) and its numbers, with the machine, next to it (.json); print it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": command, "cells": cells}, f, indent=1)
+    with open(os.path.splitext(out)[0] + ".json", "w") as f:
+        json.dump({"machine": machine(), **data}, f, indent=1)
     print(text)

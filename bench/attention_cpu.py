@@ -35,7 +35,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, reset_peak, run_cell, status_kib  # noqa: E402
+from _common import machine, reset_peak, run_cell, status_kib, write_results  # noqa: E402
 
 FAMILIES = ["msra", "dala", "ucsa"]
 H, D = 8, 64
@@ -372,16 +372,10 @@ def main(argv=None) -> None:
         else:
             memory[(job[1], job[2])] = result
     command = ("python bench/attention_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    text = report(cells, memory, args.seq_lens, command)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    write_results(args.out, report(cells, memory, args.seq_lens, command),
+                  {"command": command, "cells": list(cells.values()), "memory": list(memory.values())})
     base = os.path.splitext(args.out)[0]
-    with open(base + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": command, "cells": list(cells.values()),
-                   "memory": list(memory.values())}, f, indent=1)
     plot(cells, args.seq_lens, base + ".png")
-    print(text)
 
 
 if __name__ == "__main__":

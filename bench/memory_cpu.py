@@ -32,7 +32,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, reset_peak, run_cell, status_kib  # noqa: E402
+from _common import machine, reset_peak, run_cell, status_kib, write_results  # noqa: E402
 
 MODEL = dict(hidden_size=256, num_heads=8, num_layers=4, vocab_size=1000)
 TRAIN = ["train-none", "train-auto", "train-layer-checkpoint"]
@@ -210,13 +210,8 @@ def main(argv=None) -> None:
         print(f"{cell} N={n} ...", file=sys.stderr, flush=True)
         cells.append(run_cell(__file__, [cell, n, "--repeats", args.repeats]))
     command = ("python bench/memory_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    text = report(cells, command, smoke=(args.train_n, args.infer_n) != (4096, 1024))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": command, "cells": cells}, f, indent=1)
-    print(text)
+    write_results(args.out, report(cells, command, smoke=(args.train_n, args.infer_n) != (4096, 1024)),
+                  {"command": command, "cells": cells})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, run_cell, status_kib  # noqa: E402
+from _common import machine, run_cell, status_kib, write_results  # noqa: E402
 
 FAMILIES = ["msra", "dala"]
 LIMIT_GIB = 16
@@ -88,13 +88,7 @@ def main(argv=None) -> None:
         print(f"{fam}: N = {args.seq_len} ...", flush=True)
         cells.append(run_cell(__file__, [fam, "--seq-len", args.seq_len]))
     command = ("python bench/million_cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
-    text = report(cells, args.seq_len, command)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"machine": machine(), "command": command, "cells": cells}, f, indent=1)
-    print(text)
+    write_results(args.out, report(cells, args.seq_len, command), {"command": command, "cells": cells})
 
 
 if __name__ == "__main__":

@@ -289,16 +289,16 @@ class GatheredPlan:
         def dead(t0, t1):
             return _dead_rows(mask(t0, t1)[0])
 
-        if listed is None and self.band is None and self.all_keys_ok:
-            # ALiBi alone: the same mask for every query block (built once), and every row sees its diagonal
-            shared = mask(0, 1)[0]
-            mask = lambda t0, t1: (shared.expand(t1 - t0, -1, -1, -1), None)   # noqa: E731
-            dead = lambda t0, t1: None                                           # noqa: E731
-
         def rel(t0, t1):
             return torch.arange(b, device=self.q.device, dtype=self.dtype).view(1, 1, -1)
 
         self.keys_per_block += b
+        if listed is None and self.band is None and self.all_keys_ok:
+            # ALiBi alone: the same mask for every query block (built once), and every row sees its diagonal
+            shared = mask(0, 1)[0]
+            return _Part(blocks(self.k_pad), blocks(self.v_pad),
+                         lambda t0, t1: (shared.expand(t1 - t0, -1, -1, -1), None),
+                         scatter=self._own_scatter, dead=lambda t0, t1: None, rel=rel)
         return _Part(blocks(self.k_pad), blocks(self.v_pad), mask, scatter=self._own_scatter, dead=dead, rel=rel)
 
     def _own_scatter(self, t0, t1, dk, dv):
@@ -458,10 +458,11 @@ class GatheredPlan:
         key_pos = torch.cat(pos, -1).permute(2, 0, 1, 3)
         width = sum(widths)
         self.keys_per_block += width
-        sk = None if not num_summaries else summary_k.to(dt).reshape(-1, self.D)
-        sv = None if not num_summaries else summary_v.to(dt).reshape(-1, self.Dv)
-        sources = [(token_rows, self.k_pad.reshape(-1, self.D), self.v_pad.reshape(-1, self.Dv))] if token_rows is not None else []
-        sources += [(summary_rows, sk, sv)] if num_summaries else []
+        sources = []   # (rows [Tq, B, Hkv, L], flat keys, flat values), in the part's key order
+        if token_rows is not None:
+            sources.append((token_rows, self.k_pad.reshape(-1, self.D), self.v_pad.reshape(-1, self.Dv)))
+        if num_summaries:
+            sources.append((summary_rows, summary_k.to(dt).reshape(-1, self.D), summary_v.to(dt).reshape(-1, self.Dv)))
 
         def gathered(which):
             def chunk(t0, t1):

@@ -125,7 +125,8 @@ GROWTH_SCRIPT = textwrap.dedent(r"""
 
 
 def _bytes_per_token(kind: str, n: int) -> float:
-    env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="2")
+    # every allocation above 64 KiB its own mmap, returned at free: the resident peak follows the live tensors
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_=str(64 * 1024))
     r = subprocess.run([sys.executable, "-c", GROWTH_SCRIPT, kind, str(n)], capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -133,13 +134,14 @@ def _bytes_per_token(kind: str, n: int) -> float:
 
 
 def test_peak_memory_check_sees_quadratic_growth():
-    small, large = (_bytes_per_token("dense-scores", n) for n in (2048, 16384))
+    small, large = (_bytes_per_token("dense-scores", n) for n in (1024, 8192))
     assert large > 4 * small, (small, large)
 
 
 @pytest.mark.parametrize("kind", ["msra", "dala"])
 def test_peak_memory_per_token_is_constant(kind):
     small, large = (_bytes_per_token(kind, n) for n in (8192, 65536))
-    # 8x the tokens: O(N) memory keeps the bytes per token (DALA's routing tree adds log N lists); an O(N^2 / b)
-    # table (b = 16) would add 4 KiB per token at the larger N, far beyond the allowance
-    assert large <= 1.3 * small, f"{kind}: {small:.0f} B/token at N = 8192, {large:.0f} at N = 65536"
+    # 8x the tokens: O(N) memory keeps the bytes per token. DALA's routing tree adds O(log N) lists (measured:
+    # about +120 B/token per doubling from 1280 B/token at 8k). A Tq x Tk int64 table (b = 16) alone would add
+    # 2 KiB/token at 64k (MSRA's plan before its candidate tables went: 1060 -> 3744 B/token), an N x Tk one more
+    assert large <= 1.5 * small, f"{kind}: {small:.0f} B/token at N = 8192, {large:.0f} at N = 65536"
