@@ -64,8 +64,11 @@ def test_fast_path_equals_reference(kind, causal, pad, Hkv, chunked, monkeypatch
 @pytest.mark.parametrize("Hkv,pad,plan_kw", [(4, False, dict(window=16, memory_size=8)),
                                               (1, True, dict(window=32, memory_size=8, compress_rest=True)),
                                               (2, True, dict(window=0, memory_size=4))])
-def test_alibi_slopes_gradient_on_the_gathered_path_equals_reference(Hkv, pad, plan_kw, monkeypatch):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_alibi_slopes_gradient_on_the_gathered_path_equals_reference(Hkv, pad, plan_kw, chunked, monkeypatch):
     # learnable ALiBi (DALA's default) under causal masking: the gathered path, not the reference, computes it
+    if chunked:   # one query block per chunk: the window's and own block's ALiBi masks built once and shared
+        monkeypatch.setattr(gather, "GATHER_BUDGET", 1)
     q, k, v, kpm = _inputs(4, Hkv, 150, pad=pad)
     slopes = torch.tensor([0.05, 0.1, 0.3, 0.01], dtype=torch.float64)
     plan = danon.attention_plan(q, k, v, kind="dala", causal=True, key_padding_mask=kpm, block_size=16,
