@@ -78,9 +78,12 @@ def exact_only(plan):
                                summary_count=None, summary_pos=None)
 
 
-def flex_block_mask(plan, n: int):
+def flex_block_mask(plan, n: int, mask_mod_holds_blocks: bool = False):
     """A BlockMask of the plan's exact blocks: near blocks before the query block and listed blocks as full
-    blocks (no mask_mod), the own block as the one partial block (the causal triangle)."""
+    blocks (the compiled kernel skips mask_mod there), the own block as the one partial block, whose mask_mod
+    is the causal triangle. `mask_mod_holds_blocks`: the mask_mod also reads the block table, for Flex's eager
+    path, which ignores the block lists and applies mask_mod everywhere (tests); the benchmark leaves it off so
+    that Flex's partial blocks pay for the triangle only."""
     import torch
     from torch.nn.attention.flex_attention import BlockMask
     b, tq = plan.block_size, plan.num_query_blocks
@@ -101,11 +104,17 @@ def flex_block_mask(plan, n: int):
     own_idx = torch.cat([t.view(1, -1, 1).expand(heads, tq, 1),
                          torch.zeros(heads, tq, plan.num_key_blocks - 1, dtype=torch.long)], -1).to(torch.int32)
 
+    seen = keep | (d == 0)[None]                                                   # the own block too
+
     def causal(b_, h, q_idx, kv_idx):
         return q_idx >= kv_idx
 
+    def blocks_and_causal(b_, h, q_idx, kv_idx):
+        return seen[h if heads > 1 else 0, q_idx // b, kv_idx // b] & (q_idx >= kv_idx)
+
     return BlockMask.from_kv_blocks(own_num[None], own_idx[None], full_num[None], full_idx[None], BLOCK_SIZE=b,
-                                    mask_mod=causal, seq_lengths=(n, n))
+                                    mask_mod=blocks_and_causal if mask_mod_holds_blocks else causal,
+                                    seq_lengths=(n, n))
 
 
 def time_worker(n: int, repeats: int) -> dict:
