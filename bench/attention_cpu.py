@@ -247,6 +247,8 @@ def report(cells: dict, memory: dict, seq_lens: list, command: str) -> str:
         "forward + backward)",
         "- fwd vs Flex (first table): Flex on the plan's exact blocks alone against the family's whole call (summaries "
         "and routed tokens included); the same-blocks table below compares the same work",
+        "- Flex has no train step here: in torch 2.13 `flex_attention` raises NotImplementedError (\"FlexAttention does "
+        "not support backward on CPU\") as soon as an input requires grad (tests/api/test_bench_attention.py)",
         "",
     ]
     for n in seq_lens:

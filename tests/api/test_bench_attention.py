@@ -93,3 +93,11 @@ def test_flex_block_mask_runs_the_blocks_danon_runs(kind):
     for tq in range(len(t)):
         full[tq, mask.full_kv_indices[0, 0, tq, :mask.full_kv_num_blocks[0, 0, tq]].long()] = True
     assert torch.equal(full, expected)
+
+
+def test_flex_has_no_cpu_backward_so_the_benchmark_times_its_forward_only():
+    # what bench/attention_cpu.py says of Flex's train step on CPU; when torch adds it, this fails and the
+    # benchmark should time Flex's backward too
+    q = torch.randn(1, 1, 64, 8, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        flex_attention(q, q, q)
