@@ -458,16 +458,18 @@ class GatheredPlan:
         key_pos = torch.cat(pos, -1).permute(2, 0, 1, 3)
         width = sum(widths)
         self.keys_per_block += width
-        sources = []   # (rows [Tq, B, Hkv, L], flat keys, flat values), in the part's key order
+        key_sources, value_sources = [], []   # (rows [Tq, B, Hkv, L], flat table), in the part's key order
         if token_rows is not None:
-            sources.append((token_rows, self.k_pad.reshape(-1, self.D), self.v_pad.reshape(-1, self.Dv)))
+            key_sources.append((token_rows, self.k_pad.reshape(-1, self.D)))
+            value_sources.append((token_rows, self.v_pad.reshape(-1, self.Dv)))
         if num_summaries:
-            sources.append((summary_rows, summary_k.to(dt).reshape(-1, self.D), summary_v.to(dt).reshape(-1, self.Dv)))
+            key_sources.append((summary_rows, summary_k.to(dt).reshape(-1, self.D)))
+            value_sources.append((summary_rows, summary_v.to(dt).reshape(-1, self.Dv)))
 
-        def gathered(which):
+        def gathered(sources):
             def chunk(t0, t1):
-                pieces = [(k_ if which == 0 else v_).index_select(0, rows[t0:t1].reshape(-1))
-                          .view(t1 - t0, B * Hkv, rows.shape[-1], -1) for rows, k_, v_ in sources]
+                pieces = [table.index_select(0, rows[t0:t1].reshape(-1)).view(t1 - t0, B * Hkv, rows.shape[-1], -1)
+                          for rows, table in sources]
                 return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
             return chunk
 
@@ -494,7 +496,7 @@ class GatheredPlan:
                 self.summary_grad[0].view(-1, self.D).index_add_(0, idx, dk[:, :, start:].reshape(-1, self.D))
                 self.summary_grad[1].view(-1, self.Dv).index_add_(0, idx, dv[:, :, start:].reshape(-1, self.Dv))
 
-        return _Part(gathered(0), gathered(1), mask, scatter=scatter, dead=dead,
+        return _Part(gathered(key_sources), gathered(value_sources), mask, scatter=scatter, dead=dead,
                      rel=self._rel_of(key_pos) if self.slopes is not None else None)
 
     def _rel_of(self, key_pos: Tensor):
@@ -613,7 +615,10 @@ def gathered_backward(gp: GatheredPlan, grad_out: Tensor, out: Tensor, lse: Tens
                 keys, values = _with_position_column(keys, part.rel(t0, t1)), F.pad(values, (0, extra))
             dq_p, dk_p, dv_p = _flash_backward(go, q, keys, values, o, l_part, 0.0, part.causal, attn_mask=mask,
                                                scale=gp.scale)
-            dq_chunk.copy_(dq_p) if i == 0 else dq_chunk.add_(dq_p)
+            if i == 0:   # the first part's dq is copied in: no zero-filled buffer to add to
+                dq_chunk.copy_(dq_p)
+            else:
+                dq_chunk.add_(dq_p)
             part.scatter(t0, t1, dk_p[..., :gp.D], dv_p[..., :gp.Dv])
     dslopes = None
     if extra:
