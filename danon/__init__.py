@@ -15,6 +15,7 @@ from danon.passes.options import DanonConfig
 from danon.passes.report import CompileReport, SiteReport
 from danon.backend import danon_backend, explain
 from danon.shard import ShardPlan, shard, shard_plan
+from danon.parallel import ContextParallel, context_parallel
 from danon.quantize import quantize
 from danon.passes.report import CheckpointReport, LinearReport, QuantizeReport
 from danon.export import export
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = ["KINDS", "Plan", "alibi_slopes", "attention", "attention_plan", "dala_attention", "exact_attention",
            "msra_attention", "plan_coverage", "ucsa_attention", "DanonConfig", "CompileReport", "SiteReport",
-           "danon_backend", "explain", "ShardPlan", "shard", "shard_plan",
+           "danon_backend", "explain", "ShardPlan", "shard", "shard_plan", "ContextParallel", "context_parallel",
            "quantize", "CheckpointReport", "LinearReport", "QuantizeReport", "export"]
 
 from danon.config import DALAConfig, DenseConfig, MSRAConfig, SuperHybridConfig, UCSAConfig

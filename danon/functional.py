@@ -11,6 +11,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from danon import parallel
 from danon.core import Plan, plan_coverage, run
 from danon.core.families import FAMILIES, family
 
@@ -155,4 +156,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, kind: str = "exact", **family_key
         torch.Size([1, 2, 256, 16])
     """
     family(kind)
+    cp = parallel.active()
+    if cp is not None:   # inside `with danon.context_parallel(...)`: q, k, v hold this rank's tokens
+        return cp.attention(q, k, v, kind, **family_keywords)
     return _FUNCTIONS[kind](q, k, v, **family_keywords)

@@ -196,14 +196,34 @@ class DanonLanguageModel(nn.Module, PerformanceMonitorMixin):
         """
         return sum(p.numel() for p in self.parameters())
 
+    def _positions(self, position_ids: torch.Tensor, n: int, cache) -> torch.Tensor:
+        """The encodings [N, hidden] of explicit positions (checked: int64 [N], within max_sequence_length)."""
+        if cache is not None:
+            raise ValueError("position_ids and cache are exclusive: a cache continues at position cache.length")
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype != torch.int64 or \
+                tuple(position_ids.shape) != (n,):
+            got = (f"{position_ids.dtype} {list(position_ids.shape)}" if isinstance(position_ids, torch.Tensor)
+                   else type(position_ids).__name__)
+            raise ValueError(f"position_ids must be an int64 tensor [N] = [{n}], got {got}")
+        top = int(position_ids.max()) + 1 if n else 0
+        if top > self.config.max_sequence_length or (n and int(position_ids.min()) < 0):
+            raise ValueError(f"position_ids must lie in 0..max_sequence_length - 1 = "
+                             f"{self.config.max_sequence_length - 1}")
+        table = self.position_table if top <= self.position_table.shape[0] else \
+            sinusoidal_position_encoding(top, self.config.hidden_size, device=position_ids.device)
+        return table[position_ids.to(table.device)]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                cache=None) -> torch.Tensor:
+                cache=None, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits ``[B, N, vocab_size]`` for ``input_ids`` [B, N] (int64) and an optional
         ``attention_mask`` [B, N] (1/True = real token, 0/False = padding).
 
         ``cache``: a :class:`danon.DecodeCache` (causal models, under torch.no_grad()): the tokens continue
         the cached ones (positions from ``cache.length``), and a prefill, chunks and single-token steps give
-        the logits of one forward over the whole sequence."""
+        the logits of one forward over the whole sequence.
+
+        ``position_ids``: int64 [N], the positions of the tokens (default 0..N-1): a rank's tokens under
+        context parallelism are the positions ``cp.positions()`` of the whole sequence (danon.context_parallel)."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor [B, N] of token ids, got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
@@ -226,7 +246,9 @@ class DanonLanguageModel(nn.Module, PerformanceMonitorMixin):
                 )
             attention_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
         x = self.embed_tokens(input_ids)
-        if start + n <= self.position_table.shape[0]:
+        if position_ids is not None:
+            x = x + self._positions(position_ids, n, cache).to(x.dtype)
+        elif start + n <= self.position_table.shape[0]:
             x = x + self.position_table[start:start + n].to(x.dtype)
         else:
             x = x + sinusoidal_position_encoding(start + n, self.config.hidden_size, device=x.device,

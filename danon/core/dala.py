@@ -201,43 +201,85 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         (torch.Size([1, 2, 16, 8]), torch.Size([1, 2, 16, 1]))
     """
     B, H, nq, D = q.shape
-    Hkv, nk = k.shape[1], k.shape[2]
+    nk = k.shape[2]
     b = block_size
     _, first, tq = query_layout(nq, nk, b)
     tk = num_blocks(nk, b)
-    w = window_blocks(window, b)
     dev = q.device
     acc = summary_dtype(k)
 
     visible = key_visibility(key_padding_mask, B, nk, b, dev)          # [B, Tk*b]
-    counts = block_counts(visible, b)                                  # [B, Tk]
-
-    plan = Plan("dala", b, causal, nq, nk, window=w, key_block_counts=counts)
-    if decay == "alibi":
-        plan.slopes = alibi_slopes(H, dev) if slopes is None else slopes
-
-    routed = min(memory_size, nk)
-    if routed > 0:
+    masked = key_padding_mask is not None
+    scores = None
+    if min(memory_size, nk) > 0:
         if importance is None:
             importance = k.to(acc).norm(dim=-1)                        # [B, Hkv, Nk]
         scores = importance.detach().to(acc).masked_fill(visible[:, None, :nk] == 0, float("-inf"))
+    k_acc, v_acc = k.to(acc), v.to(acc)
+
+    def routed_sums(idx: Tensor, valid: Tensor) -> tuple:
+        n_empty = (~valid).sum(-1, keepdim=True).to(acc)               # -1 slots gathered row 0: take it back out
+        return (_gathered_sum(k_acc, idx) - n_empty * k_acc[:, :, :1],
+                _gathered_sum(v_acc, idx) - n_empty * v_acc[:, :, :1])
+
+    positions = torch.arange(tk * b, device=dev, dtype=acc)
+    return dala_plan_from_stats(
+        scores, block_counts(visible, b), block_sums(k, visible, b, masked) if compress_rest else None,
+        block_sums(v, visible, b, masked) if compress_rest else None,
+        (visible.to(acc) * positions).view(B, tk, b).sum(-1), routed_sums, first, tq, num_heads=H, causal=causal,
+        block_size=b, window=window, memory_size=memory_size, decay=decay, slopes=slopes, seq_len_q=nq, seq_len_k=nk)
+
+
+def dala_plan_from_stats(scores: Optional[Tensor], counts: Tensor, k_sums: Optional[Tensor], v_sums: Optional[Tensor],
+                         pos_sums: Tensor, routed_sums, first: int, tq: int, *, num_heads: int, causal: bool,
+                         block_size: int, window: int, memory_size: int, decay: str, slopes: Optional[Tensor],
+                         seq_len_q: int, seq_len_k: int) -> Plan:
+    """The DALA plan's rows for the absolute query blocks first .. first + Tq - 1 from statistics alone: every key's
+    routing score `scores` [B, Hkv, Nk] (-inf for padding; None: no routed tokens), visible keys per block
+    `counts` [B, Tk], the blocks' key and value sums [B, Hkv, Tk, D] (None: no rest summary), the sums of the
+    visible positions per block `pos_sums` [B, Tk], and `routed_sums(idx, valid)`, the sums of the keys and values
+    of the routed tokens `idx` [B, Hkv, Tq, M] (clamped to >= 0; `valid` marks the real ones). What `dala_plan`
+    builds from q, k and v, and what danon.context_parallel builds from statistics gathered from every rank.
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 2, 256, 16)
+        >>> full = dala_plan(q, q, q, causal=True, block_size=16, window=16, memory_size=8, decay="none",
+        ...                  compress_rest=False)
+        >>> rows = dala_plan_from_stats(q.norm(dim=-1), torch.full((1, 16), 16.0), None, None, None, None, 4, 2,
+        ...                             num_heads=2, causal=True, block_size=16, window=16, memory_size=8,
+        ...                             decay="none", slopes=None, seq_len_q=256, seq_len_k=256)
+        >>> bool(torch.equal(rows.token_idx, full.token_idx[:, :, 4:6]))
+        True
+    """
+    B = counts.shape[0]
+    nk = seq_len_k
+    b = block_size
+    tk = counts.shape[-1]
+    w = window_blocks(window, b)
+    dev = counts.device
+
+    plan = Plan("dala", b, causal, seq_len_q, nk, window=w, key_block_counts=counts)
+    if decay == "alibi":
+        plan.slopes = alibi_slopes(num_heads, dev) if slopes is None else slopes
+
+    routed = min(memory_size, nk)
+    if scores is not None:
         plan.token_idx = _routed_tokens(scores, b, routed, w, causal, first, tq)
 
-    if compress_rest:
-        positions = torch.arange(tk * b, device=dev, dtype=acc)
-        pos_sums = (visible.to(acc) * positions).view(B, tk, b).sum(-1)  # [B, Tk]
+    if k_sums is not None:
+        Hkv, acc = k_sums.shape[1], k_sums.dtype
         rest = _CandidateSums(tq, tk, w, causal, dev, first)
-        k_rest = rest(block_sums(k, visible, b, key_padding_mask is not None))               # [B, Hkv, Tq, D]
-        v_rest = rest(block_sums(v, visible, b, key_padding_mask is not None))
+        k_rest = rest(k_sums)                                          # [B, Hkv, Tq, D]
+        v_rest = rest(v_sums)
         n_rest = rest(counts.to(acc)[:, None, :, None])[..., 0]      # [B, 1, Tq]
         pos_rest = rest(pos_sums[:, None, :, None])[..., 0]
         if plan.token_idx is not None:
             valid = plan.token_idx >= 0
             idx = plan.token_idx.long().clamp(min=0)
-            n_empty = (~valid).sum(-1, keepdim=True).to(acc)           # -1 slots gathered row 0: take it back out
-            k_acc, v_acc = k.to(acc), v.to(acc)
-            k_rest = k_rest - _gathered_sum(k_acc, idx) + n_empty * k_acc[:, :, :1]
-            v_rest = v_rest - _gathered_sum(v_acc, idx) + n_empty * v_acc[:, :, :1]
+            k_routed, v_routed = routed_sums(idx, valid)
+            k_rest = k_rest - k_routed
+            v_rest = v_rest - v_routed
             n_rest = n_rest - valid.sum(-1).to(acc)
             pos_rest = pos_rest - (idx.to(acc) * valid).sum(-1)
         n_rest = n_rest.expand(B, Hkv, tq)

@@ -55,25 +55,50 @@ def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         torch.Size([1, 2, 56, 16])
     """
     B, _, nq, D = q.shape
-    Hkv, nk = k.shape[1], k.shape[2]
-    b, c = block_size, compression_factor
+    nk = k.shape[2]
+    b = block_size
     _, first, tq = query_layout(nq, nk, b)
-    tk = num_blocks(nk, b)
+    visible = key_visibility(key_padding_mask, B, nk, b, q.device)
+    masked = key_padding_mask is not None
+    return msra_plan_from_block_sums(
+        block_counts(visible, b), block_sums(k, visible, b, masked), block_sums(v, visible, b, masked),
+        torch.arange(tq, device=q.device) + first, causal=causal, block_size=b, window=window, num_levels=num_levels,
+        compression_factor=compression_factor, seq_len_q=nq, seq_len_k=nk)
+
+
+def msra_plan_from_block_sums(counts: Tensor, k_sums: Tensor, v_sums: Tensor, t_q: Tensor, *, causal: bool,
+                              block_size: int, window: int, num_levels: Union[int, str], compression_factor: int,
+                              seq_len_q: int, seq_len_k: int) -> Plan:
+    """The MSRA plan's rows for the absolute query blocks `t_q` from the keys' block statistics alone: visible keys
+    per block `counts` [B, Tk] and the sums of their keys and values [B, Hkv, Tk, D]. What `msra_plan` builds from
+    k and v, and what danon.context_parallel builds from statistics gathered from every rank.
+
+    Example:
+        >>> import torch
+        >>> from danon.core.blocks import block_sums
+        >>> k = torch.randn(1, 2, 512, 16); vis = torch.ones(1, 512)
+        >>> full = msra_plan(k, k, k, causal=True, block_size=16, window=16, num_levels=2, compression_factor=2)
+        >>> rows = msra_plan_from_block_sums(vis.view(1, 32, 16).sum(-1), block_sums(k, vis, 16), block_sums(k, vis, 16),
+        ...                                  torch.arange(8, 12), causal=True, block_size=16, window=16, num_levels=2,
+        ...                                  compression_factor=2, seq_len_q=512, seq_len_k=512)
+        >>> bool(torch.equal(rows.summary_idx, full.summary_idx[:, :, 8:12]))
+        True
+    """
+    B, Hkv, tk, _ = k_sums.shape
+    b, c = block_size, compression_factor
+    tq = t_q.shape[0]
     w = window_blocks(window, b)
     levels = auto_levels(tk, w, c) if num_levels == "auto" else int(num_levels)
-    dev = q.device
+    dev = k_sums.device
     near_width = w + 1 if causal else 2 * w + 1
 
-    visible = key_visibility(key_padding_mask, B, nk, b, dev)
-    counts = [block_counts(visible, b)[:, None, :, None]]              # [B, 1, S_l, 1]
-    k_sums = [block_sums(k, visible, b, key_padding_mask is not None)]                               # [B, Hkv, S_l, D]
-    v_sums = [block_sums(v, visible, b, key_padding_mask is not None)]
+    counts = [counts[:, None, :, None]]                                # [B, 1, S_l, 1]
+    k_sums, v_sums = [k_sums], [v_sums]                                # [B, Hkv, S_l, D]
     for _ in range(levels):
         counts.append(_coarsen(counts[-1], c))
         k_sums.append(_coarsen(k_sums[-1], c))
         v_sums.append(_coarsen(v_sums[-1], c))
 
-    t_q = torch.arange(tq, device=dev) + first
     summary_idx, offset = [], 0
     for l in range(levels + 1):
         spans = counts[l].shape[2]
@@ -104,7 +129,7 @@ def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 
     all_counts = torch.cat(counts, 2)[..., 0]                          # [B, 1, S]
     return Plan(
-        "msra", b, causal, nq, nk,
+        "msra", b, causal, seq_len_q, seq_len_k,
         window=w,
         summary_idx=torch.cat(summary_idx, -1).expand(B, Hkv, -1, -1),
         summary_k=means(torch.cat(k_sums, 2), all_counts),

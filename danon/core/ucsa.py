@@ -192,13 +192,53 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     b = block_size
     _, first, tq = query_layout(nq, nk, b)
     tk = num_blocks(nk, b)
+    selects = list_capacity(tk, b, global_tokens, top_k_blocks, sparsity_factor)[2]
+    visible = key_visibility(key_padding_mask, B, nk, b, q.device)
+    masked = key_padding_mask is not None
+    qbar = None
+    if selects:
+        per_head = gamma is not None
+        qbar = (causal_selection_queries(q, past_queries, nk, b, Hkv, per_head) if causal
+                else selection_queries(q, b, Hkv, False, per_head))
+    return ucsa_plan_from_stats(
+        qbar, block_counts(visible, b), block_sums(k, visible, b, masked),
+        block_sums(v, visible, b, masked) if compress else None, first, tq, causal=causal, block_size=b,
+        local_window_size=local_window_size, global_tokens=global_tokens, top_k_blocks=top_k_blocks,
+        sparsity_factor=sparsity_factor, gamma=gamma, scale=D ** -0.5 if scale is None else scale,
+        seq_len_q=nq, seq_len_k=nk)
+
+
+def ucsa_plan_from_stats(qbar: Optional[Tensor], counts: Tensor, k_sums: Tensor, v_sums: Optional[Tensor], first: int,
+                         tq: int, *, causal: bool, block_size: int, local_window_size: int, global_tokens: int,
+                         top_k_blocks: int, sparsity_factor: Optional[float], gamma: Optional[float], scale: float,
+                         seq_len_q: int, seq_len_k: int) -> Plan:
+    """The UCSA plan's rows for the absolute query blocks first .. first + Tq - 1 from block statistics alone: the
+    selection queries `qbar` of those Tq blocks ([B, Hkv, Tq, D]; per query head [B, H, Tq, D] with gamma; None
+    when nothing is selected), visible keys per block `counts` [B, Tk] and the sums of the blocks' keys and values
+    [B, Hkv, Tk, D] (v_sums None: no summaries). What `ucsa_plan` builds from q, k and v, and what
+    danon.context_parallel builds from statistics gathered from every rank.
+
+    Example:
+        >>> import torch
+        >>> from danon.core.blocks import block_sums
+        >>> q = torch.randn(1, 2, 256, 16); vis = torch.ones(1, 256)
+        >>> kw = dict(block_size=16, local_window_size=16, global_tokens=16, top_k_blocks=2, sparsity_factor=None,
+        ...           gamma=None)
+        >>> full = ucsa_plan(q, q, q, compress=True, **kw)
+        >>> qbar = selection_queries(q, 16, 2, causal=False)[:, :, 4:6]
+        >>> rows = ucsa_plan_from_stats(qbar, vis.view(1, 16, 16).sum(-1), block_sums(q, vis, 16),
+        ...                             block_sums(q, vis, 16), 4, 2, causal=False, scale=0.25, seq_len_q=256,
+        ...                             seq_len_k=256, **kw)
+        >>> bool(torch.equal(rows.block_idx, full.block_idx[:, :, 4:6]))
+        True
+    """
+    B, Hkv, tk, D = k_sums.shape
+    b = block_size
     w = window_blocks(local_window_size, b)
     # the lists' capacity g + top_k; causal sparsity_factor takes fewer per block
     g, top_k, selects, lists = list_capacity(tk, b, global_tokens, top_k_blocks, sparsity_factor)
-    dev = q.device
+    dev = k_sums.device
 
-    visible = key_visibility(key_padding_mask, B, nk, b, dev)
-    counts = block_counts(visible, b)                                  # [B, Tk]
     has_keys = (counts > 0)[:, None, None, :]                          # [B, 1, 1, Tk]
     near = near_blocks(tq, tk, w, causal, dev, first)                  # [Tq, Tk]
     t_q = (torch.arange(tq, device=dev) + first)[:, None]
@@ -212,20 +252,16 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
     fixed = (is_global & ~near)[None, None] & has_keys                  # [B, 1, Tq, Tk]
     eligible = (~near & ~is_global & past)[None, None] & has_keys      # [B, 1, Tq, Tk]
 
-    k_sums = block_sums(k, visible, b, key_padding_mask is not None)                                 # [B, Hkv, Tk, D]
     kbar = means(k_sums, counts[:, None, :])
     exact = fixed.expand(B, Hkv, tq, tk)                               # listed blocks (the near ones are the window)
     if selects:
-        per_head = gamma is not None
-        qbar = (causal_selection_queries(q, past_queries, nk, b, Hkv, per_head) if causal
-                else selection_queries(q, b, Hkv, False, per_head))
         if gamma is None:
             score = qbar @ kbar.transpose(-1, -2)                              # [B, Hkv, Tq, Tk]
             score = score.masked_fill(~eligible, float("-inf"))
             top_val, top_idx = torch.topk(score, top_k, dim=-1)
             take = top_val > float("-inf")
         else:
-            mass = estimated_mass(qbar, kbar, counts, past, D ** -0.5 if scale is None else scale)
+            mass = estimated_mass(qbar, kbar, counts, past, scale)
             covered = (mass * (near | is_global)).sum(-1, keepdim=True)
             top_idx, take = mass_selection(mass, covered, eligible, top_k, gamma)
         if causal and sparsity_factor is not None:
@@ -233,11 +269,11 @@ def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         chosen = torch.zeros_like(exact).scatter(-1, top_idx, take)
         exact = exact | chosen
     listed = compact(exact, g + top_k) if lists else None
-    plan = Plan("ucsa", b, causal, nq, nk, window=w, block_idx=listed, key_block_counts=counts)
-    if compress:
+    plan = Plan("ucsa", b, causal, seq_len_q, seq_len_k, window=w, block_idx=listed, key_block_counts=counts)
+    if v_sums is not None:
         rest = ~exact & ~near[None, None] & past[None, None] & has_keys
         plan.summary_idx = compact(rest, tk)
         plan.summary_k = kbar
-        plan.summary_v = means(block_sums(v, visible, b, key_padding_mask is not None), counts[:, None, :])
+        plan.summary_v = means(v_sums, counts[:, None, :])
         plan.summary_count = counts[:, None, :].expand(B, Hkv, tk).to(kbar.dtype)
     return plan

@@ -1,0 +1,212 @@
+"""danon.context_parallel: one sequence split across ranks equals the single-process op, outputs and gradients.
+
+The distributed checks run in spawned gloo CPU groups of 2 and 4 ranks (tests/parallel/_cp_workers.py): every
+family and the exact one, causal and not, with key padding, GQA and N = 200 (13 blocks of 16, the last one
+short: not a multiple of ranks x block), in the contiguous and the balanced order, fp64 (and fp32 at 4 ranks);
+then three SGD steps of a factory model trained with its sequence split. The in-process tests cover the layout,
+the one-rank group and the errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+import danon
+from danon.parallel import SequenceLayout, one_rank_group
+
+FP64, FP32 = 1e-10, 1e-5
+
+
+def _spawn(tmp_path, world: int, which: str, timeout: float) -> list:
+    import torch.multiprocessing as mp
+    sys.path.insert(0, os.path.dirname(__file__))
+    try:
+        import _cp_workers
+    finally:
+        sys.path.pop(0)
+    ctx = mp.start_processes(_cp_workers.run_checks, args=(world, str(tmp_path / "store"), str(tmp_path), which),
+                             nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world} context-parallel ranks did not finish within {timeout:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
+def ranks(request, tmp_path_factory):
+    world = request.param
+    return world, _spawn(tmp_path_factory.mktemp(f"cp{world}"), world, "full" if world == 4 else "quick", 300)
+
+
+def _op_cases(results: dict) -> dict:
+    return {k: v for k, v in results.items() if isinstance(v, dict) and "out" in v}
+
+
+def test_every_family_equals_the_single_process_op(ranks):
+    world, results = ranks
+    cases = _op_cases(results[0])
+    # 8 family settings x 2 orders x causal or not x padded or not, all present
+    assert len([k for k in cases if not k.endswith("fp32")]) == 64
+    for name, errs in cases.items():
+        limit = FP32 if name.endswith("fp32") else FP64
+        worst = max(errs[x] for x in ("out", "dq", "dk", "dv"))
+        assert errs["finite"], f"{name}: a non-finite output or gradient"
+        assert worst < limit, f"{name} at {world} ranks: relative error {worst:.2e} >= {limit:.0e} ({errs})"
+
+
+def test_every_rank_sees_the_same_gathered_results(ranks):
+    _, results = ranks
+    for r in results[1:]:
+        assert _op_cases(r) == _op_cases(results[0])
+
+
+def test_fp32_checked_at_four_ranks(ranks):
+    world, results = ranks
+    fp32 = [k for k in results[0] if k.endswith("fp32")]
+    assert len(fp32) == (6 if world == 4 else 0)
+
+
+def test_training_steps_equal_the_single_process_run(ranks):
+    world, results = ranks
+    kinds = ["msra", "dala", "ucsa"] if world == 4 else ["msra"]
+    for kind in kinds:
+        got = results[0][f"training|{kind}"]
+        assert got["param_rel"] < 1e-10, f"{kind}: parameters after 3 steps differ by {got['param_rel']:.2e}"
+        for one, split in got["losses"]:
+            assert abs(one - split) < 1e-10 * abs(one)
+        assert got["losses"][-1][0] < got["losses"][0][0]     # it did train
+    assert all(r["bytes_training"] > 0 for r in results)       # the ranks did exchange keys
+
+
+def test_bytes_counted_per_collective_match_the_layout(ranks):
+    """MSRA causal sends its block sums to every other rank and one halo block to the next rank, nothing else
+    (beyond the requests' ids); the backward sends the same bytes again."""
+    world, results = ranks
+    for r, res in enumerate(results):
+        got = res["bytes"]
+        assert got["sent"]["block sums"] == got["expected_block_sums"]
+        assert got["sent"]["keys and values"] == got["expected_halo"], f"rank {r}"
+        assert got["backward"]["block sums"] == got["expected_block_sums"]
+        assert got["backward"]["keys and values"] == got["expected_halo"]
+
+
+# --- in one process ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,world,b,balanced", [(200, 2, 16, False), (200, 4, 16, True), (1000, 3, 64, False),
+                                                (64, 4, 16, False), (4096, 4, 64, True)])
+def test_layout_covers_the_sequence_once_in_whole_blocks(n, world, b, balanced):
+    layout = SequenceLayout(n, world, b, balanced)
+    seen = torch.cat([layout.positions(r) for r in range(world)])
+    assert torch.equal(seen.sort().values, torch.arange(n))
+    for r in range(world):
+        for s, e in layout.segments(r):
+            assert s % b == 0 and (e % b == 0 or e == n) and e > s
+        rank, row = layout.owners(layout.positions(r))
+        assert (rank == r).all() and torch.equal(row, torch.arange(layout.local_len(r)))
+    x = torch.randn(2, n, 3)
+    assert torch.equal(layout.unshard([layout.shard(x, r) for r in range(world)]), x)
+
+
+def test_balanced_layout_evens_out_causal_work():
+    layout = SequenceLayout(8192, 4, 64, balanced=True)
+    work = [sum(e * e - s * s for s, e in layout.segments(r)) for r in range(4)]   # causal pairs ~ position^2
+    assert max(work) / min(work) < 1.1
+    contiguous = SequenceLayout(8192, 4, 64)
+    work = [sum(e * e - s * s for s, e in contiguous.segments(r)) for r in range(4)]
+    assert max(work) / min(work) > 5
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(seq_len=0), "seq_len must be an integer >= 1"),
+    (dict(block_size=0), "block_size must be an integer >= 1"),
+    (dict(seq_len=40, balanced=True), "fewer than the 4 pieces"),
+])
+def test_layout_rejects_bad_arguments(bad, match):
+    kw = dict(seq_len=200, world_size=2, block_size=16, balanced=False) | bad
+    with pytest.raises(ValueError, match=match):
+        SequenceLayout(**kw)
+
+
+@pytest.mark.parametrize("kind", ["exact", "msra", "ucsa", "dala"])
+def test_one_rank_equals_the_op(kind):
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 100, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, 100, 8, dtype=torch.float64)
+    opts = dict(block_size=16) if kind == "exact" else dict(block_size=16, **{
+        "msra": dict(window=16), "ucsa": dict(local_window_size=16, global_tokens=16, top_k_blocks=1),
+        "dala": dict(window=16, memory_size=4)}[kind])
+    with one_rank_group():
+        cp = danon.context_parallel(100, block_size=16)
+        out = cp.attention(q, k, v, kind, causal=True, **opts)
+        assert cp.bytes_sent() == 0
+    ref = danon.attention(q, k, v, kind=kind, causal=True, **opts)
+    assert ((out - ref).norm() / ref.norm()).item() < FP64
+
+
+def test_context_manager_routes_danon_attention_and_restores():
+    q = torch.randn(1, 2, 64, 8)
+    with one_rank_group():
+        cp = danon.context_parallel(64, block_size=16)
+        with cp:
+            assert danon.parallel.active() is cp
+            danon.attention(q, q, q, kind="msra", block_size=16, window=16)
+            assert "block sums" in cp.exchange.sent       # it ran through the exchange (one rank: 0 bytes)
+        assert danon.parallel.active() is None
+
+
+def test_errors_name_the_bad_argument():
+    q = torch.randn(1, 2, 64, 8)
+    with one_rank_group():
+        cp = danon.context_parallel(64, block_size=16)
+        with pytest.raises(ValueError, match="q must be this rank's 64 tokens"):
+            cp.attention(q[:, :, :32], q, q, "msra", block_size=16)
+        with pytest.raises(ValueError, match="block_size=32 must divide the layout's block_size=16"):
+            cp.attention(q, q, q, "msra", block_size=32)
+        with pytest.raises(ValueError, match=r"key_padding_mask must be \[B, 64\]"):
+            cp.attention(q, q, q, "msra", block_size=16, key_padding_mask=torch.ones(1, 32, dtype=torch.bool))
+        with pytest.raises(ValueError, match="past_queries"):
+            cp.attention(q, q, q, "ucsa", block_size=16, causal=True, past_queries=q)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'windw'"):
+            cp.attention(q, q, q, "msra", block_size=16, windw=3)
+        with pytest.raises(ValueError, match="window must be an integer >= 0"):
+            cp.attention(q, q, q, "msra", block_size=16, window=-1)
+
+
+def test_context_parallel_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="needs an initialised process group"):
+        danon.context_parallel(64)
+
+
+def test_model_position_ids_equal_the_default_positions():
+    torch.manual_seed(0)
+    model = danon.create_msra_model(hidden_size=32, num_heads=2, num_layers=1, vocab_size=20, block_size=16,
+                                    window=16)
+    ids = torch.randint(0, 20, (1, 40))
+    assert torch.equal(model(ids), model(ids, position_ids=torch.arange(40)))
+    with pytest.raises(ValueError, match=r"position_ids must be an int64 tensor \[N\] = \[40\]"):
+        model(ids, position_ids=torch.arange(39))
+    with pytest.raises(ValueError, match="position_ids must lie in 0..max_sequence_length - 1"):
+        model(ids, position_ids=torch.arange(40) + (1 << 20))
+
+
+@pytest.mark.parametrize("ranks", [4], indirect=True, ids=["4 ranks"])
+def test_two_dimensional_mesh_with_tensor_parallel_shard(ranks):
+    world, results = ranks
+    got = results[0]["mesh_2d"]
+    assert got["sharded"] > 0 and got["local_heads"] == 2            # danon.shard split the heads over "tp"
+    assert got["param_rel"] < 1e-10, f"parameters after 3 steps differ by {got['param_rel']:.2e}"
