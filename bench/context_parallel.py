@@ -146,6 +146,28 @@ def report(cells: list, command: str) -> str:
             worst = max(cell["ranks"], key=lambda r: r[kind]["step_bytes"])
             for purpose, nbytes in sorted(worst[kind]["by_purpose"].items()):
                 lines.append(f"| {cell['n']} | {cell['world']} | {kind} | {purpose} (forward) | {nbytes / 2**20:.3f} |")
+    lines += ["", "## How the bytes scale", "",
+              "Per rank and step: the block sums are (R - 1) N / (R b) rows per kv head (all-gather), the halo W b "
+              "rows per piece edge whatever N and R, DALA's routing scores N (R - 1) / R scalars per kv head, the "
+              "routed tokens the union of a rank's query blocks' tokens; UCSA's selected blocks the union of its "
+              "query blocks' top-k (on random inputs most earlier blocks); dense (R - 1) N / R rows of K and V.",
+              ""]
+    step = {(c["n"], c["world"], kind): max(r[kind]["step_bytes"] for r in c["ranks"])
+            for c in cells for kind in FAMILIES + ["allgather"]}
+    ns = sorted({c["n"] for c in cells})
+    worlds = sorted({c["world"] for c in cells})
+    for kind in FAMILIES + ["allgather"]:
+        name = "dense" if kind == "allgather" else kind
+        parts = []
+        for w in worlds:
+            if len(ns) > 1:
+                parts.append(f"N x{ns[-1] // ns[0]} at {w} ranks: bytes x{step[(ns[-1], w, kind)] / step[(ns[0], w, kind)]:.2f}")
+        for n in ns:
+            if len(worlds) > 1:
+                parts.append(f"{worlds[0]} -> {worlds[-1]} ranks at N = {n}: bytes "
+                             f"x{step[(n, worlds[-1], kind)] / step[(n, worlds[0], kind)]:.2f}")
+        if parts:
+            lines.append(f"- {name}: " + "; ".join(parts))
     lines += ["", "## Target: at most 1/8 of the dense bytes at 4 ranks", ""]
     for n, kind, ratio in checks:
         lines.append(f"- N = {n}, {kind}: {ratio:.4f} of dense: {'met' if ratio <= TARGET else '**not met**'}")

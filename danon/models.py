@@ -25,6 +25,7 @@ Factories take a config object or keywords (or a config plus keyword overrides):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -83,6 +84,14 @@ def sinusoidal_position_encoding(
 
 # float64 elements of the kept position table (64 MiB at most); longer inputs compute theirs
 POSITION_TABLE_ELEMENTS = 1 << 23
+
+
+def _recompute_contexts():
+    """(forward, recompute) contexts of a checkpointed layer: the recompute in the backward runs inside the
+    forward's `with cp:` (danon.context_parallel), even when backward() is called after that scope closed."""
+    from danon import parallel
+    cp = parallel.active()
+    return contextlib.nullcontext(), contextlib.nullcontext() if cp is None else cp
 
 
 class DanonBlock(nn.Module):
@@ -205,6 +214,8 @@ class DanonLanguageModel(nn.Module, PerformanceMonitorMixin):
             got = (f"{position_ids.dtype} {list(position_ids.shape)}" if isinstance(position_ids, torch.Tensor)
                    else type(position_ids).__name__)
             raise ValueError(f"position_ids must be an int64 tensor [N] = [{n}], got {got}")
+        if torch.compiler.is_compiling():   # no data-dependent check in a graph: the table's bounds check stands
+            return self.position_table[position_ids]
         top = int(position_ids.max()) + 1 if n else 0
         if top > self.config.max_sequence_length or (n and int(position_ids.min()) < 0):
             raise ValueError(f"position_ids must lie in 0..max_sequence_length - 1 = "
@@ -259,7 +270,7 @@ class DanonLanguageModel(nn.Module, PerformanceMonitorMixin):
             if cache is not None:
                 x = layer(x, attention_mask, cache=cache.layer(index))
             elif use_checkpoint:
-                x = checkpoint(layer, x, attention_mask, use_reentrant=False)
+                x = checkpoint(layer, x, attention_mask, use_reentrant=False, context_fn=_recompute_contexts)
             else:
                 x = layer(x, attention_mask)
         return self.lm_head(self.final_norm(x))

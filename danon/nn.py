@@ -334,6 +334,9 @@ class SelfAttention(_AttentionBase):
         return super().from_config(config)
 
     def _attend(self, q, k, v, kpm, hidden_states):
+        from danon import parallel
+        if parallel.active() is not None:   # inside `with cp:` the tokens are one rank's: danon's exact family
+            return _functional().attention(q, k, v, kind="exact", causal=self.causal, key_padding_mask=kpm)
         gqa = self.num_kv_heads != self.num_heads
         if kpm is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)

@@ -215,30 +215,34 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
         if importance is None:
             importance = k.to(acc).norm(dim=-1)                        # [B, Hkv, Nk]
         scores = importance.detach().to(acc).masked_fill(visible[:, None, :nk] == 0, float("-inf"))
-    k_acc, v_acc = k.to(acc), v.to(acc)
 
-    def routed_sums(idx: Tensor, valid: Tensor) -> tuple:
+    def without_routed(k_rest: Tensor, v_rest: Tensor, idx: Tensor, valid: Tensor) -> tuple:
+        k_acc, v_acc = k.to(acc), v.to(acc)
         n_empty = (~valid).sum(-1, keepdim=True).to(acc)               # -1 slots gathered row 0: take it back out
-        return (_gathered_sum(k_acc, idx) - n_empty * k_acc[:, :, :1],
-                _gathered_sum(v_acc, idx) - n_empty * v_acc[:, :, :1])
+        return (k_rest - _gathered_sum(k_acc, idx) + n_empty * k_acc[:, :, :1],
+                v_rest - _gathered_sum(v_acc, idx) + n_empty * v_acc[:, :, :1])
 
-    positions = torch.arange(tk * b, device=dev, dtype=acc)
+    pos_sums = None
+    if compress_rest:
+        positions = torch.arange(tk * b, device=dev, dtype=acc)
+        pos_sums = (visible.to(acc) * positions).view(B, tk, b).sum(-1)     # [B, Tk]
     return dala_plan_from_stats(
         scores, block_counts(visible, b), block_sums(k, visible, b, masked) if compress_rest else None,
-        block_sums(v, visible, b, masked) if compress_rest else None,
-        (visible.to(acc) * positions).view(B, tk, b).sum(-1), routed_sums, first, tq, num_heads=H, causal=causal,
+        block_sums(v, visible, b, masked) if compress_rest else None, pos_sums, without_routed, first, tq,
+        num_heads=H, causal=causal,
         block_size=b, window=window, memory_size=memory_size, decay=decay, slopes=slopes, seq_len_q=nq, seq_len_k=nk)
 
 
 def dala_plan_from_stats(scores: Optional[Tensor], counts: Tensor, k_sums: Optional[Tensor], v_sums: Optional[Tensor],
-                         pos_sums: Tensor, routed_sums, first: int, tq: int, *, num_heads: int, causal: bool,
+                         pos_sums: Tensor, without_routed, first: int, tq: int, *, num_heads: int, causal: bool,
                          block_size: int, window: int, memory_size: int, decay: str, slopes: Optional[Tensor],
                          seq_len_q: int, seq_len_k: int) -> Plan:
     """The DALA plan's rows for the absolute query blocks first .. first + Tq - 1 from statistics alone: every key's
     routing score `scores` [B, Hkv, Nk] (-inf for padding; None: no routed tokens), visible keys per block
     `counts` [B, Tk], the blocks' key and value sums [B, Hkv, Tk, D] (None: no rest summary), the sums of the
-    visible positions per block `pos_sums` [B, Tk], and `routed_sums(idx, valid)`, the sums of the keys and values
-    of the routed tokens `idx` [B, Hkv, Tq, M] (clamped to >= 0; `valid` marks the real ones). What `dala_plan`
+    visible positions per block `pos_sums` [B, Tk] (None without the rest summary), and `without_routed(k_rest, v_rest, idx, valid)`, the rest sums
+    less the keys and values of the routed tokens `idx` [B, Hkv, Tq, M] (clamped to >= 0; `valid` marks the real
+    ones). What `dala_plan`
     builds from q, k and v, and what danon.context_parallel builds from statistics gathered from every rank.
 
     Example:
@@ -277,9 +281,7 @@ def dala_plan_from_stats(scores: Optional[Tensor], counts: Tensor, k_sums: Optio
         if plan.token_idx is not None:
             valid = plan.token_idx >= 0
             idx = plan.token_idx.long().clamp(min=0)
-            k_routed, v_routed = routed_sums(idx, valid)
-            k_rest = k_rest - k_routed
-            v_rest = v_rest - v_routed
+            k_rest, v_rest = without_routed(k_rest, v_rest, idx, valid)
             n_rest = n_rest - valid.sum(-1).to(acc)
             pos_rest = pos_rest - (idx.to(acc) * valid).sum(-1)
         n_rest = n_rest.expand(B, Hkv, tq)

@@ -195,3 +195,40 @@ def no_cpu_loop_split_on_symbolic_sizes() -> Iterator[None]:
         yield
     finally:
         CppScheduling.try_loop_split = original
+
+
+# --- collectives with autograd (danon/parallel) ---------------------------------------------------------------
+# torch.distributed's differentiable collectives live in the private torch.distributed._functional_collectives
+# (the public torch.distributed.nn.functional.all_gather is deprecated in their favour). Their backward is the
+# matching collective: a reduce-scatter for the all-gather, the reverse all-to-all for the all-to-all.
+def all_gather_autograd(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's `x` stacked along dim 0 ([world * x.shape[0], ...]), differentiable: the backward
+    reduce-scatters the gradient. Waits for the result.
+
+    Example (a group of one rank):
+        >>> import torch, torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> all_gather_autograd(torch.ones(2, 3), dist.group.WORLD).shape
+        torch.Size([2, 3])
+        >>> dist.destroy_process_group()
+    """
+    import torch.distributed._functional_collectives as funcol
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    return funcol.wait_tensor(gather(x.contiguous(), 0, group))
+
+
+def all_to_all_autograd(x: torch.Tensor, output_split_sizes: List[int], input_split_sizes: List[int],
+                        group) -> torch.Tensor:
+    """`dist.all_to_all_single` along dim 0, differentiable: the backward sends each row's gradient back to the
+    rank the row came from. Waits for the result.
+
+    Example (a group of one rank):
+        >>> import torch, torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> all_to_all_autograd(torch.arange(3.0), [3], [3], dist.group.WORLD).tolist()
+        [0.0, 1.0, 2.0]
+        >>> dist.destroy_process_group()
+    """
+    import torch.distributed._functional_collectives as funcol
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), output_split_sizes,
+                                                                input_split_sizes, group))

@@ -9,7 +9,6 @@ model trains with its sequence split (positions from `cp.positions()`).
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import List, Optional
 
 import torch
@@ -23,7 +22,9 @@ from .layout import SequenceLayout
 __all__ = ["ContextParallel", "context_parallel", "active", "one_rank_group", "SequenceLayout",
            "context_parallel_attention"]
 
-_active = threading.local()
+# The `with cp:` scopes of this process. Process-wide, not per thread: autograd runs a CUDA backward (and so a
+# checkpointed layer's recompute) on its own threads, and a process belongs to one context-parallel group anyway.
+_ACTIVE: List["ContextParallel"] = []
 
 
 class ContextParallel:
@@ -86,12 +87,11 @@ class ContextParallel:
         return sum(self.exchange.sent.values()) + (sum(self.exchange.sent_backward.values()) if backward else 0)
 
     def __enter__(self):
-        stack: List[ContextParallel] = getattr(_active, "stack", [])
-        _active.stack = stack + [self]
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc):
-        _active.stack = _active.stack[:-1]
+        _ACTIVE.pop()
         return False
 
 
@@ -109,14 +109,13 @@ def context_parallel(seq_len: int, *, group: Optional[dist.ProcessGroup] = None,
 
 
 def active() -> Optional[ContextParallel]:
-    """The innermost `with cp:` of this thread, or None (danon.attention then runs in one process).
+    """The innermost `with cp:` of this process, or None (danon.attention then runs in one process).
 
     Example:
         >>> active() is None
         True
     """
-    stack = getattr(_active, "stack", [])
-    return stack[-1] if stack else None
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 @contextlib.contextmanager

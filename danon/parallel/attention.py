@@ -5,7 +5,7 @@ What a rank needs from the others, per family (docs/context_parallel.md draws it
 - every sparse family: the block statistics of every rank (visible keys per block, sums of keys and values:
   N / b rows per kv head, an all-gather), from which each rank builds the same summaries and the same plan
   rows as one process would (the builders' `*_from_stats` functions), and the near window's halo: the W blocks
-  before each of its pieces (and after, without causal masking) from the neighbouring rank;
+  before each of its pieces (and after, without causal masking), from whichever ranks hold them;
 - UCSA: the blocks its query blocks select (fetched by an all-to-all); under causal masking the block of
   queries before each piece, for the selection query;
 - DALA: every key's routing score (N scalars per kv head, an all-gather) and the routed tokens (all-to-all);
@@ -104,8 +104,9 @@ class _Rows:
         width = int(self.slot.max()) + 1 if want.numel() else 0
         # [B*Hkv, width, W]: each kv head's fetched rows, the summary table the op call reads them from
         self.table = rows.new_zeros(bh, width, rows.shape[-1]).index_put((owner_bh, self.slot), rows)
-        self.positions = rows.new_full((bh, width), -1.0).index_put((owner_bh, self.slot),
-                                                                     (want % n).to(rows.dtype))
+        # positions in float64, not the rows' dtype: fp16 cannot hold position 65520, bf16 not even 257
+        self.positions = torch.full((bh, width), -1.0, dtype=torch.float64, device=rows.device).index_put(
+            (owner_bh, self.slot), (want % n).to(torch.float64))
 
     def index(self, bh: Tensor, pos: Tensor) -> Tensor:
         """Row of `want` for (bh, pos); a pair that was not fetched gets some valid row (callers mask it out)."""
@@ -125,12 +126,19 @@ def _exact(cp, q, k, v, kpm, params, causal, scale) -> Tensor:
     k_all, v_all = kv[..., :k.shape[-1]], kv[..., k.shape[-1]:]
     kpm_all = None if kpm is None else tokens(cp.exchange, kpm, 1, "key padding").bool()
     outs, local = [], 0
+    band = params.sliding_window
     for s, e in cp.layout.segments(cp.rank):
         n = e - s
-        keys = slice(0, e) if causal else slice(0, cp.layout.seq_len)
-        outs.append(single_process_attention(
-            "exact", q[:, :, local:local + n], k_all[:, :, keys], v_all[:, :, keys], causal=causal, scale=scale,
-            key_padding_mask=None if kpm_all is None else kpm_all[:, keys], **params.keywords()))
+        # keys [lo, hi): the prefix (causal) or everything; with a band only the keys within it
+        lo = 0 if band is None else max(0, s - band + 1)
+        hi = e if causal else (cp.layout.seq_len if band is None else min(cp.layout.seq_len, e + band - 1))
+        queries = q[:, :, local:local + n]
+        if not causal and band is not None and hi > e:   # zero rows after the queries: row i sits at position s + i
+            queries = torch.cat([queries, queries.new_zeros(*queries.shape[:2], hi - e, queries.shape[3])], 2)
+        out = single_process_attention(
+            "exact", queries, k_all[:, :, lo:hi], v_all[:, :, lo:hi], causal=causal, scale=scale,
+            key_padding_mask=None if kpm_all is None else kpm_all[:, lo:hi], **params.keywords())
+        outs.append(out[:, :, :n])
         local += n
     return torch.cat(outs, 2)
 
@@ -147,7 +155,7 @@ def _previous_query_rows(cp, q: Tensor, b: int) -> List[Optional[Tensor]]:
     return [by_end[s] if s > 0 else None for s, _ in segments]
 
 
-def _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, routed_sums=None) -> List[Plan]:
+def _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_routed=None) -> List[Plan]:
     """The plan rows (global indices) of each local piece, as one process would build them."""
     layout, b = cp.layout, params.block_size
     counts, pos_sums, k_sums, v_sums, scores, previous = stats
@@ -176,10 +184,10 @@ def _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, routed_sum
                 top_k_blocks=params.top_k_blocks, sparsity_factor=params.sparsity_factor, gamma=params.gamma,
                 scale=q.shape[-1] ** -0.5 if scale is None else scale, **common))
         else:
-            with_rest = params.compress_rest and routed_sums is not None
+            with_rest = params.compress_rest and without_routed is not None
             plans.append(dala_plan_from_stats(
                 scores, counts, k_sums if with_rest else None, v_sums if with_rest else None, pos_sums,
-                routed_sums, first, tq, num_heads=q.shape[1], window=params.window, memory_size=params.memory_size,
+                without_routed, first, tq, num_heads=q.shape[1], window=params.window, memory_size=params.memory_size,
                 decay=params.decay, slopes=inputs.get("slopes"), **common))
         local += n
     return plans
@@ -225,20 +233,26 @@ def context_parallel_attention(cp, q: Tensor, k: Tensor, v: Tensor, kind: str = 
     layout, b = cp.layout, params.block_size
     n_local = layout.local_len(cp.rank)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[2] != n_local:
-            got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        if isinstance(x, Tensor) and x.dim() == 4 and x.shape[2] != n_local:
             raise ValueError(f"{name} must be this rank's {n_local} tokens of the sequence, [B, heads, {n_local}, D] "
-                             f"(cp.shard(x, dim=2)), got {got}")
-    if layout.block_size % b:
+                             f"(cp.shard(x, dim=2)), got {list(x.shape)}")
+    checks.check_qkv(q, k, v, sparse=params.sparse, causal=causal)
+    if params.sparse and layout.block_size % b:   # the exact family reads keys by position, not by block
         raise ValueError(f"block_size={b} must divide the layout's block_size={layout.block_size} "
                          f"(danon.context_parallel(..., block_size=...)): pieces are cut on whole blocks")
-    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (q.shape[0], n_local):
+    if key_padding_mask is not None and (not isinstance(key_padding_mask, Tensor) or
+                                         tuple(key_padding_mask.shape) != (q.shape[0], n_local)):
         raise ValueError(f"key_padding_mask must be [B, {n_local}] (this rank's tokens), got "
-                         f"{list(key_padding_mask.shape)}")
+                         f"{getattr(key_padding_mask, 'shape', type(key_padding_mask).__name__)}")
+    kpm = checks.check_key_padding_mask(key_padding_mask, q, k)
     if inputs.get("past_queries") is not None:
         raise ValueError("past_queries (queries after a cache) has no meaning under context parallelism: every rank "
                          "holds part of one self-attention sequence")
-    kpm = None if key_padding_mask is None else key_padding_mask.bool()
+    inputs = params.check_inputs(q, k, **inputs)            # DALA's importance [B, Hkv, n] and slopes, checked
+    # which collectives run depends on the mask: a rank without padding takes an all-True one when another has
+    if cp.exchange.any_rank(kpm is not None, q.device) and kpm is None:
+        kpm = torch.ones(q.shape[0], n_local, dtype=torch.bool, device=q.device)
+    kpm = None if kpm is None else kpm.bool()
     if not params.sparse:
         return _exact(cp, q, k, v, kpm, params, causal, checks.check_scale(scale, q.shape[-1]))
     return _sparse(cp, kind, params, inputs, q, k, v, kpm, causal, scale)
@@ -294,11 +308,11 @@ def _sparse(cp, kind, params, inputs, q, k, v, kpm, causal, scale) -> Tensor:
     rows = _Rows(want, ex.fetch(want, owner, serve, "keys and values"), N, B * Hkv)
 
     if kind == "dala" and params.compress_rest:   # the rest summary subtracts the routed tokens' keys and values
-        def routed_sums(idx: Tensor, valid: Tensor) -> tuple:
-            got = rows.rows[rows.index(heads.view(B, Hkv, 1, 1), idx)] * valid[..., None].to(rows.rows.dtype)
-            got = got.sum(-2).to(acc)
-            return got[..., :D], got[..., D:D + v.shape[-1]]
-        plans = _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, routed_sums)
+        def without_routed(k_rest: Tensor, v_rest: Tensor, idx: Tensor, valid: Tensor) -> tuple:
+            got = rows.rows[rows.index(heads.view(B, Hkv, 1, 1), idx)].to(acc) * valid[..., None].to(acc)
+            got = got.sum(-2)
+            return k_rest - got[..., :D], v_rest - got[..., D:D + v.shape[-1]]
+        plans = _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_routed)
 
     # 3. one op call per piece: its queries, its halo and own keys, summaries plus fetched tokens as summaries
     outs, local = [], 0

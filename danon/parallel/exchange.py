@@ -11,8 +11,9 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import Tensor
+
+from danon.core.torch_internals import all_gather_autograd, all_to_all_autograd
 
 __all__ = ["Exchange"]
 
@@ -21,7 +22,9 @@ class Exchange:
     """Collectives over one process group, with the bytes each call sends to other ranks.
 
     `sent` holds, per purpose, the bytes this rank sent in the forward; `sent_backward` what the backward of
-    the differentiable ones sends (the same amount again, counted when the forward runs).
+    the differentiable ones will send, counted when the forward runs: an all-gather's backward (a
+    reduce-scatter) sends as much as its forward, a fetch's backward sends the gradients of the rows this rank
+    received, back to their owners.
 
     Example (a group of one rank: every row comes from this rank, nothing is sent):
         >>> import torch
@@ -51,13 +54,19 @@ class Exchange:
         differentiable = x.requires_grad
         self._count(purpose, x.numel() * x.element_size() * (self.world_size - 1), differentiable)
         if differentiable:
-            full = funcol.wait_tensor(funcol.all_gather_single_autograd(x.contiguous(), 0, self.group)
-                                      if hasattr(funcol, "all_gather_single_autograd")
-                                      else funcol.all_gather_tensor_autograd(x.contiguous(), 0, self.group))
+            full = all_gather_autograd(x, self.group)
             return list(full.chunk(self.world_size, 0))
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return parts
+
+    def any_rank(self, flag: bool, device=None) -> bool:
+        """Whether `flag` holds on any rank of the group (an all-reduce of one integer on `device`)."""
+        x = torch.tensor([int(bool(flag))], device=device)
+        if self.world_size > 1:
+            self._count("flags", x.element_size() * (self.world_size - 1), False)
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(x.item())
 
     def _all_to_all_ints(self, x: Tensor, send_counts: List[int], recv_counts: List[int]) -> Tensor:
         out = x.new_empty(sum(recv_counts))
@@ -79,7 +88,9 @@ class Exchange:
         rows = serve(ids_for_me)
         others = sum(n for r, n in enumerate(asked) if r != self.rank)
         self._count(purpose + " requests", others * send_ids.element_size(), False)
-        served_out = sum(n for r, n in enumerate(answered) if r != self.rank)
-        self._count(purpose, served_out * rows.shape[-1] * rows.element_size(), rows.requires_grad)
-        got = funcol.wait_tensor(funcol.all_to_all_single_autograd(rows.contiguous(), asked, answered, self.group))
+        row_bytes = rows.shape[-1] * rows.element_size()
+        self._count(purpose, sum(n for r, n in enumerate(answered) if r != self.rank) * row_bytes, False)
+        if rows.requires_grad:   # the backward sends the gradients of the rows this rank received to their owners
+            self.sent_backward[purpose] += sum(n for r, n in enumerate(asked) if r != self.rank) * row_bytes
+        got = all_to_all_autograd(rows, asked, answered, self.group)
         return got.index_select(0, torch.argsort(order))     # got[i] answers want[order[i]]

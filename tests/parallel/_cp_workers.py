@@ -25,6 +25,8 @@ FAMILIES = {
     "ucsa_sparsity": dict(block_size=16, local_window_size=32, global_tokens=0, sparsity_factor=0.3),
     "dala": dict(block_size=16, window=16, memory_size=8),
     "dala_no_rest": dict(block_size=16, window=16, memory_size=8, decay="none", compress_rest=False),
+    "exact_band": dict(block_size=16, sliding_window=24),
+    "msra_wide": dict(block_size=16, window=48, num_levels=1, compression_factor=2),   # 3 blocks > a piece
 }
 
 
@@ -34,12 +36,12 @@ def rel(a, b) -> float:
     return (a - b).norm().item() / n if n > 0 else (a - b).norm().item()
 
 
-def _inputs(dtype, padded: bool, seed: int):
+def _inputs(dtype, padded: bool, seed: int, dv: int = D):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)
     k = torch.randn(B, HKV, N, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, HKV, N, D, generator=g, dtype=torch.float64)
-    w = torch.randn(B, H, N, D, generator=g, dtype=torch.float64)       # the loss's weights: sum(out * w)
+    v = torch.randn(B, HKV, N, dv, generator=g, dtype=torch.float64)
+    w = torch.randn(B, H, N, dv, generator=g, dtype=torch.float64)      # the loss's weights: sum(out * w)
     kpm = None
     if padded:   # random holes, a padded start in batch 0 and a padded end in batch 1
         kpm = torch.rand(B, N, generator=g) > 0.2
@@ -48,15 +50,22 @@ def _inputs(dtype, padded: bool, seed: int):
     return [x.to(dtype) for x in (q, k, v, w)], kpm
 
 
-def _check_op(cp, kind, options, causal, padded, dtype, seed):
+def _check_op(cp, kind, options, causal, padded, dtype, seed, dv=D, tail_padding=False):
+    """Relative errors of the gathered output and q, k, v gradients against the single-process op. tail_padding:
+    only the sequence's last 30 tokens are padding, and a rank whose tokens hold none passes no mask at all."""
     from danon.functional import attention
-    (q, k, v, w), kpm = _inputs(dtype, padded, seed)
+    (q, k, v, w), kpm = _inputs(dtype, padded, seed, dv)
+    if tail_padding:
+        kpm = torch.ones(B, N, dtype=torch.bool)
+        kpm[:, -30:] = False
     keywords = dict(options, causal=causal, key_padding_mask=kpm)
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     ref = attention(*full, kind=kind, **keywords)
     (ref * w).sum().backward()
     local = [cp.shard(x.detach(), 2).requires_grad_() for x in (q, k, v)]
     local_kpm = None if kpm is None else cp.shard(kpm, 1)
+    if tail_padding and bool(local_kpm.all()):
+        local_kpm = None
     out = cp.attention(*local, kind, **dict(keywords, key_padding_mask=local_kpm))
     (out * cp.shard(w, 2)).sum().backward()
     got = [cp.unshard(out, 2)] + [cp.unshard(x.grad, 2) for x in local]
@@ -77,19 +86,24 @@ def _bytes(world: int) -> dict:
     last = cp.rank == world - 1
     return {"sent": dict(cp.exchange.sent), "backward": dict(cp.exchange.sent_backward),
             "expected_block_sums": (world - 1) * longest * row,
-            "expected_halo": 0 if last else 16 * row}          # window 16 = one block of 16 to the next rank
+            # window 16: one block of 16 rows to the next rank; its gradient comes back in the backward
+            "expected_halo": 0 if last else 16 * row, "expected_halo_backward": 0 if cp.rank == 0 else 16 * row}
 
 
 def _training(cp, kind: str, steps: int = 3):
     """Parameters after `steps` SGD steps of a factory model with the sequence split, and in one process."""
     import copy
     from danon.models import create_dala_model, create_msra_model, create_ucsa_model
-    make = {"msra": create_msra_model, "dala": create_dala_model, "ucsa": create_ucsa_model}[kind]
+    from danon.models import create_dense_model
+    make = {"msra": create_msra_model, "dala": create_dala_model, "ucsa": create_ucsa_model,
+            "dense": create_dense_model, "msra_checkpointed": create_msra_model}[kind]
     extra = {"msra": dict(window=16, num_levels=2), "dala": dict(window=16, memory_size=8),
-             "ucsa": dict(local_window_size=16, global_tokens=16, top_k_blocks=2)}[kind]
+             "ucsa": dict(local_window_size=16, global_tokens=16, top_k_blocks=2), "dense": {},
+             "msra_checkpointed": dict(window=16, num_levels=2, gradient_checkpointing=True)}[kind]
     torch.manual_seed(0)
-    model = make(hidden_size=32, num_heads=4, num_kv_heads=2, num_layers=2, vocab_size=50, block_size=16,
-                 **extra).double()
+    if kind != "dense":
+        extra["block_size"] = 16
+    model = make(hidden_size=32, num_heads=4, num_kv_heads=2, num_layers=2, vocab_size=50, **extra).double()
     split = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50, (2, N), generator=g)
@@ -178,15 +192,21 @@ def run_checks(rank: int, world: int, store_path: str, out_dir: str, which: str)
                     for padded in (False, True):
                         key = f"{name}|{layout}|{'causal' if causal else 'full'}|{'padded' if padded else 'dense'}"
                         results[key] = _check_op(cp, kind, options, causal, padded, torch.float64, seed=len(results))
-            if which == "full":
-                for name in ("msra", "ucsa", "dala"):
-                    results[f"{name}|{layout}|fp32"] = _check_op(cp, name, FAMILIES[name], True, True,
-                                                                 torch.float32, seed=7)
+                    results[f"{name}|{layout}|{'causal' if causal else 'full'}|fp32"] = _check_op(
+                        cp, kind, options, causal, causal, torch.float32, seed=len(results))
+                results[f"{name}|{layout}|causal|tail padding"] = _check_op(
+                    cp, kind, options, True, False, torch.float64, seed=len(results), tail_padding=True)
+            results[f"msra|{layout}|causal|dv 12"] = _check_op(cp, "msra", FAMILIES["msra"], True, True,
+                                                                torch.float64, seed=len(results), dv=12)
+            results[f"dala|{layout}|full|dv 12"] = _check_op(cp, "dala", FAMILIES["dala"], False, True,
+                                                              torch.float64, seed=len(results), dv=12)
         results["bytes"] = _bytes(world)
         cp = danon.context_parallel(N, block_size=16, balanced=True)
         before = cp.bytes_sent()
         results["training|msra"] = _training(cp, "msra")
         results["bytes_training"] = cp.bytes_sent() - before
+        results["training|dense"] = _training(cp, "dense")
+        results["training|msra_checkpointed"] = _training(cp, "msra_checkpointed")
         if which == "full":
             for kind in ("dala", "ucsa"):
                 results[f"training|{kind}"] = _training(cp, kind)
