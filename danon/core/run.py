@@ -16,7 +16,7 @@ from .attention_op import run_plan
 from .families import family
 from .plan import Plan
 
-__all__ = ["attention", "plan", "attention_site"]
+__all__ = ["attention", "plan", "attention_site", "split_keywords"]
 
 
 def _empty_output(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
@@ -26,8 +26,17 @@ def _empty_output(q: Tensor, k: Tensor, v: Tensor) -> Optional[Tensor]:
     return q.new_zeros(*q.shape[:3], v.shape[3]) + 0 * (q.sum() + k.sum() + v.sum())
 
 
-def _split(spec, keywords: dict):
-    """(the spec built from the family's parameters in `keywords`, the rest: per-call inputs)."""
+def split_keywords(spec, keywords: dict):
+    """(the spec built from the family's parameters in `keywords`, the rest: per-call inputs); an unknown keyword
+    is a TypeError naming the family's parameters and inputs.
+
+    Example:
+        >>> from danon.core.families import family
+        >>> params, inputs = split_keywords(family("dala"), {"window": 64, "importance": None})
+        >>> params.window, inputs
+        (64, {'importance': None})
+    """
+    keywords = dict(keywords)
     params = {name: keywords.pop(name) for name in spec.names() if name in keywords}
     for name in keywords:
         if name not in spec.inputs:
@@ -45,7 +54,7 @@ def plan(kind: str, q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, causal:
         >>> plan("msra", q, q, causal=True, block_size=16, window=32).window
         2
     """
-    params, inputs = _split(family(kind), dict(keywords))
+    params, inputs = split_keywords(family(kind), keywords)
     built = params.plan(q, k, k if v is None else v, causal=causal, key_padding_mask=key_padding_mask, **inputs)
     _observe(built, q)
     return built
@@ -79,7 +88,7 @@ def attention(kind: str, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = Fals
     empty = _empty_output(q, k, v)
     if empty is not None:
         return empty
-    params, inputs = _split(spec, dict(keywords))
+    params, inputs = split_keywords(spec, keywords)
     if spec.sparse:
         if attn_mask is not None or softcap is not None:
             raise TypeError(f"attn_mask and softcap are keywords of kind='exact' only, not of kind={kind!r}")

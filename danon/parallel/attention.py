@@ -31,22 +31,13 @@ from danon.core.families import family
 from danon.core.msra import msra_plan_from_block_sums
 from danon.core.plan import Plan
 from danon.core.run import attention as single_process_attention
+from danon.core.run import split_keywords
 from danon.core.ucsa import selection_queries, ucsa_plan_from_stats
 
 from .exchange import Exchange
 from .layout import SequenceLayout
 
 __all__ = ["context_parallel_attention"]
-
-
-def _split_keywords(kind: str, keywords: dict):
-    spec = family(kind)
-    params = {name: keywords.pop(name) for name in spec.names() if name in keywords}
-    for name in keywords:
-        if name not in spec.inputs:
-            raise TypeError(f"{kind} attention got an unexpected keyword argument {name!r}; its parameters are "
-                            f"{', '.join(spec.names() + spec.inputs)}")
-    return spec(**params), keywords
 
 
 def _pad_to(x: Tensor, length: int, dim: int) -> Tensor:
@@ -228,7 +219,7 @@ def context_parallel_attention(cp, q: Tensor, k: Tensor, v: Tensor, kind: str = 
         >>> bool((out - one).abs().max() < 1e-12)
         True
     """
-    params, inputs = _split_keywords(kind, dict(keywords))
+    params, inputs = split_keywords(family(kind), keywords)
     causal = checks.check_bool("causal", causal)
     layout, b = cp.layout, params.block_size
     n_local = layout.local_len(cp.rank)

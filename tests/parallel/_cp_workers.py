@@ -7,12 +7,11 @@ writes the relative errors to a JSON file per rank; the test process asserts on 
 """
 from __future__ import annotations
 
-import json
-import os
 import traceback
 
 import torch
 import torch.distributed as dist
+from _spawn import write_rank_results
 
 N = 200            # 13 blocks of 16, the last one 8 tokens: not a multiple of ranks x block
 B, H, HKV, D = 2, 4, 2, 8
@@ -215,7 +214,4 @@ def run_checks(rank: int, world: int, store_path: str, out_dir: str, which: str)
     except Exception:
         results["error"] = traceback.format_exc()
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        write_rank_results(out_dir, rank, results)

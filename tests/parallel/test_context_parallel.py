@@ -8,42 +8,26 @@ the one-rank group and the errors.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import pytest
 import torch
 
 import danon
 from danon.parallel import SequenceLayout, one_rank_group
+from _spawn import spawn_ranks
 
 FP64, FP32 = 1e-10, 1e-5
 
 
 def _spawn(tmp_path, world: int, which: str, timeout: float) -> list:
-    import torch.multiprocessing as mp
     sys.path.insert(0, os.path.dirname(__file__))
     try:
         import _cp_workers
     finally:
         sys.path.pop(0)
-    ctx = mp.start_processes(_cp_workers.run_checks, args=(world, str(tmp_path / "store"), str(tmp_path), which),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {world} context-parallel ranks did not finish within {timeout:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return results
+    return spawn_ranks(_cp_workers.run_checks, world, (which,), tmp_path, timeout)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])

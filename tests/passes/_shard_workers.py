@@ -8,14 +8,13 @@ a JSON file per rank; the test process asserts on them.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import time
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _spawn import write_rank_results
 
 N = 128                      # sequence length: 8 blocks of 16, so MSRA with window 16 is really sparse
 MSRA = {"attention": "msra", "min_seq_len": 0, "window": 16, "block_size": 16, "num_levels": 2}
@@ -161,7 +160,4 @@ def run_checks(rank: int, world_size: int, store: str, out_dir: str, target: str
     except BaseException:
         results["error"] = traceback.format_exc()
     finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        write_rank_results(out_dir, rank, results)

@@ -5,10 +5,8 @@ bounded in time; tests/passes/_shard_workers.py), against unsharded float64 copi
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -16,35 +14,20 @@ import torch.distributed as dist
 
 from danon.models import create_dala_model, create_dense_model
 from danon.shard import ShardPlan, local_parameter_bytes, shard, shard_plan
+from _spawn import spawn_ranks
 
 WORLD = 2
 FP32 = 1e-5
 
 
 def _spawn(tmp_path, target: str, full: bool, timeout: float) -> list:
-    """Run tests/_shard_workers.run_checks on WORLD ranks; returns each rank's results."""
-    import torch.multiprocessing as mp
+    """Run tests/passes/_shard_workers.run_checks on WORLD ranks; returns each rank's results."""
     sys.path.insert(0, os.path.dirname(__file__))
     try:
         import _shard_workers
     finally:
         sys.path.pop(0)
-    store = str(tmp_path / "store")
-    ctx = mp.start_processes(_shard_workers.run_checks, args=(WORLD, store, str(tmp_path), target, full),
-                             nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    try:
-        while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} sharded ranks did not finish within {timeout:.0f} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(WORLD)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r} failed:\n{res['error']}"
-    return results
+    return spawn_ranks(_shard_workers.run_checks, WORLD, (target, full), tmp_path, timeout)
 
 
 @pytest.fixture(scope="module")
