@@ -37,6 +37,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from danon.core.families import FAMILIES, family, substitution_options
 from danon.cache import LAYER_KEYWORD, SparseCache
+from danon import parallel
 from danon.core.run import attention_site
 
 __all__ = ["register", "attention_forward", "padding_mask", "REGISTERED", "SparseCache"]
@@ -105,6 +106,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     if sliding_window is not None or softcap is not None:
         kind = "exact"          # a sliding-window layer is already local; a softcap no sparse plan expresses
+    cp = parallel.active()
+    if cp is not None:          # inside `with danon.context_parallel(...)`: this rank's tokens of one sequence
+        return _context_parallel(cp, kind, min_seq_len, keywords, query, key, value, attention_mask, causal,
+                                 scaling, sliding_window, softcap, kwargs), None
     layer_cache = kwargs.get(LAYER_KEYWORD)        # a danon.SparseCache's layer hands itself over
     if layer_cache is not None and kind != "exact" and causal:
         state = layer_cache.plan_state(kind, keywords)
@@ -122,6 +127,19 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                          sliding_window=sliding_window, scale=scaling, softcap=softcap, min_seq_len=min_seq_len,
                          **keywords)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _context_parallel(cp, kind, min_seq_len, keywords, query, key, value, key_padding_mask, causal, scaling,
+                      sliding_window, softcap, kwargs):
+    """One layer's attention with the sequence split across `cp`'s ranks: [B, n, H, D] of this rank's rows."""
+    if kwargs.get(LAYER_KEYWORD) is not None or softcap is not None:
+        raise NotImplementedError("danon.context_parallel runs one training or prefill sequence split across ranks: "
+                                  "without a KV cache (use_cache=False) and without a logit softcap")
+    if kind == "exact" or cp.layout.seq_len < min_seq_len:   # the choice by length is the whole sequence's
+        kind, keywords = "exact", {"sliding_window": sliding_window}
+    out = cp.attention(query, key, value, kind, causal=causal, key_padding_mask=key_padding_mask, scale=scaling,
+                       **keywords)
+    return out.transpose(1, 2).contiguous()
 
 
 def _probe_mask_function(mask_function) -> Optional[int]:

@@ -135,6 +135,44 @@ def _training(cp, kind: str, steps: int = 3):
     return {"param_rel": err, "losses": losses}
 
 
+def _llama_training(cp, steps: int = 3):
+    """A transformers Llama with attn_implementation="danon" (MSRA) trained with its sequence split: position_ids
+    and the local attention mask go in, the loss is taken on the globally shifted labels."""
+    import copy
+    import transformers
+    import danon.hf  # noqa: F401  (registers attn_implementation="danon")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg.danon_attention = {"attention": "msra", "block_size": 16, "window": 16, "num_levels": 2}
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="danon").double()
+    split = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 50, (2, N), generator=g)
+    mask = torch.ones(2, N, dtype=torch.long)
+    mask[0, -17:] = 0
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1).masked_fill(mask == 0, -100)
+    count = int((labels != -100).sum())
+
+    def loss_of(m, ids_, mask_, labels_, positions):
+        logits = m(input_ids=ids_, attention_mask=mask_, position_ids=positions[None].expand(2, -1),
+                   use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels_.flatten(), ignore_index=-100,
+                                                 reduction="sum") / count
+    one, many = torch.optim.SGD(model.parameters(), lr=0.5), torch.optim.SGD(split.parameters(), lr=0.5)
+    for _ in range(steps):
+        one.zero_grad()
+        loss_of(model, ids, mask, labels, torch.arange(N)).backward()
+        one.step()
+        many.zero_grad()
+        with cp:
+            part = loss_of(split, cp.shard(ids), cp.shard(mask), cp.shard(labels), cp.positions())
+        part.backward()
+        cp.reduce_gradients(split)
+        many.step()
+    return {"param_rel": max(rel(a.detach(), b) for a, b in zip(split.parameters(), model.parameters()))}
+
+
 def _mesh_2d(steps: int = 3):
     """A 2 x 2 mesh: the sequence split over "cp", the model's heads and MLP over "tp" (danon.shard); parameters
     after `steps` SGD steps against one process."""
@@ -205,6 +243,7 @@ def run_checks(rank: int, world: int, store_path: str, out_dir: str, which: str)
         results["training|msra"] = _training(cp, "msra")
         results["bytes_training"] = cp.bytes_sent() - before
         results["training|dense"] = _training(cp, "dense")
+        results["training|llama"] = _llama_training(cp)
         results["training|msra_checkpointed"] = _training(cp, "msra_checkpointed")
         if which == "full":
             for kind in ("dala", "ucsa"):

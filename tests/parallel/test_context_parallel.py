@@ -69,6 +69,13 @@ def test_training_steps_equal_the_single_process_run(ranks):
     assert all(r["bytes_training"] > 0 for r in results)       # the ranks did exchange keys
 
 
+def test_transformers_llama_trains_split_like_one_process(ranks):
+    """attn_implementation="danon" (MSRA) inside `with cp:`, position_ids and a padded batch row: three SGD steps."""
+    world, results = ranks
+    err = results[0]["training|llama"]["param_rel"]
+    assert err < 1e-10, f"Llama parameters after 3 steps differ by {err:.2e} at {world} ranks"
+
+
 def test_bytes_counted_per_collective_match_the_layout(ranks):
     """MSRA causal sends its block sums to every other rank and one halo block to the next rank, nothing else
     (beyond the requests' ids); the backward reduce-scatters the block sums' gradients and sends the halo's
