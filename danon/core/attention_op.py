@@ -20,6 +20,7 @@ from .attention_args import (BACKWARD_SCHEMA, FORWARD_SCHEMA, GRADIENTS, Attenti
 from .dtypes import accumulation_dtype
 from .executors import executor_for, prefer, preferred
 from .plan import keys_per_query
+from .sequence_split import check_not_bypassed
 
 __all__ = ["attention_op", "attention_backward_op", "run_plan"]
 
@@ -42,6 +43,7 @@ def _attention(*args) -> tuple[Tensor, Tensor]:
         torch.Size([1, 2, 32, 8])
     """
     a = AttentionArgs(*args)
+    check_not_bypassed()
     out, lse = executor_for(a).forward(a)
     return out.contiguous(), lse.contiguous()   # the layout the fake impl promises
 

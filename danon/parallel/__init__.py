@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from danon.core.sequence_split import split_scope
+
 from .attention import context_parallel_attention
 from .exchange import Exchange
 from .layout import SequenceLayout
@@ -88,10 +90,13 @@ class ContextParallel:
 
     def __enter__(self):
         _ACTIVE.append(self)
+        self._scope = split_scope()
+        self._scope.__enter__()
         return self
 
     def __exit__(self, *exc):
         _ACTIVE.pop()
+        self._scope.__exit__(*exc)
         return False
 
 

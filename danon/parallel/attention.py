@@ -32,6 +32,7 @@ from danon.core.msra import msra_plan_from_block_sums
 from danon.core.plan import Plan
 from danon.core.run import attention as single_process_attention
 from danon.core.run import split_keywords
+from danon.core.sequence_split import own_call
 from danon.core.ucsa import selection_queries, ucsa_plan_from_stats
 
 from .exchange import Exchange
@@ -126,9 +127,10 @@ def _exact(cp, q, k, v, kpm, params, causal, scale) -> Tensor:
         queries = q[:, :, local:local + n]
         if not causal and band is not None and hi > e:   # zero rows after the queries: row i sits at position s + i
             queries = torch.cat([queries, queries.new_zeros(*queries.shape[:2], hi - e, queries.shape[3])], 2)
-        out = single_process_attention(
-            "exact", queries, k_all[:, :, lo:hi], v_all[:, :, lo:hi], causal=causal, scale=scale,
-            key_padding_mask=None if kpm_all is None else kpm_all[:, lo:hi], **params.keywords())
+        with own_call():
+            out = single_process_attention(
+                "exact", queries, k_all[:, :, lo:hi], v_all[:, :, lo:hi], causal=causal, scale=scale,
+                key_padding_mask=None if kpm_all is None else kpm_all[:, lo:hi], **params.keywords())
         outs.append(out[:, :, :n])
         local += n
     return torch.cat(outs, 2)
@@ -201,6 +203,8 @@ def _halo(layout: SequenceLayout, s: int, e: int, window: int, b: int, causal: b
     return max(0, s - window * b), e if causal else min(layout.seq_len, e + window * b)
 
 
+# Run eagerly under torch.compile (a graph break): the fetch's sizes are data (`.tolist()` of the request counts)
+@torch.compiler.disable
 def context_parallel_attention(cp, q: Tensor, k: Tensor, v: Tensor, kind: str = "exact", *, causal: bool = False,
                                key_padding_mask: Optional[Tensor] = None, scale: Optional[float] = None,
                                **keywords) -> Tensor:
@@ -366,5 +370,6 @@ def _run_piece(q, k, v, kpm, plan, rows: _Rows, s, e, local, layout, causal, sca
         summary_idx = summary_k = summary_v = count = pos = None
     call = Plan(plan.kind, b, causal, queries.shape[2], keys.shape[2], window=plan.window, summary_idx=summary_idx,
                 summary_k=summary_k, summary_v=summary_v, summary_count=count, summary_pos=pos, slopes=plan.slopes)
-    out = run_plan(queries, keys, values, call, scale=checks.check_scale(scale, D), key_padding_mask=key_mask)
+    with own_call():
+        out = run_plan(queries, keys, values, call, scale=checks.check_scale(scale, D), key_padding_mask=key_mask)
     return out[:, :, :n]

@@ -214,3 +214,28 @@ def test_two_dimensional_mesh_with_tensor_parallel_shard(ranks):
     got = results[0]["mesh_2d"]
     assert got["sharded"] > 0 and got["local_heads"] == 2            # danon.shard split the heads over "tp"
     assert got["param_rel"] < 1e-10, f"parameters after 3 steps differ by {got['param_rel']:.2e}"
+
+
+def test_compiled_models_inside_with_cp():
+    """torch.compile(backend="danon") inside `with cp:`: a factory model's danon layers graph-break into the
+    context-parallel path and equal the eager model; an SDPA site the backend rewrote into danon::attention would
+    attend over this rank's tokens alone, so the op refuses it with an error that says so."""
+    torch.manual_seed(0)
+    model = danon.create_msra_model(hidden_size=32, num_heads=2, num_layers=1, vocab_size=20, block_size=16,
+                                    window=16).eval()
+
+    class Sdpa(torch.nn.Module):
+        def forward(self, q):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    ids, q = torch.randint(0, 20, (1, 64)), torch.randn(1, 2, 64, 8)
+    options = {"attention": "msra", "min_seq_len": 0, "block_size": 16, "window": 16}
+    compiled = torch.compile(model, backend="danon", options=options)
+    sdpa = torch.compile(Sdpa(), backend="danon", options=options)
+    with torch.no_grad(), one_rank_group():
+        sdpa(q)                                                 # outside the split: runs
+        cp = danon.context_parallel(64, block_size=16)
+        with cp:
+            split = compiled(cp.shard(ids), position_ids=cp.positions())
+            with pytest.raises(RuntimeError, match="not through the context-parallel path"):
+                sdpa(cp.shard(q, 2))
+        assert torch.allclose(split, model(ids), atol=1e-5)
