@@ -236,7 +236,7 @@ def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padd
 def dala_plan_from_stats(scores: Optional[Tensor], counts: Tensor, k_sums: Optional[Tensor], v_sums: Optional[Tensor],
                          pos_sums: Tensor, without_routed, first: int, tq: int, *, num_heads: int, causal: bool,
                          block_size: int, window: int, memory_size: int, decay: str, slopes: Optional[Tensor],
-                         seq_len_q: int, seq_len_k: int) -> Plan:
+                         seq_len_q: int, seq_len_k: int, token_idx: Optional[Tensor] = None) -> Plan:
     """The DALA plan's rows for the absolute query blocks first .. first + Tq - 1 from statistics alone: every key's
     routing score `scores` [B, Hkv, Nk] (-inf for padding; None: no routed tokens), visible keys per block
     `counts` [B, Tk], the blocks' key and value sums [B, Hkv, Tk, D] (None: no rest summary), the sums of the
@@ -244,6 +244,7 @@ def dala_plan_from_stats(scores: Optional[Tensor], counts: Tensor, k_sums: Optio
     less the keys and values of the routed tokens `idx` [B, Hkv, Tq, M] (clamped to >= 0; `valid` marks the real
     ones). What `dala_plan`
     builds from q, k and v, and what danon.context_parallel builds from statistics gathered from every rank.
+    `token_idx`: the routed tokens when already chosen from the same scores (not chosen again).
 
     Example:
         >>> import torch
@@ -268,7 +269,9 @@ def dala_plan_from_stats(scores: Optional[Tensor], counts: Tensor, k_sums: Optio
         plan.slopes = alibi_slopes(num_heads, dev) if slopes is None else slopes
 
     routed = min(memory_size, nk)
-    if scores is not None:
+    if token_idx is not None:
+        plan.token_idx = token_idx
+    elif scores is not None:
         plan.token_idx = _routed_tokens(scores, b, routed, w, causal, first, tq)
 
     if k_sums is not None:

@@ -18,6 +18,7 @@ of the fetched rows and of the gathered sums back to the ranks that hold them.
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -33,7 +34,7 @@ from danon.core.plan import Plan
 from danon.core.run import attention as single_process_attention
 from danon.core.run import split_keywords
 from danon.core.sequence_split import own_call
-from danon.core.ucsa import selection_queries, ucsa_plan_from_stats
+from danon.core.ucsa import causal_selection_queries, list_capacity, selection_queries, ucsa_plan_from_stats
 
 from .exchange import Exchange
 from .layout import SequenceLayout
@@ -93,12 +94,22 @@ class _Rows:
         owner_bh = want // n
         starts = torch.searchsorted(want, torch.arange(bh, device=want.device) * n)
         self.slot = torch.arange(want.numel(), device=want.device) - starts[owner_bh]
-        width = int(self.slot.max()) + 1 if want.numel() else 0
-        # [B*Hkv, width, W]: each kv head's fetched rows, the summary table the op call reads them from
-        self.table = rows.new_zeros(bh, width, rows.shape[-1]).index_put((owner_bh, self.slot), rows)
-        # positions in float64, not the rows' dtype: fp16 cannot hold position 65520, bf16 not even 257
-        self.positions = torch.full((bh, width), -1.0, dtype=torch.float64, device=rows.device).index_put(
-            (owner_bh, self.slot), (want % n).to(torch.float64))
+        self.bh, self.owner_bh = bh, owner_bh
+
+    @functools.cached_property
+    def table(self) -> Tensor:
+        """[B*Hkv, width, W]: each kv head's fetched rows, the summary table the op call reads listed keys from
+        (built only for plans that list keys: MSRA's fetch is its halo alone)."""
+        width = int(self.slot.max()) + 1 if self.want.numel() else 0
+        return self.rows.new_zeros(self.bh, width, self.rows.shape[-1]).index_put((self.owner_bh, self.slot),
+                                                                                 self.rows)
+
+    @functools.cached_property
+    def positions(self) -> Tensor:
+        """[B*Hkv, width] the table rows' sequence positions, in float64, not the rows' dtype: fp16 cannot hold
+        position 65520, bf16 not even 257."""
+        return torch.full(self.table.shape[:2], -1.0, dtype=torch.float64, device=self.rows.device).index_put(
+            (self.owner_bh, self.slot), (self.want % self.n).to(torch.float64))
 
     def index(self, bh: Tensor, pos: Tensor) -> Tensor:
         """Row of `want` for (bh, pos); a pair that was not fetched gets some valid row (callers mask it out)."""
@@ -148,8 +159,10 @@ def _previous_query_rows(cp, q: Tensor, b: int) -> List[Optional[Tensor]]:
     return [by_end[s] if s > 0 else None for s, _ in segments]
 
 
-def _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_routed=None) -> List[Plan]:
-    """The plan rows (global indices) of each local piece, as one process would build them."""
+def _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_routed=None,
+           routed: Optional[List[Plan]] = None) -> List[Plan]:
+    """The plan rows (global indices) of each local piece, as one process would build them (DALA's second pass:
+    `routed`, the first pass's plans, whose routed tokens it keeps)."""
     layout, b = cp.layout, params.block_size
     counts, pos_sums, k_sums, v_sums, scores, previous = stats
     plans, local = [], 0
@@ -164,13 +177,10 @@ def _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_ro
         elif kind == "ucsa":
             per_head = params.gamma is not None
             qbar = None
-            if params.top_k_blocks > 0 or (params.sparsity_factor or 0) > 0:
-                rows = q[:, :, local:local + n]
-                if causal and previous[i] is not None:
-                    qbar = selection_queries(torch.cat([previous[i].to(q.dtype), rows], 2), b, k.shape[1], True,
-                                             per_head)[:, :, 1:]
-                else:
-                    qbar = selection_queries(rows, b, k.shape[1], causal, per_head)
+            if list_capacity(counts.shape[-1], b, params.global_tokens, params.top_k_blocks, params.sparsity_factor)[2]:
+                rows = q[:, :, local:local + n]   # causal: the piece's queries after the `previous` ones, ending at e
+                qbar = (causal_selection_queries(rows, previous[i], e, b, k.shape[1], per_head) if causal
+                        else selection_queries(rows, b, k.shape[1], False, per_head))
             plans.append(ucsa_plan_from_stats(
                 qbar, counts, k_sums, v_sums if params.compress else None, first, tq,
                 local_window_size=params.local_window_size, global_tokens=params.global_tokens,
@@ -181,7 +191,8 @@ def _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_ro
             plans.append(dala_plan_from_stats(
                 scores, counts, k_sums if with_rest else None, v_sums if with_rest else None, pos_sums,
                 without_routed, first, tq, num_heads=q.shape[1], window=params.window, memory_size=params.memory_size,
-                decay=params.decay, slopes=inputs.get("slopes"), **common))
+                decay=params.decay, slopes=inputs.get("slopes"),
+                token_idx=None if routed is None else routed[i].token_idx, **common))
         local += n
     return plans
 
@@ -307,7 +318,7 @@ def _sparse(cp, kind, params, inputs, q, k, v, kpm, causal, scale) -> Tensor:
             got = rows.rows[rows.index(heads.view(B, Hkv, 1, 1), idx)].to(acc) * valid[..., None].to(acc)
             got = got.sum(-2)
             return k_rest - got[..., :D], v_rest - got[..., D:D + v.shape[-1]]
-        plans = _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_routed)
+        plans = _plans(cp, kind, params, q, k, kpm, causal, scale, inputs, stats, without_routed, plans)
 
     # 3. one op call per piece: its queries, its halo and own keys, summaries plus fetched tokens as summaries
     outs, local = [], 0
