@@ -7,6 +7,11 @@ calls counted at half). What docs/executors.md's "Where the time goes" was measu
 
     python bench/profile_cpu.py --kind msra --seq-len 16384            # forward
     python bench/profile_cpu.py --kind dala --seq-len 16384 --backward # forward + backward
+    python bench/profile_cpu.py --kind ucsa --kernel-phases --backward # inside danon's C++ kernel, by phase
+
+Without --kernel-phases, danon's C++ kernel (danon/kernels/csrc) is one op to the timer; --kernel-phases
+loads its profiling build (timers per phase, summed over the threads) and splits each call's time into
+gathering the listed keys, gemm, the softmax (and dS), and the scatter of the listed keys' gradients.
 """
 from __future__ import annotations
 
@@ -96,13 +101,59 @@ def profile(kind: str, n: int, backward: bool, heads: int = 8, head_dim: int = 6
     return total, by_line, flash
 
 
+PHASES = ("gather", "gemm", "softmax", "scatter")
+
+
+def kernel_phases(kind: str, n: int, backward: bool, heads: int = 8, head_dim: int = 64) -> list:
+    """[(pass, wall seconds, {phase: seconds summed over threads})] of one call after a warm-up."""
+    import danon
+    from danon.kernels import native_cpu
+
+    ops = native_cpu.load(profile=True)
+    if ops is None:
+        raise SystemExit("danon's CPU kernel could not be built here")
+    real_load = native_cpu.load
+    native_cpu.load = lambda profile=False: ops   # fused_cpu looks the loader up at call time
+    try:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, heads, n, head_dim, requires_grad=backward) for _ in range(3))
+        out = danon.attention(q, k, v, kind=kind, causal=True)   # warm-up
+        if backward:
+            out.backward(torch.ones_like(out))
+        ops.phase_seconds()
+        rows = []
+        start = time.perf_counter()
+        out = danon.attention(q, k, v, kind=kind, causal=True)
+        rows.append(("forward", time.perf_counter() - start, dict(zip(PHASES, ops.phase_seconds()))))
+        if backward:
+            start = time.perf_counter()
+            out.backward(torch.ones_like(out))
+            rows.append(("backward", time.perf_counter() - start, dict(zip(PHASES, ops.phase_seconds()))))
+        return rows
+    finally:
+        native_cpu.load = real_load
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kind", default="msra", choices=["msra", "dala", "ucsa"])
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--kernel-phases", action="store_true",
+                        help="split danon's C++ kernel's time by phase (its profiling build)")
     args = parser.parse_args(argv)
+    if args.kernel_phases:
+        threads = torch.get_num_threads()
+        print(f"{args.kind}, N = {args.seq_len} (B 1, H 8, D 64, fp32, causal), {threads} threads; "
+              "phases in ms summed over the threads")
+        for name, wall, phases in kernel_phases(args.kind, args.seq_len, args.backward):
+            inside = sum(phases.values())
+            print(f"{name}: {wall * 1e3:.0f} ms wall ({wall * threads * 1e3:.0f} thread-ms); kernel "
+                  + ", ".join(f"{p} {t * 1e3:.0f}" for p, t in phases.items())
+                  + f"; the rest (plan, layout copies, threads idle outside the kernel) "
+                  f"{(wall * threads - inside) * 1e3:.0f} thread-ms")
+        return
     total, by_line, flash = profile(args.kind, args.seq_len, args.backward)
     print(f"{args.kind}, N = {args.seq_len}, {'forward + backward' if args.backward else 'forward'}: "
           f"{total * 1e3:.0f} ms with the timer on (B 1, H 8, D 64, fp32, causal)")

@@ -232,3 +232,18 @@ def all_to_all_autograd(x: torch.Tensor, output_split_sizes: List[int], input_sp
     import torch.distributed._functional_collectives as funcol
     return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), output_split_sizes,
                                                                 input_split_sizes, group))
+
+
+# --- the vector ISA Inductor compiles CPU kernels for (danon/kernels/native_cpu.py builds with the same flags) --
+def cpu_vector_isa_flags():
+    """(name, compiler flags, macros) of the vector ISA Inductor picks on this CPU, or None without one.
+
+    at::vec picks its vector width from the CPU_CAPABILITY_* macro; Inductor's `pick_vec_isa` is what tests
+    the CPU and compiler for it (no public API does).
+    """
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    if not isa:
+        return None
+    return str(isa), isa.build_arch_flags().split(), list(isa.build_macro())

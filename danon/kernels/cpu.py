@@ -1,7 +1,10 @@
 """CPU executor of an attention plan (DESIGN.md section 4): picks the path for each call.
 
 - dense exact attention (no ALiBi, no softcap): PyTorch's fused CPU flash kernel, GQA native;
-- sparse plans: gathered key sets run through the same flash kernel (danon/kernels/gather.py);
+- sparse plans: danon's own kernel (danon/kernels/fused_cpu.py, C++ built on first use), one tile per query
+  block and head, forward and backward; without it (no compiler, float64, a band, more than 4096 keys per query
+  block; a backward with fewer (batch, kv head) pairs than threads): gathered key sets run through the same
+  flash kernel (danon/kernels/gather.py);
 - anything the fast paths lack (softcap, gradients of ALiBi slopes without causal masking, of a
   general mask or of the lse, non-CPU tensors): the reference executor (danon/kernels/reference.py), plain torch, chunked.
 No path builds an N x N tensor for a sparse plan.
@@ -18,6 +21,7 @@ from danon.core.attention_args import GRADIENTS, AttentionArgs, BackwardArgs
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
 
+from .fused_cpu import fused_backward, fused_forward
 from .gather import GatheredPlan, gathered_backward, gathered_forward
 from .reference import reference_backward, reference_forward
 
@@ -129,7 +133,8 @@ def attention_forward(a: AttentionArgs):
     if path == "flash":
         return _flash_forward(q, k, v, a.key_padding_mask, a.attn_mask, a.scale, a.causal)
     if path == "gather":
-        out, lse = gathered_forward(GatheredPlan(a))
+        fused = fused_forward(a)   # danon's own kernel: one tile per query block (None: not built, or not taken)
+        out, lse = fused if fused is not None else gathered_forward(GatheredPlan(a))
         return out.to(q.dtype), lse
     return reference_forward(a)
 
@@ -152,6 +157,14 @@ def attention_backward(a: AttentionArgs, g: BackwardArgs):
         return _flash_backward(g.grad_out, q, k, v, a.key_padding_mask, a.attn_mask, g.out, g.lse, a.scale,
                                a.causal) + (empty,) * 4
 
+    if path == "gather" and not use_lse:   # danon's own kernel first (None: not built, or not taken)
+        fused = fused_backward(a, g.grad_out, g.out, g.lse)
+        if fused is not None:
+            dq, dk, dv, dsk, dsv, dslopes = fused
+            return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                    dsk.to(a.summary_k.dtype) if (dsk is not None and g.need_summary_grad) else empty,
+                    dsv.to(a.summary_v.dtype) if (dsv is not None and g.need_summary_grad) else empty, empty,
+                    dslopes.to(a.slopes.dtype) if g.need_slopes_grad else empty)
     # the slopes' gradient is linear in the key's position only under causal masking (gathered_backward)
     if path == "gather" and not use_lse and (not g.need_slopes_grad or a.causal):
         dq, dk, dv, dsk, dsv, dslopes = gathered_backward(GatheredPlan(a), g.grad_out, g.out, g.lse,

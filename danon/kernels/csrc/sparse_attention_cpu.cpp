@@ -1,0 +1,564 @@
+// danon's CPU kernel for sparse attention plans, forward and backward (danon/kernels/native_cpu.py builds and
+// loads it, danon/kernels/fused_cpu.py lays a plan's call out for it; docs/executors.md explains it).
+//
+// Written by hand because no library runs it: aten's CPU flash kernel takes one key set per batch entry, so
+// the gathered executor (danon/kernels/gather.py) calls it once per part (window, own block, listed keys,
+// summaries) and merges the parts by log-sum-exp; FlexAttention cannot express summaries. Here one query
+// block and one head see all their keys in one tile: the window is read in place (contiguous rows of k),
+// the listed blocks, tokens and summaries are gathered next to it, and one softmax covers them all.
+//
+// Forward work item: (batch, kv head, query block); its G query heads reuse the gathered keys. Per head:
+//   logits [b, L] = q_block . [window keys | gathered keys]^T     (MKL sgemm, as aten's flash kernel)
+//   scale, key biases (padding, log n_s), ALiBi -slope |i - pos|, the causal triangle of the own block
+//   p = exp(logits - max), lse = max + log(sum p)                   (at::vec, exp_u20 as aten's flash kernel)
+//   out [b, Dv] = p . [window values | gathered values] / sum p
+// A row that sees no key returns out 0 and lse -inf.
+// Backward work item: (batch, kv head), its query blocks in order, so that a thread owns its keys' gradients:
+//   p recomputed from the lse, dS = p (dp - delta), dq = scale dS K, dK += scale dS^T Q, dV += p^T dO.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// -DDANON_PROFILE (native_cpu.load(profile=True), bench/profile_cpu.py --kernel-phases): time spent per phase,
+// summed over the threads, read by danon_cpu_profile::phase_seconds. The default build has no timer.
+#ifdef DANON_PROFILE
+#include <atomic>
+#include <chrono>
+#define DANON_LIBRARY danon_cpu_profile
+namespace {
+std::atomic<int64_t> phase_ns[4];  // gather, gemm, softmax (and dS), scatter of the listed keys' gradients
+struct PhaseTimer {
+  int phase;
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  explicit PhaseTimer(int ph) : phase(ph) {}
+  ~PhaseTimer() {
+    phase_ns[phase] += std::chrono::duration_cast<std::chrono::nanoseconds>(
+        std::chrono::steady_clock::now() - start).count();
+  }
+};
+}  // namespace
+#define DANON_PHASE(ph) PhaseTimer danon_phase_timer_(ph)
+#else
+#define DANON_LIBRARY danon_cpu
+#define DANON_PHASE(ph)
+#endif
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// Row-major C[rows x cols] (ld ldc) = alpha op(A) . op(B) + beta C with column-major BLAS: C^T = op(B)^T op(A)^T,
+// so the operands swap. A is [rows x inner] row-major ([inner x rows] when trans_a), B [inner x cols] ([cols x
+// inner] when trans_b).
+void gemm(bool trans_a, bool trans_b, int rows, int cols, int inner, float alpha, const float* a, int lda,
+          const float* b, int ldb, float beta, float* c, int ldc) {
+  DANON_PHASE(1);
+  if (rows == 0 || cols == 0) return;
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  sgemm_(&tb, &ta, &cols, &rows, &inner, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+void gemm_rowmajor(bool trans_b, int rows, int cols, int inner, const float* a, int lda, const float* b, int ldb,
+                   float beta, float* c, int ldc) {
+  gemm(false, trans_b, rows, cols, inner, 1.f, a, lda, b, ldb, beta, c, ldc);
+}
+
+struct Plan {
+  int64_t B, H, Hkv, G, b, D, Dv, n, tq, tk, first;
+  int64_t window;  // -1: none
+  bool causal;
+  float scale;
+  const float *q, *k, *v, *key_bias, *slopes;
+  int64_t sqB, sqH, sqN;
+  const int64_t *block_idx, *token_idx, *summary_idx;
+  int64_t kb, kt, ks, S;
+  const float *sk, *sv, *summary_bias, *summary_pos;
+  float *out, *lse;
+};
+
+// Rows of the in-place window (absolute key blocks lo .. hi inclusive); lo > hi: none.
+void window_blocks(const Plan& p, int64_t bh_kv, int64_t blk, int64_t& lo, int64_t& hi) {
+  if (p.window >= 0) {
+    const int64_t w = std::min(p.window, p.tk);
+    lo = std::max<int64_t>(0, blk - w);
+    hi = p.causal ? blk : std::min(p.tk - 1, blk + w);
+    return;
+  }
+  lo = 1;
+  hi = 0;
+  if (p.causal && p.block_idx != nullptr) {  // a plan without a window: the own block only if it is listed
+    const int64_t* row = p.block_idx + (bh_kv * p.tq + (blk - p.first)) * p.kb;
+    for (int64_t j = 0; j < p.kb; ++j)
+      if (row[j] == blk) lo = hi = blk;
+  }
+}
+
+struct Scratch {
+  std::vector<float> kg, vg, bias, pos, logits;
+  bool any_bias = false;  // whether a gathered key has a bias (padding, log n_s): none skips the bias pass
+  std::vector<int64_t> src;  // where each gathered key came from: a key row (>= 0) or summary row -1 - src
+  std::vector<float> dp, dkg, dvg;  // the backward's: dp (then dS) and the gathered keys' gradients
+};
+
+// Gathers the listed blocks, tokens and summaries of one (batch, kv head, query block): returns their count.
+int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
+  DANON_PHASE(0);
+  const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first, start = blk * p.b;
+  const float* kbase = p.k + bh_kv * p.n * p.D;
+  const float* vbase = p.v + bh_kv * p.n * p.Dv;
+  const float* kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
+  int64_t m = 0;
+  s.any_bias = false;
+  auto add = [&](const float* krow, const float* vrow, float bias, float pos, int64_t src) {
+    if (!s.src.empty()) s.src[m] = src;
+    std::copy(krow, krow + p.D, s.kg.data() + m * p.D);
+    std::copy(vrow, vrow + p.Dv, s.vg.data() + m * p.Dv);
+    s.bias[m] = bias;
+    s.any_bias |= bias != 0.f;
+    s.pos[m] = pos;
+    ++m;
+  };
+  if (p.block_idx != nullptr) {
+    const int64_t* row = p.block_idx + (bh_kv * p.tq + t) * p.kb;
+    for (int64_t j = 0; j < p.kb; ++j) {
+      const int64_t blk_j = row[j];
+      if (blk_j < 0 || blk_j >= p.tk || (p.causal && blk_j >= blk)) continue;  // causal: the own block is the window's
+      for (int64_t r = 0; r < p.b; ++r) {
+        const int64_t key = blk_j * p.b + r;
+        add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key);
+      }
+    }
+  }
+  if (p.token_idx != nullptr) {
+    const int64_t* row = p.token_idx + (bh_kv * p.tq + t) * p.kt;
+    for (int64_t j = 0; j < p.kt; ++j) {
+      const int64_t key = row[j];
+      if (key < 0 || key >= p.n || (p.causal && key >= start)) continue;
+      add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key);
+    }
+  }
+  if (p.summary_idx != nullptr) {
+    const int64_t* row = p.summary_idx + (bh_kv * p.tq + t) * p.ks;
+    const float* sk = p.sk + bh_kv * p.S * p.D;
+    const float* sv = p.sv + bh_kv * p.S * p.Dv;
+    for (int64_t j = 0; j < p.ks; ++j) {
+      const int64_t idx = row[j];
+      if (idx < 0 || idx >= p.S) continue;
+      add(sk + idx * p.D, sv + idx * p.Dv, p.summary_bias[bh_kv * p.S + idx],
+          p.summary_pos != nullptr ? p.summary_pos[bh_kv * p.S + idx] : 0.f, -1 - idx);
+    }
+  }
+  return m;
+}
+
+// One segment of a row of logits (the window's keys, or the gathered ones) before the exp. With neither a bias
+// nor ALiBi (and scale > 0) the raw logits are left as they are: max(scale x) = scale max(x), and the exp pass
+// applies the scale (one pass over the row fewer). Otherwise x <- scale x + bias - slope |i - pos| in place.
+struct Segment {
+  float* x;
+  int64_t count;
+  float mul;  // what the exp pass multiplies x by: scale for raw logits, 1 once scaled in place
+};
+
+// Returns the segment's max (scaled); keys at positions pos0 + c (window, pos == nullptr) or pos[c] (gathered).
+float prepare_segment(Segment& seg, float scale, const float* bias, bool alibi, float slope, float fi,
+                      int64_t pos0, const float* pos, bool need_max) {
+  float* x = seg.x;
+  const int64_t count = seg.count;
+  if (bias == nullptr && !alibi && scale > 0.f) {
+    seg.mul = scale;
+    if (!need_max) return 0.f;
+    float mx = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, count);
+    return count > 0 ? mx * scale : kNegInf;
+  }
+  seg.mul = 1.f;
+  const Vec vscale(scale), vslope(slope), vi(fi), iota = Vec::arange(0.f, 1.f);
+  Vec vmax(kNegInf);
+  int64_t c = 0;
+  for (; c + Vec::size() <= count; c += Vec::size()) {
+    Vec y = Vec::loadu(x + c) * vscale;
+    if (bias != nullptr) y = y + Vec::loadu(bias + c);
+    if (alibi) {
+      const Vec p = pos != nullptr ? Vec::loadu(pos + c) : iota + Vec(static_cast<float>(pos0 + c));
+      y = y - vslope * (vi - p).abs();
+    }
+    y.store(x + c);
+    vmax = at::vec::maximum(vmax, y);
+  }
+  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (; c < count; ++c) {
+    float y = x[c] * scale + (bias != nullptr ? bias[c] : 0.f);
+    if (alibi) y -= slope * std::abs(fi - (pos != nullptr ? pos[c] : static_cast<float>(pos0 + c)));
+    x[c] = y;
+    mx = std::max(mx, y);
+  }
+  return mx;
+}
+
+// x <- exp(mul x - mx) over the segment; returns the sum.
+float exp_segment(const Segment& seg, float mx) {
+  float* x = seg.x;
+  const Vec vmax(mx), vmul(seg.mul);
+  Vec vsum(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= seg.count; c += Vec::size()) {
+    const Vec e = at::vec::fmsub(Vec::loadu(x + c), vmul, vmax).exp_u20();
+    e.store(x + c);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; c < seg.count; ++c) {
+    x[c] = std::exp(x[c] * seg.mul - mx);
+    sum += x[c];
+  }
+  return sum;
+}
+
+// One row of logits [window keys | gathered keys] -> unnormalised probabilities in place. `lse`: the forward's
+// (backward: p = exp(logit - lse)), or NaN to compute max and sum here (forward). Returns (max, sum); under
+// causal masking the window keys after row i (the own block's triangle) are set to 0 without a pass.
+void softmax_row(const Plan& p, float* row, int64_t lw, int64_t lg, int64_t key0, int64_t i, float slope,
+                 const float* kbias, const Scratch& s, float lse, float& row_max, float& row_sum) {
+  DANON_PHASE(2);
+  const float fi = static_cast<float>(i);
+  const bool alibi = p.slopes != nullptr;
+  const int64_t visible = p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
+  const bool forward = std::isnan(lse);
+  Segment window{row, visible, 1.f}, listed{row + lw, lg, 1.f};
+  const float mx = std::max(
+      prepare_segment(window, p.scale, kbias != nullptr ? kbias + key0 : nullptr, alibi, slope, fi, key0, nullptr,
+                      forward),
+      prepare_segment(listed, p.scale, s.any_bias ? s.bias.data() : nullptr, alibi, slope, fi, 0, s.pos.data(),
+                      forward));
+  std::fill(row + visible, row + lw, 0.f);
+  if ((forward && mx == kNegInf) || lse == kNegInf) {  // no key visible: p = 0 everywhere
+    std::fill(row, row + visible, 0.f);
+    std::fill(row + lw, row + lw + lg, 0.f);
+    row_max = kNegInf;
+    row_sum = 0.f;
+    return;
+  }
+  const float shift = forward ? mx : lse;
+  row_max = mx;
+  row_sum = exp_segment(window, shift) + exp_segment(listed, shift);
+}
+
+void run_item(const Plan& p, int64_t item, Scratch& s) {
+  const int64_t t = item % p.tq, hk = (item / p.tq) % p.Hkv, bb = item / (p.tq * p.Hkv);
+  const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first;
+  int64_t lo, hi;
+  window_blocks(p, bh_kv, blk, lo, hi);
+  const int64_t lw = lo <= hi ? (hi - lo + 1) * p.b : 0, key0 = lo * p.b;
+  const int64_t lg = gather_listed(p, bb, hk, t, s);
+  const int64_t L = lw + lg;
+  const float* kw = p.k + (bh_kv * p.n + key0) * p.D;
+  const float* vw = p.v + (bh_kv * p.n + key0) * p.Dv;
+  const float* kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
+  float* logits = s.logits.data();
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t h = hk * p.G + g;
+    const float* q = p.q + bb * p.sqB + h * p.sqH + t * p.b * p.sqN;
+    float* out = p.out + ((bb * p.H + h) * p.tq * p.b + t * p.b) * p.Dv;
+    float* lse = p.lse + (bb * p.H + h) * p.tq * p.b + t * p.b;
+    if (L == 0) {
+      std::fill(out, out + p.b * p.Dv, 0.f);
+      std::fill(lse, lse + p.b, kNegInf);
+      continue;
+    }
+    gemm_rowmajor(true, p.b, lw, p.D, q, p.sqN, kw, p.D, 0.f, logits, L);
+    gemm_rowmajor(true, p.b, lg, p.D, q, p.sqN, s.kg.data(), p.D, 0.f, logits + lw, L);
+    const float slope = p.slopes != nullptr ? p.slopes[h] : 0.f;
+    float inv[1024];  // b <= 1024 (checked by the caller)
+    for (int64_t r = 0; r < p.b; ++r) {
+      float mx, sum;
+      softmax_row(p, logits + r * L, lw, lg, key0, blk * p.b + r, slope, kbias, s, kNaN, mx, sum);
+      lse[r] = mx == kNegInf ? kNegInf : mx + std::log(sum);
+      inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    }
+    gemm_rowmajor(false, p.b, p.Dv, lw, logits, L, vw, p.Dv, 0.f, out, p.Dv);
+    gemm_rowmajor(false, p.b, p.Dv, lg, logits + lw, L, s.vg.data(), p.Dv, lw > 0 ? 1.f : 0.f, out, p.Dv);
+    for (int64_t r = 0; r < p.b; ++r) {
+      float* o = out + r * p.Dv;
+      at::vec::map([f = inv[r]](Vec x) { return x * Vec(f); }, o, o, p.Dv);
+    }
+  }
+}
+
+// --- backward: recompute p from the lse, dS = p (dp - delta), then dq, dk, dv by gemm -----------------------
+struct Grads {
+  const float *dout, *o;
+  int64_t sdB, sdH, sdN, soB, soH, soN;
+  float *dq, *dk, *dv, *dsk, *dsv;
+  double* dslopes;  // [B, H]: one slot per batch entry (threads split by batch); a sum of many signed terms
+};
+
+// dS = p (dp - delta) in place over [0, count); returns sum dS |i - pos| (the slope's gradient, negated) if asked.
+float ds_row(float* dp, const float* prob, int64_t count, float delta, bool alibi, float fi, int64_t pos0,
+             const float* pos) {
+  DANON_PHASE(2);
+  const Vec vdelta(delta), vi(fi), iota = Vec::arange(0.f, 1.f);
+  Vec vacc(0.f);
+  int64_t c = 0;
+  for (; c + Vec::size() <= count; c += Vec::size()) {
+    const Vec ds = Vec::loadu(prob + c) * (Vec::loadu(dp + c) - vdelta);
+    ds.store(dp + c);
+    if (alibi) {
+      const Vec p = pos != nullptr ? Vec::loadu(pos + c) : iota + Vec(static_cast<float>(pos0 + c));
+      vacc = vacc + ds * (vi - p).abs();
+    }
+  }
+  float acc = alibi ? at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vacc) : 0.f;
+  for (; c < count; ++c) {
+    const float ds = prob[c] * (dp[c] - delta);
+    dp[c] = ds;
+    if (alibi) acc += ds * std::abs(fi - (pos != nullptr ? pos[c] : static_cast<float>(pos0 + c)));
+  }
+  return acc;
+}
+
+void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
+  const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first;
+  int64_t lo, hi;
+  window_blocks(p, bh_kv, blk, lo, hi);
+  const int64_t lw = lo <= hi ? (hi - lo + 1) * p.b : 0, key0 = lo * p.b;
+  const int64_t lg = gather_listed(p, bb, hk, t, s);
+  const int64_t L = lw + lg;
+  if (L == 0) {  // no key: dq is 0 for these rows
+    for (int64_t g = 0; g < p.G; ++g) {
+      const int64_t h = hk * p.G + g;
+      std::fill_n(gr.dq + ((bb * p.H + h) * p.tq * p.b + t * p.b) * p.D, p.b * p.D, 0.f);
+    }
+    return;
+  }
+  const float* kw = p.k + (bh_kv * p.n + key0) * p.D;
+  const float* vw = p.v + (bh_kv * p.n + key0) * p.Dv;
+  float* dkw = gr.dk + (bh_kv * p.n + key0) * p.D;
+  float* dvw = gr.dv + (bh_kv * p.n + key0) * p.Dv;
+  const float* kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
+  const bool alibi = p.slopes != nullptr;
+  float* prob = s.logits.data();
+  float* dp = s.dp.data();
+  for (int64_t g = 0; g < p.G; ++g) {
+    const int64_t h = hk * p.G + g;
+    const float* q = p.q + bb * p.sqB + h * p.sqH + t * p.b * p.sqN;
+    const float* dout = gr.dout + bb * gr.sdB + h * gr.sdH + t * p.b * gr.sdN;
+    const float* o = gr.o + bb * gr.soB + h * gr.soH + t * p.b * gr.soN;
+    const float* lse = p.lse + (bb * p.H + h) * p.tq * p.b + t * p.b;
+    float* dq = gr.dq + ((bb * p.H + h) * p.tq * p.b + t * p.b) * p.D;
+    const float slope = alibi ? p.slopes[h] : 0.f;
+    gemm_rowmajor(true, p.b, lw, p.D, q, p.sqN, kw, p.D, 0.f, prob, L);
+    gemm_rowmajor(true, p.b, lg, p.D, q, p.sqN, s.kg.data(), p.D, 0.f, prob + lw, L);
+    gemm_rowmajor(true, p.b, lw, p.Dv, dout, gr.sdN, vw, p.Dv, 0.f, dp, L);
+    gemm_rowmajor(true, p.b, lg, p.Dv, dout, gr.sdN, s.vg.data(), p.Dv, 0.f, dp + lw, L);
+    double slope_grad = 0.;
+    for (int64_t r = 0; r < p.b; ++r) {
+      float* row = prob + r * L;
+      const int64_t i = blk * p.b + r;
+      const float fi = static_cast<float>(i);
+      if (lse[r] == kNegInf) {  // a row that saw no key: p = 0, dS = 0
+        std::fill(row, row + L, 0.f);
+        std::fill(dp + r * L, dp + (r + 1) * L, 0.f);
+        continue;
+      }
+      float unused_max, unused_sum;
+      softmax_row(p, row, lw, lg, key0, i, slope, kbias, s, lse[r], unused_max, unused_sum);
+      const float delta = at::vec::map2_reduce_all<float>(
+          [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + r * gr.sdN, o + r * gr.soN,
+          p.Dv);
+      float* dprow = dp + r * L;
+      slope_grad += ds_row(dprow, row, lw, delta, alibi, fi, key0, nullptr);
+      slope_grad += ds_row(dprow + lw, row + lw, lg, delta, alibi, fi, 0, s.pos.data());
+    }
+    if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
+    // dq = scale dS . K;  dK += scale dS^T . Q;  dV += p^T . dout
+    gemm(false, false, p.b, p.D, lw, p.scale, dp, L, kw, p.D, 0.f, dq, p.D);
+    gemm(false, false, p.b, p.D, lg, p.scale, dp + lw, L, s.kg.data(), p.D, lw > 0 ? 1.f : 0.f, dq, p.D);
+    gemm(true, false, lw, p.D, p.b, p.scale, dp, L, q, p.sqN, 1.f, dkw, p.D);
+    gemm(true, false, lw, p.Dv, p.b, 1.f, prob, L, dout, gr.sdN, 1.f, dvw, p.Dv);
+    gemm(true, false, lg, p.D, p.b, p.scale, dp + lw, L, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data(), p.D);
+    gemm(true, false, lg, p.Dv, p.b, 1.f, prob + lw, L, dout, gr.sdN, g > 0 ? 1.f : 0.f, s.dvg.data(), p.Dv);
+  }
+  // gathered keys' gradients back where they came from (this thread owns the kv head: no race)
+  DANON_PHASE(3);
+  for (int64_t m = 0; m < lg; ++m) {
+    const int64_t src = s.src[m];
+    float* dk_row = src >= 0 ? gr.dk + (bh_kv * p.n + src) * p.D : gr.dsk + (bh_kv * p.S + (-1 - src)) * p.D;
+    float* dv_row = src >= 0 ? gr.dv + (bh_kv * p.n + src) * p.Dv : gr.dsv + (bh_kv * p.S + (-1 - src)) * p.Dv;
+    const float* gk = s.dkg.data() + m * p.D;
+    const float* gv = s.dvg.data() + m * p.Dv;
+    at::vec::map2([](Vec a, Vec b) { return a + b; }, dk_row, dk_row, gk, p.D);
+    at::vec::map2([](Vec a, Vec b) { return a + b; }, dv_row, dv_row, gv, p.Dv);
+  }
+}
+
+const float* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
+}
+
+const int64_t* index_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<int64_t>() : nullptr;
+}
+
+// q [B, H, Tq*b, D] (last dim contiguous); k [B, Hkv, n, D], v [B, Hkv, n, Dv] contiguous, n = tk*b;
+// key_bias [B, n] (0 or -inf; -inf past the real keys; None: every key is real); block_idx / token_idx / summary_idx [B, Hkv, Tq, K];
+// summary_k [B, Hkv, S, D], summary_v [B, Hkv, S, Dv], summary_bias (log n_s) and summary_pos [B, Hkv, S];
+// slopes [H]. Returns out [B, H, Tq*b, Dv] and lse [B, H, Tq*b], fp32.
+#define DANON_PLAN_ARGS                                                                                         \
+  const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, const std::optional<at::Tensor>&key_bias,       \
+      const std::optional<at::Tensor>&block_idx, const std::optional<at::Tensor>&token_idx,                     \
+      const std::optional<at::Tensor>&summary_idx, const std::optional<at::Tensor>&summary_k,                   \
+      const std::optional<at::Tensor>&summary_v, const std::optional<at::Tensor>&summary_bias,                  \
+      const std::optional<at::Tensor>&summary_pos, const std::optional<at::Tensor>&slopes, double scale,        \
+      bool causal, int64_t block_size, int64_t window, int64_t first
+
+Plan make_plan(DANON_PLAN_ARGS) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "danon_cpu: float32 only");
+  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "q must be [B, H, Nq, D] with a contiguous last dim");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "k and v must be contiguous");
+  TORCH_CHECK(!key_bias.has_value() || !key_bias->defined() || key_bias->is_contiguous(), "key_bias must be contiguous");
+  TORCH_CHECK(block_size >= 1 && block_size <= 1024, "block_size must be in 1 .. 1024");
+  Plan p{};
+  p.B = q.size(0); p.H = q.size(1); p.D = q.size(3);
+  p.Hkv = k.size(1); p.n = k.size(2); p.Dv = v.size(3);
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == p.B && v.size(0) == p.B && k.size(3) == p.D &&
+              v.size(1) == p.Hkv && v.size(2) == p.n && p.Hkv > 0 && p.H % p.Hkv == 0,
+              "k [B, Hkv, n, D] and v [B, Hkv, n, Dv] must match q [B, H, Nq, D] with H a multiple of Hkv");
+  p.G = p.H / p.Hkv;
+  p.b = block_size; p.tq = q.size(2) / block_size; p.tk = p.n / block_size; p.first = first;
+  TORCH_CHECK(p.tq * p.b == q.size(2) && p.tk * p.b == p.n, "q and k rows must be whole blocks");
+  p.window = window; p.causal = causal; p.scale = static_cast<float>(scale);
+  p.q = q.data_ptr<float>(); p.k = k.data_ptr<float>(); p.v = v.data_ptr<float>();
+  p.key_bias = data_or_null(key_bias); p.slopes = data_or_null(slopes);
+  p.sqB = q.stride(0); p.sqH = q.stride(1); p.sqN = q.stride(2);
+  p.block_idx = index_or_null(block_idx); p.token_idx = index_or_null(token_idx);
+  p.summary_idx = index_or_null(summary_idx);
+  p.kb = p.block_idx ? block_idx->size(3) : 0;
+  p.kt = p.token_idx ? token_idx->size(3) : 0;
+  p.ks = p.summary_idx ? summary_idx->size(3) : 0;
+  p.sk = data_or_null(summary_k); p.sv = data_or_null(summary_v);
+  p.summary_bias = data_or_null(summary_bias); p.summary_pos = data_or_null(summary_pos);
+  p.S = p.sk ? summary_k->size(2) : 0;
+  TORCH_CHECK(p.summary_idx == nullptr || (p.sk && p.sv && p.summary_bias), "summaries need their keys, values, bias");
+  return p;
+}
+
+int64_t max_listed(const Plan& p) { return p.kb * p.b + p.kt + p.ks; }
+
+int64_t max_keys(const Plan& p) {
+  const int64_t max_window = p.window >= 0 ? (p.causal ? 1 : 2) * std::min(p.window, p.tk) + 1 : 1;
+  return max_window * p.b + max_listed(p);
+}
+
+Scratch make_scratch(const Plan& p, bool backward) {
+  const int64_t m = std::max<int64_t>(1, max_listed(p));
+  Scratch s;
+  s.kg.resize(m * p.D);
+  s.vg.resize(m * p.Dv);
+  s.bias.resize(m + Vec::size());
+  s.pos.resize(m + Vec::size());
+  s.logits.resize(p.b * max_keys(p));
+  if (backward) {
+    s.src.resize(m);
+    s.dp.resize(p.b * max_keys(p));
+    s.dkg.resize(m * p.D);
+    s.dvg.resize(m * p.Dv);
+  }
+  return s;
+}
+
+// q [B, H, Tq*b, D] (last dim contiguous); k [B, Hkv, n, D], v [B, Hkv, n, Dv] contiguous, n = tk*b;
+// key_bias [B, n] (0 or -inf; -inf past the real keys; None: every key is real); block_idx / token_idx / summary_idx [B, Hkv, Tq, K];
+// summary_k [B, Hkv, S, D], summary_v [B, Hkv, S, Dv], summary_bias (log n_s) and summary_pos [B, Hkv, S];
+// slopes [H]. Returns out [B, H, Tq*b, Dv] and lse [B, H, Tq*b], fp32.
+std::tuple<at::Tensor, at::Tensor> sparse_forward(DANON_PLAN_ARGS) {
+  Plan p = make_plan(q, k, v, key_bias, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_bias,
+                     summary_pos, slopes, scale, causal, block_size, window, first);
+  auto out = at::empty({p.B, p.H, p.tq * p.b, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.H, p.tq * p.b}, q.options());
+  p.out = out.data_ptr<float>(); p.lse = lse.data_ptr<float>();
+  at::parallel_for(0, p.B * p.Hkv * p.tq, 1, [&](int64_t begin, int64_t end) {
+    Scratch s = make_scratch(p, false);
+    for (int64_t item = begin; item < end; ++item) run_item(p, item, s);
+  });
+  return {out, lse};
+}
+
+// The forward's arguments plus grad_out and out [B, H, Tq*b, Dv] (last dim contiguous) and lse [B, H, Tq*b]
+// (contiguous). Returns dq [B, H, Tq*b, D], dk [B, Hkv, n, D], dv, d_summary_k [B, Hkv, S, D], d_summary_v and
+// d_slopes [B, H] (summed over B by the caller). Threads split by (batch, kv head): each owns its keys' gradients.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_backward(
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse, DANON_PLAN_ARGS) {
+  Plan p = make_plan(q, k, v, key_bias, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_bias,
+                     summary_pos, slopes, scale, causal, block_size, window, first);
+  TORCH_CHECK(grad_out.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
+              lse.scalar_type() == at::kFloat, "danon_cpu: float32 only");
+  TORCH_CHECK(grad_out.stride(3) == 1 && out.stride(3) == 1 && lse.is_contiguous(),
+              "grad_out and out need a contiguous last dim, lse contiguous");
+  p.lse = lse.data_ptr<float>();
+  Grads gr{};
+  gr.dout = grad_out.data_ptr<float>(); gr.o = out.data_ptr<float>();
+  gr.sdB = grad_out.stride(0); gr.sdH = grad_out.stride(1); gr.sdN = grad_out.stride(2);
+  gr.soB = out.stride(0); gr.soH = out.stride(1); gr.soN = out.stride(2);
+  auto dq = at::empty({p.B, p.H, p.tq * p.b, p.D}, q.options());
+  auto dk = at::zeros({p.B, p.Hkv, p.n, p.D}, q.options());
+  auto dv = at::zeros({p.B, p.Hkv, p.n, p.Dv}, q.options());
+  auto dsk = at::zeros({p.B, p.Hkv, p.S, p.D}, q.options());
+  auto dsv = at::zeros({p.B, p.Hkv, p.S, p.Dv}, q.options());
+  auto dslopes = at::zeros({p.B, p.H}, q.options().dtype(at::kDouble));
+  gr.dq = dq.data_ptr<float>(); gr.dk = dk.data_ptr<float>(); gr.dv = dv.data_ptr<float>();
+  gr.dsk = dsk.data_ptr<float>(); gr.dsv = dsv.data_ptr<float>(); gr.dslopes = dslopes.data_ptr<double>();
+  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+    Scratch s = make_scratch(p, true);
+    for (int64_t item = begin; item < end; ++item)
+      for (int64_t t = 0; t < p.tq; ++t) backward_block(p, gr, item / p.Hkv, item % p.Hkv, t, s);
+  });
+  return {dq, dk, dv, dsk, dsv, dslopes};
+}
+
+}  // namespace
+
+#ifdef DANON_PROFILE
+namespace {
+std::vector<double> phase_seconds() {  // and reset
+  std::vector<double> out;
+  for (auto& ns : phase_ns) out.push_back(ns.exchange(0) * 1e-9);
+  return out;
+}
+}  // namespace
+#endif
+
+// TORCH_LIBRARY pastes its namespace argument: one more macro level lets DANON_LIBRARY expand first
+#define DANON_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define DANON_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+DANON_TORCH_LIBRARY(DANON_LIBRARY, m) {
+  m.def("sparse_forward(Tensor q, Tensor k, Tensor v, Tensor? key_bias, Tensor? block_idx, Tensor? token_idx, "
+        "Tensor? summary_idx, Tensor? summary_k, Tensor? summary_v, Tensor? summary_bias, Tensor? summary_pos, "
+        "Tensor? slopes, float scale, bool causal, int block_size, int window, int first) -> (Tensor, Tensor)");
+  m.def("sparse_backward(Tensor grad_out, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, Tensor? key_bias, "
+        "Tensor? block_idx, Tensor? token_idx, Tensor? summary_idx, Tensor? summary_k, Tensor? summary_v, "
+        "Tensor? summary_bias, Tensor? summary_pos, Tensor? slopes, float scale, bool causal, int block_size, "
+        "int window, int first) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+#ifdef DANON_PROFILE
+  m.def("phase_seconds() -> float[]", &phase_seconds);
+#endif
+}
+
+DANON_TORCH_LIBRARY_IMPL(DANON_LIBRARY, CPU, m) {
+  m.impl("sparse_forward", &sparse_forward);
+  m.impl("sparse_backward", &sparse_backward);
+}

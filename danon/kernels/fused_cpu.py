@@ -1,0 +1,145 @@
+"""Sparse plans through danon's own CPU kernel (native_cpu.py): one tile per query block and head.
+
+`fused_forward(a)` lays a plan's call out for the kernel (keys padded to whole blocks, one additive key bias
+for padding, summaries' log n_s and positions per kv head) and returns (out, lse) as `gathered_forward`
+does; `fused_backward(a, grad_out, out, lse)` returns the gradients as `gathered_backward` does. Each
+returns None when the kernel does not take the call (not built, float64, a band, softcap, more than
+MAX_KEYS_PER_BLOCK keys per query block), and the caller then runs the aten path (danon/kernels/gather.py).
+
+Example:
+    >>> import torch, danon
+    >>> from danon.core.attention_args import attention_args
+    >>> from danon.kernels.fused_cpu import fused_forward
+    >>> q = torch.randn(1, 2, 256, 16)
+    >>> plan = danon.attention_plan(q, q, kind="msra", causal=True, block_size=32, window=64)
+    >>> out, lse = fused_forward(attention_args(q, q, q, plan, scale=0.25))
+    >>> out.shape, lse.shape
+    (torch.Size([1, 2, 256, 16]), torch.Size([1, 2, 256]))
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from danon.core.attention_args import AttentionArgs
+from danon.core.blocks import query_layout
+from danon.core.dtypes import accumulation_dtype
+
+from . import native_cpu
+
+__all__ = ["fused_forward", "fused_backward", "MAX_KEYS_PER_BLOCK"]
+
+# keys one query block may see in one tile: its logits [b, keys] stay in a core's L2 cache (64 x 4096 fp32 = 1 MiB)
+MAX_KEYS_PER_BLOCK = 4096
+
+
+def _whole_blocks(x: Tensor, n: int) -> Tensor:
+    """[B, Hkv, nk, D] -> contiguous [B, Hkv, n, D], zero rows after nk; no copy when it already is one."""
+    if x.shape[2] == n and x.is_contiguous():
+        return x
+    return F.pad(x, (0, 0, 0, n - x.shape[2])).contiguous()
+
+
+def _keys_per_block(a: AttentionArgs, tk: int) -> int:
+    keys = 0
+    if a.window >= 0:
+        w = min(a.window, tk)
+        keys += ((1 if a.causal else 2) * w + 1) * a.block_size
+    elif a.causal and a.block_idx is not None:
+        keys += a.block_size
+    for idx, width in ((a.block_idx, a.block_size), (a.token_idx, 1), (a.summary_idx, 1)):
+        if idx is not None:
+            keys += idx.shape[-1] * width
+    return keys
+
+
+def _layout(a: AttentionArgs):
+    """(the kernel's plan arguments, (pad, Nq)) or None when the kernel does not take this call."""
+    q, k, v = a.q, a.k, a.v
+    b = a.block_size
+    if (q.device.type != "cpu" or accumulation_dtype(q.dtype) != torch.float32 or a.band >= 0 or a.softcap is not None
+            or a.attn_mask is not None or not 1 <= b <= 1024):
+        return None
+    B, H, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    pad, first, tq = query_layout(nq, nk, b)
+    tk = -(-nk // b)
+    if _keys_per_block(a, tk) > MAX_KEYS_PER_BLOCK or tk * b > 1 << 24:   # fp32 key positions: exact to 2^24
+        return None
+    if native_cpu.load() is None:
+        return None
+    f32 = torch.float32
+    n = tk * b
+    kp, vp = _whole_blocks(k.to(f32), n), _whole_blocks(v.to(f32), n)
+    key_bias = None   # every key real and kept: the kernel skips the bias pass
+    if a.key_padding_mask is not None or n != nk:
+        key_bias = torch.zeros(B, n, dtype=f32)
+        if a.key_padding_mask is not None:
+            key_bias[:, :nk].masked_fill_(~a.key_padding_mask.bool().expand(B, nk), float("-inf"))
+        key_bias[:, nk:] = float("-inf")
+
+    def index(x):
+        return None if x is None or x.shape[-1] == 0 else x.long().expand(B, Hkv, tq, x.shape[-1]).contiguous()
+
+    block_idx, token_idx, summary_idx = index(a.block_idx), index(a.token_idx), index(a.summary_idx)
+    sk = sv = s_bias = s_pos = None
+    if summary_idx is not None:
+        S = a.summary_k.shape[2]
+        sk = a.summary_k.to(f32).expand(B, Hkv, S, D).contiguous()
+        sv = a.summary_v.to(f32).expand(B, Hkv, S, v.shape[3]).contiguous()
+        s_bias = torch.log(a.summary_count.to(f32).clamp(min=1)).expand(B, Hkv, S).contiguous()
+        if a.slopes is not None:
+            s_pos = (a.summary_pos.to(f32).expand(B, Hkv, S).contiguous() if a.summary_pos is not None
+                     else torch.zeros(B, Hkv, S, dtype=f32))
+    slopes = None if a.slopes is None else a.slopes.to(f32).contiguous()
+    plan_args = (_rows(q, pad, tq * b), kp, vp, key_bias, block_idx, token_idx, summary_idx, sk, sv, s_bias, s_pos,
+                 slopes, a.scale, a.causal, b, a.window, first)
+    return plan_args, (pad, nq)
+
+
+def _rows(x: Tensor, pad: int, rows: int) -> Tensor:
+    """[B, H, Nq, X] -> fp32 [B, H, rows, X] with `pad` zero rows first and a contiguous last dim."""
+    x = x.to(torch.float32)
+    if pad or rows != x.shape[2]:
+        return F.pad(x, (0, 0, pad, rows - x.shape[2] - pad))
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def fused_forward(a: AttentionArgs) -> Optional[Tuple[Tensor, Tensor]]:
+    """out [B, H, Nq, Dv] (fp32) and lse [B, H, Nq], or None when the kernel does not take this call."""
+    layout = _layout(a)
+    if layout is None:
+        return None
+    plan_args, (pad, nq) = layout
+    out, lse = native_cpu.load().sparse_forward(*plan_args)
+    return out[:, :, pad:pad + nq], lse[:, :, pad:pad + nq]
+
+
+def fused_backward(a: AttentionArgs, grad_out: Tensor, out: Tensor, lse: Tensor):
+    """(dq, dk, dv, d_summary_k, d_summary_v, d_slopes) in fp32 (the summaries' None without a summary list,
+    the slopes' None without slopes), or None when the kernel does not take this call.
+
+    The kernel splits its threads by (batch, kv head), each owning its keys' gradients, so a call with fewer
+    (batch, kv head) pairs than threads stays on the aten path, which splits by query block.
+    """
+    if a.q.shape[0] * a.k.shape[1] < torch.get_num_threads():
+        return None
+    layout = _layout(a)
+    if layout is None:
+        return None
+    plan_args, (pad, nq) = layout
+    rows = plan_args[0].shape[2]
+    # rows with lse -inf (no key seen, or the padding rows before the first query) get p = 0 and dS = 0
+    lse_rows = lse.new_full((*lse.shape[:2], rows), float("-inf"), dtype=torch.float32)
+    lse_rows[:, :, pad:pad + nq] = lse
+    dq, dk, dv, dsk, dsv, dslopes = native_cpu.load().sparse_backward(
+        _rows(grad_out, pad, rows), _rows(out, pad, rows), lse_rows, *plan_args)
+    nk = a.k.shape[2]
+    has_summaries = plan_args[6] is not None
+    return (dq[:, :, pad:pad + nq], dk[:, :, :nk], dv[:, :, :nk],
+            dsk.sum_to_size(a.summary_k.shape) if has_summaries else None,
+            dsv.sum_to_size(a.summary_v.shape) if has_summaries else None,
+            dslopes.sum(0).float() if a.slopes is not None else None)

@@ -1,0 +1,76 @@
+"""danon's own CPU forward kernel (csrc/sparse_attention_cpu.cpp): built on first use, loaded as torch ops.
+
+The kernel runs one query block and one head against all its keys in one tile (the window read in place,
+listed blocks, tokens and summaries gathered beside it, one softmax), instead of one aten flash call per
+part merged by log-sum-exp. It is compiled by `torch.utils.cpp_extension` with the vector ISA flags that
+Inductor picks for this machine (`torch._inductor.cpu_vec_isa`), once per machine and torch version (cached
+under torch's extension directory); the first build takes about a minute and is announced on stderr.
+
+Without a C++ compiler or ninja, or with ``DANON_CPU_KERNEL=0`` in the environment, `load()` returns None
+and the executor keeps the aten path (danon/kernels/gather.py), which gives the same results.
+
+Example:
+    >>> from danon.kernels import native_cpu
+    >>> ops = native_cpu.load()   # None where no C++ compiler is installed
+    >>> ops.sparse_forward
+    <OpOverloadPacket(op='danon_cpu.sparse_forward')>
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from danon.core.torch_internals import cpu_vector_isa_flags
+
+__all__ = ["load", "available"]
+
+SOURCE = Path(__file__).with_name("csrc") / "sparse_attention_cpu.cpp"
+
+
+def _isa_flags():
+    """The vector ISA compile flags and macros Inductor uses on this CPU (at::vec picks its width from them)."""
+    isa = cpu_vector_isa_flags()
+    if isa is None:   # no vector ISA Inductor knows: at::vec's scalar fallback
+        return "scalar", [], []
+    name, flags, macros = isa
+    return re.sub(r"\W+", "_", name), flags, [f"-D{m}" for m in macros]
+
+
+@functools.lru_cache(maxsize=None)
+def load(profile: bool = False):
+    """Build (first time on this machine) and load the kernel; returns ``torch.ops.danon_cpu`` or None.
+
+    ``profile=True``: a separate build with per-phase timers (``torch.ops.danon_cpu_profile``, whose
+    ``phase_seconds()`` returns and resets the seconds spent gathering, in gemm, in the softmax and in the
+    gradients' scatter, summed over the threads); bench/profile_cpu.py --kernel-phases uses it.
+    """
+    if os.environ.get("DANON_CPU_KERNEL", "1") == "0":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        if not cpp_extension.is_ninja_available():
+            raise RuntimeError("ninja is not installed")
+        name, arch, macros = _isa_flags()
+        print("danon: loading the CPU sparse-attention kernel (compiled on first use, about a minute)",
+              file=sys.stderr, flush=True)
+        suffix, extra = ("_profile", ["-DDANON_PROFILE"]) if profile else ("", [])
+        cpp_extension.load(name=f"danon_cpu{suffix}_{name}", sources=[str(SOURCE)], is_python_module=False,
+                           extra_cflags=["-O3", "-fopenmp", *arch, *macros, *extra],
+                           extra_ldflags=["-fopenmp"], verbose=False)
+        return torch.ops.danon_cpu_profile if profile else torch.ops.danon_cpu
+    except Exception as e:  # no compiler, ninja or BLAS symbol: the aten path gives the same results
+        warnings.warn(f"danon: the CPU sparse-attention kernel is unavailable ({type(e).__name__}: {e}); "
+                      f"using the aten flash path instead", RuntimeWarning, stacklevel=2)
+        return None
+
+
+def available() -> bool:
+    """Whether the kernel is loaded (building it if needed)."""
+    return load() is not None

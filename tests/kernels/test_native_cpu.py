@@ -1,0 +1,312 @@
+"""danon's own CPU forward kernel (danon/kernels/csrc, fused_cpu.py) against the float64 reference executor.
+
+fp32 inputs through the kernel, the same inputs in float64 through the reference (itself checked against the
+oracle in tests/core): every family, causal or not, padding, GQA, ALiBi, partial last blocks, fewer queries
+than keys, hand-made plans with -1 slots and query blocks that see no key. The kernel must be built here: CI
+has a compiler, so a kernel that fails to build fails these tests rather than skipping them.
+"""
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import danon
+from danon.core.attention_args import BackwardArgs, attention_args
+from danon.core.plan import Plan
+from danon.kernels import cpu, fused_cpu, gather, native_cpu, reference
+
+FAMILY_KW = {
+    "msra": dict(window=16, num_levels=2, compression_factor=2),
+    "ucsa": dict(local_window_size=16, top_k_blocks=2, global_tokens=16),
+    "dala": dict(window=16, memory_size=8),
+}
+ATOL = 2e-6   # fp32 kernel against the fp64 reference; observed about 5e-7
+
+
+def _inputs(H, Hkv, N, D=8, nq=None, seed=0, pad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, nq or N, D, generator=g)
+    k = torch.randn(2, Hkv, N, D, generator=g)
+    v = torch.randn(2, Hkv, N, D, generator=g)
+    kpm = None
+    if pad:
+        kpm = torch.rand(2, N, generator=g) > 0.3
+        kpm[1, :20] = False   # left padding: early causal queries see no key
+    return q, k, v, kpm
+
+
+def _float64(a):
+    cast = {name: getattr(a, name).double() for name in ("q", "k", "v", "summary_k", "summary_v", "slopes")
+            if getattr(a, name) is not None and getattr(a, name).is_floating_point()}
+    return a._replace(**cast)
+
+
+def _check_against_reference(a):
+    res = fused_cpu.fused_forward(a)
+    assert res is not None, "the kernel did not take a call it supports"
+    out, lse = res
+    ref_out, ref_lse = reference.reference_forward(_float64(a))
+    assert out.dtype == torch.float32 and not out.isnan().any() and not lse.isnan().any()
+    assert torch.allclose(out.double(), ref_out, atol=ATOL, rtol=0), (out.double() - ref_out).abs().max()
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert torch.allclose(lse.double()[finite], ref_lse[finite], atol=ATOL, rtol=0)
+    return out, lse, ref_out, ref_lse
+
+
+def test_the_kernel_builds_on_this_machine():
+    assert native_cpu.available()
+    assert hasattr(torch.ops.danon_cpu, "sparse_forward")
+
+
+@pytest.mark.parametrize("kind,causal,pad,Hkv", list(itertools.product(["msra", "ucsa", "dala"], [False, True],
+                                                                       [False, True], [4, 1])))
+@pytest.mark.parametrize("N", [128, 150])
+def test_every_family_equals_the_float64_reference(kind, causal, pad, Hkv, N):
+    q, k, v, kpm = _inputs(4, Hkv, N, pad=pad)   # 150: the last block is partial; 128 unpadded: no key bias
+    plan = danon.attention_plan(q, k, v, kind=kind, causal=causal, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW[kind])
+    _check_against_reference(attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm))
+
+
+@pytest.mark.parametrize("kind", ["msra", "ucsa", "dala"])
+@pytest.mark.parametrize("nq", [1, 40, 100])
+def test_fewer_queries_than_keys(kind, nq):
+    q_all, k, v, _ = _inputs(4, 2, 150)
+    q = q_all[:, :, 150 - nq:]
+    extra = dict(past_queries=q_all[:, :, :150 - nq]) if kind == "ucsa" else {}   # UCSA's selection query
+    plan = danon.attention_plan(q, k, v, kind=kind, causal=True, block_size=16, **FAMILY_KW[kind], **extra)
+    _check_against_reference(attention_args(q, k, v, plan, scale=0.3))
+
+
+def test_alibi_slopes_equal_the_reference_without_causal_masking():
+    q, k, v, kpm = _inputs(4, 2, 128, pad=True)
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=False, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW["msra"])
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(1)) * 0.5
+    _check_against_reference(attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm, slopes=slopes))
+
+
+def test_hand_made_plan_with_empty_slots_tokens_and_blocks_that_see_nothing():
+    """No window: the own block counts only where listed; -1 slots; a query block whose list is all -1."""
+    b, N, Hkv = 16, 128, 2
+    q, k, v, _ = _inputs(4, Hkv, N)
+    tq = N // b
+    block_idx = torch.full((2, Hkv, tq, 3), -1, dtype=torch.int32)
+    token_idx = torch.full((2, Hkv, tq, 4), -1, dtype=torch.int32)
+    for t in range(1, tq):
+        block_idx[:, :, t, 0] = t - 1
+        block_idx[:, 0, t, 1] = t                      # the own block, listed for kv head 0 only
+        token_idx[:, :, t, :2] = torch.tensor([0, 3])  # two tokens of block 0
+    block_idx[0, :, 5] = -1                            # batch 0, block 5: nothing but two tokens
+    token_idx[1, :, 6] = -1
+    block_idx[1, :, 6] = -1                            # batch 1, block 6: no key at all
+    plan = Plan(kind="exact", block_size=b, causal=True, seq_len_q=N, seq_len_k=N, block_idx=block_idx,
+                token_idx=token_idx)
+    out, lse, _, _ = _check_against_reference(attention_args(q, k, v, plan, scale=0.3))
+    assert torch.isinf(lse[1, :, 6 * b:7 * b]).all() and (out[1, :, 6 * b:7 * b] == 0).all()
+    assert torch.isinf(lse[:, :, :b]).all()            # block 0 lists nothing
+
+
+def test_causal_output_never_depends_on_later_positions_nor_on_how_many_follow():
+    q, k, v, _ = _inputs(4, 2, 256, D=16)
+    cut = 150
+
+    def run(q_, k_, v_):
+        plan = danon.attention_plan(q_, k_, v_, kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
+        return fused_cpu.fused_forward(attention_args(q_, k_, v_, plan, scale=0.25))[0]
+
+    full = run(q, k, v)
+    prefix = run(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut])
+    changed = [x.clone() for x in (q, k, v)]
+    for x in changed:
+        x[:, :, cut:] = torch.randn_like(x[:, :, cut:]) * 3
+    later_changed = run(*changed)
+    assert torch.allclose(prefix, full[:, :, :cut], atol=1e-6, rtol=0)
+    assert torch.allclose(later_changed[:, :, :cut], full[:, :, :cut], atol=1e-6, rtol=0)
+
+
+def test_the_cpu_executor_runs_fp32_sparse_calls_through_the_kernel_and_float64_through_aten(monkeypatch):
+    q, k, v, _ = _inputs(4, 2, 128)
+    plan = danon.attention_plan(q, k, v, kind="dala", causal=True, block_size=16, **FAMILY_KW["dala"])
+    calls = []
+    real = gather.gathered_forward
+    monkeypatch.setattr(cpu, "gathered_forward", lambda gp: calls.append(gp.dtype) or real(gp))
+    cpu.attention_forward(attention_args(q, k, v, plan, scale=0.3))
+    assert calls == []
+    a64 = _float64(attention_args(q, k, v, plan, scale=0.3))
+    cpu.attention_forward(a64)
+    assert calls == [torch.float64]
+
+
+def test_half_precision_inputs_accumulate_in_fp32_through_the_kernel():
+    q, k, v, kpm = _inputs(4, 2, 150, pad=True)
+    q, k, v = (x.bfloat16() for x in (q, k, v))
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW["msra"])
+    a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
+    out, _ = cpu.attention_forward(a)
+    ref, _ = reference.reference_forward(_float64(a))
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.double(), ref, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["msra", "dala", "ucsa"])
+def test_gradients_after_the_kernel_forward_equal_the_float64_reference(kind):
+    q, k, v, kpm = _inputs(4, 2, 150, pad=True)
+    plan = danon.attention_plan(q, k, v, kind=kind, causal=True, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW[kind])
+    a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
+    out, lse = cpu.attention_forward(a)
+    grad_out = torch.randn_like(out)
+    need_slopes = a.slopes is not None
+    fast = cpu.attention_backward(a, BackwardArgs(grad_out, torch.zeros_like(lse), out, lse, True, False,
+                                                  need_slopes))
+    a64 = _float64(a)
+    ref_out, ref_lse = reference.reference_forward(a64)
+    slow = reference.reference_backward(a64, BackwardArgs(grad_out.double(), None, ref_out, ref_lse, True, False,
+                                                           need_slopes), False)
+    for name, x, y in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
+        assert torch.allclose(x.double(), y, atol=1e-5, rtol=0), name
+
+
+def test_calls_the_kernel_does_not_take_return_none():
+    q, k, v, _ = _inputs(4, 2, 128)
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
+    a = attention_args(q, k, v, plan, scale=0.3)
+    assert fused_cpu.fused_forward(_float64(a)) is None              # float64 stays on the aten path
+    assert fused_cpu.fused_forward(a._replace(softcap=5.0)) is None
+    q, k, v, _ = _inputs(2, 1, 8192, D=4)
+    wide = danon.attention_plan(q, k, v, kind="msra", causal=True, block_size=64, window=64 * 64)
+    assert fused_cpu._keys_per_block(attention_args(q, k, v, wide, scale=0.3), 128) > fused_cpu.MAX_KEYS_PER_BLOCK
+    assert fused_cpu.fused_forward(attention_args(q, k, v, wide, scale=0.3)) is None   # more than one tile holds
+
+
+def test_without_the_kernel_the_executor_gives_the_same_result():
+    """DANON_CPU_KERNEL=0 (or no compiler): the aten path, same numbers."""
+    code = ("import torch, danon\n"
+            "from danon.kernels import native_cpu\n"
+            "assert native_cpu.load() is None\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "q, k, v = (torch.randn(1, 4, 200, 16, generator=g) for _ in range(3))\n"
+            "torch.save(danon.attention(q, k, v, kind='dala', causal=True, block_size=16, window=32,"
+            " memory_size=8), __import__('sys').argv[1])\n")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"danon_no_kernel_{os.getpid()}.pt")
+    env = dict(os.environ, DANON_CPU_KERNEL="0")
+    subprocess.run([sys.executable, "-c", code, path], check=True, env=env, timeout=120)
+    without = torch.load(path)
+    os.remove(path)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 200, 16, generator=g) for _ in range(3))
+    with_kernel = danon.attention(q, k, v, kind="dala", causal=True, block_size=16, window=32, memory_size=8)
+    assert torch.allclose(with_kernel, without, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind,causal,pad,Hkv", list(itertools.product(["msra", "ucsa", "dala"], [False, True],
+                                                                       [False, True], [4, 1])))
+@pytest.mark.parametrize("N", [128, 150])
+def test_backward_equals_the_float64_reference(kind, causal, pad, Hkv, N):
+    """dq, dk, dv, the summaries' and the ALiBi slopes' gradients (with or without causal masking).
+
+    N = 128 without padding: every key real, the kernel leaves raw logits unbiased (no key-bias pass)."""
+    q, k, v, kpm = _inputs(4, Hkv, N, pad=pad)
+    plan = danon.attention_plan(q, k, v, kind=kind, causal=causal, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW[kind])
+    a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
+    if a.slopes is None and kind == "msra":
+        a = a._replace(slopes=torch.rand(4, generator=torch.Generator().manual_seed(1)) * 0.5)
+    out, lse = fused_cpu.fused_forward(a)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    fast = fused_cpu.fused_backward(a, grad_out, out, lse)
+    assert fast is not None
+    a64 = _float64(a)
+    ref_out, ref_lse = reference.reference_forward(a64)
+    need_slopes = a.slopes is not None
+    slow = reference.reference_backward(a64, BackwardArgs(grad_out.double(), None, ref_out, ref_lse, True, False,
+                                                          need_slopes), False)
+    for name, x, y in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
+        if x is None:
+            assert y.numel() == 0, name
+            continue
+        assert not x.isnan().any(), name
+        assert torch.allclose(x.double(), y, atol=1e-5, rtol=0), (name, (x.double() - y).abs().max())
+    if need_slopes:
+        # a sum over every (row, key) of dS |i - j|, signed terms up to ~100: no closer than fp32 arithmetic gets,
+        # which the reference executor run in fp32 measures on the same inputs
+        r32_out, r32_lse = reference.reference_forward(a)
+        r32 = reference.reference_backward(a, BackwardArgs(grad_out, None, r32_out, r32_lse, True, False, True),
+                                           False)[6]
+        fp32_error = (r32.double() - slow[6]).abs().max().item()
+        error = (fast[5].double() - slow[6]).abs().max().item()
+        scale = slow[6].abs().max().item()   # ~16 fp32 ulps of the largest component, or 8x the fp32 reference's
+        assert error <= max(8 * fp32_error, 2e-6 * scale), (error, fp32_error, scale)
+
+
+def test_backward_of_rows_that_see_no_key_is_zero_not_nan():
+    q, k, v, kpm = _inputs(4, 2, 128, pad=True)   # batch 1: the first 20 keys are padding
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW["msra"])
+    a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
+    out, lse = fused_cpu.fused_forward(a)
+    assert torch.isinf(lse[1, :, :20]).all()
+    dq, dk, dv, *_ = fused_cpu.fused_backward(a, torch.randn_like(out), out, lse)
+    assert not dq.isnan().any() and (dq[1, :, :20] == 0).all()
+    assert (dk[1, :, :20] == 0).all() and (dv[1, :, :20] == 0).all()   # padding keys get no gradient
+
+
+def test_backward_with_fewer_kv_heads_than_threads_stays_on_the_aten_path(monkeypatch):
+    q, k, v, _ = _inputs(4, 1, 128)
+    plan = danon.attention_plan(q[:1], k[:1], v[:1], kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
+    a = attention_args(q[:1], k[:1], v[:1], plan, scale=0.3)
+    out, lse = fused_cpu.fused_forward(a)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert fused_cpu.fused_backward(a, torch.randn_like(out), out, lse) is None   # one (batch, kv head) pair
+
+
+def test_training_through_danon_attention_matches_float64_autograd():
+    """End to end: the op's autograd with the kernel's forward and backward, against float64 autograd."""
+    q, k, v, kpm = _inputs(4, 2, 150, D=16, pad=True)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
+    kw = dict(kind="msra", causal=True, key_padding_mask=kpm, block_size=16, window=32, num_levels=2)
+    out = danon.attention(*leaves, **kw)
+    out64 = danon.attention(*leaves64, **kw)
+    grad = torch.randn_like(out64)
+    out.backward(grad.float())
+    out64.backward(grad)
+    assert torch.allclose(out.double(), out64, atol=1e-5, rtol=0)
+    for x, y in zip(leaves, leaves64):
+        assert torch.allclose(x.grad.double(), y.grad, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("nq", [1, 40])
+def test_backward_with_fewer_queries_than_keys_equals_the_float64_reference(nq):
+    """The query rows are padded to whole blocks before the first one: those rows must add no gradient."""
+    q_all, k, v, _ = _inputs(4, 2, 150)
+    q = q_all[:, :, 150 - nq:]
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
+    a = attention_args(q, k, v, plan, scale=0.3)
+    out, lse = fused_cpu.fused_forward(a)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    fast = fused_cpu.fused_backward(a, grad_out, out, lse)
+    a64 = _float64(a)
+    ref_out, ref_lse = reference.reference_forward(a64)
+    slow = reference.reference_backward(a64, BackwardArgs(grad_out.double(), None, ref_out, ref_lse, True, False,
+                                                          False), False)
+    for name, x, y in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
+        assert torch.allclose(x.double(), y, atol=1e-5, rtol=0), name
+
+
+def test_a_failed_build_warns_and_leaves_the_aten_path(monkeypatch):
+    """No compiler (the build raises): a RuntimeWarning naming the cause, and None, not an exception."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="c\\+\\+: command not found"):
+        assert native_cpu.load.__wrapped__() is None
