@@ -5,8 +5,9 @@
   block and head, forward and backward; without it (no compiler, float64, a band, more than 4096 keys per query
   block; a backward with fewer (batch, kv head) pairs than threads): gathered key sets run through the same
   flash kernel (danon/kernels/gather.py);
-- anything the fast paths lack (softcap, gradients of ALiBi slopes without causal masking, of a
-  general mask or of the lse, non-CPU tensors): the reference executor (danon/kernels/reference.py), plain torch, chunked.
+- anything the fast paths lack (softcap, gradients of ALiBi slopes without causal masking off danon's kernel, of
+  a general mask or of the lse, non-CPU tensors): the reference executor (danon/kernels/reference.py), plain torch,
+  chunked.
 No path builds an N x N tensor for a sparse plan.
 """
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from danon.core.blocks import causal_visible, query_layout, rows_without_keys
+from danon.core.blocks import causal_visible, rows_without_keys
 from danon.core.attention_args import GRADIENTS, AttentionArgs, BackwardArgs
 from danon.core.dtypes import accumulation_dtype
 from danon.core.plan import is_dense_plan
 
-from .fused_cpu import fused_backward, fused_forward
+from .fused_cpu import fused_backward, fused_forward, tokens_in_own_block
 from .gather import GatheredPlan, gathered_backward, gathered_forward
 from .reference import reference_backward, reference_forward
 
@@ -96,12 +97,8 @@ def _path(a: AttentionArgs, dense: bool) -> str:
         return "reference"   # the band is applied in the window and own-block parts only
     if q.shape[2] > k.shape[2]:
         return "reference"   # the window views assume no more query blocks than key blocks
-    token_idx = a.token_idx
-    if a.causal and token_idx is not None and token_idx.numel():
-        first = query_layout(q.shape[2], k.shape[2], a.block_size)[1]
-        starts = ((torch.arange(token_idx.shape[2], device=q.device) + first) * a.block_size).view(1, 1, -1, 1)
-        if bool((token_idx.long() >= starts).any()):
-            return "reference"   # a hand-made plan listing tokens inside the query's own block
+    if tokens_in_own_block(a):
+        return "reference"   # a hand-made plan listing tokens inside the query's own block
     return "gather"
 
 

@@ -3,8 +3,8 @@
 `fused_forward(a)` lays a plan's call out for the kernel (keys padded to whole blocks, one additive key bias
 for padding, summaries' log n_s and positions per kv head) and returns (out, lse) as `gathered_forward`
 does; `fused_backward(a, grad_out, out, lse)` returns the gradients as `gathered_backward` does. Each
-returns None when the kernel does not take the call (not built, float64, a band, softcap, more than
-MAX_KEYS_PER_BLOCK keys per query block), and the caller then runs the aten path (danon/kernels/gather.py).
+returns None when the kernel does not take the call (not built, float64, a band, softcap, a dense plan, more
+queries than keys, more than MAX_KEYS_PER_BLOCK keys per query block), and the caller then runs the aten path (danon/kernels/gather.py).
 
 Example:
     >>> import torch, danon
@@ -27,13 +27,24 @@ from torch import Tensor
 from danon.core.attention_args import AttentionArgs
 from danon.core.blocks import query_layout
 from danon.core.dtypes import accumulation_dtype
+from danon.core.plan import is_dense_plan
 
 from . import native_cpu
 
-__all__ = ["fused_forward", "fused_backward", "MAX_KEYS_PER_BLOCK"]
+__all__ = ["fused_forward", "fused_backward", "tokens_in_own_block", "MAX_KEYS_PER_BLOCK"]
 
 # keys one query block may see in one tile: its logits [b, keys] stay in a core's L2 cache (64 x 4096 fp32 = 1 MiB)
 MAX_KEYS_PER_BLOCK = 4096
+
+
+def tokens_in_own_block(a: AttentionArgs) -> bool:
+    """Whether a causal plan lists tokens at or after its query block's start (hand-made plans only): the
+    reference executor masks those token by token, the block-wise fast paths do not."""
+    if not a.causal or a.token_idx is None or a.token_idx.numel() == 0:
+        return False
+    first = query_layout(a.q.shape[2], a.k.shape[2], a.block_size)[1]
+    starts = (torch.arange(a.token_idx.shape[2], device=a.q.device) + first) * a.block_size
+    return bool((a.token_idx.long() >= starts.view(1, 1, -1, 1)).any())
 
 
 def _whole_blocks(x: Tensor, n: int) -> Tensor:
@@ -61,7 +72,8 @@ def _layout(a: AttentionArgs):
     q, k, v = a.q, a.k, a.v
     b = a.block_size
     if (q.device.type != "cpu" or accumulation_dtype(q.dtype) != torch.float32 or a.band >= 0 or a.softcap is not None
-            or a.attn_mask is not None or not 1 <= b <= 1024):
+            or a.attn_mask is not None or not 1 <= b <= 1024 or q.shape[2] > k.shape[2]
+            or is_dense_plan(a.block_idx, a.token_idx, a.summary_idx, a.window) or tokens_in_own_block(a)):
         return None
     B, H, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
@@ -101,11 +113,16 @@ def _layout(a: AttentionArgs):
 
 
 def _rows(x: Tensor, pad: int, rows: int) -> Tensor:
-    """[B, H, Nq, X] -> fp32 [B, H, rows, X] with `pad` zero rows first and a contiguous last dim."""
+    """[B, H, Nq, X] -> fp32 [B, H, rows, X] with `pad` zero rows first, rows the kernel's gemm can read.
+
+    The row stride is BLAS's leading dimension, which must be at least X: a broadcast gradient (the backward of
+    `out.sum(2)` has row stride 0) or an overlapping view is copied (MKL would otherwise refuse the call and
+    leave its output as it was).
+    """
     x = x.to(torch.float32)
     if pad or rows != x.shape[2]:
         return F.pad(x, (0, 0, pad, rows - x.shape[2] - pad))
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return x if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] else x.contiguous()
 
 
 def fused_forward(a: AttentionArgs) -> Optional[Tuple[Tensor, Tensor]]:

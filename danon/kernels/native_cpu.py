@@ -58,7 +58,7 @@ def load(profile: bool = False):
         if not cpp_extension.is_ninja_available():
             raise RuntimeError("ninja is not installed")
         name, arch, macros = _isa_flags()
-        print("danon: loading the CPU sparse-attention kernel (compiled on first use, about a minute)",
+        print("danon: loading the CPU sparse-attention kernel (compiled once per machine: about 15 s the first time)",
               file=sys.stderr, flush=True)
         suffix, extra = ("_profile", ["-DDANON_PROFILE"]) if profile else ("", [])
         cpp_extension.load(name=f"danon_cpu{suffix}_{name}", sources=[str(SOURCE)], is_python_module=False,

@@ -44,6 +44,31 @@ def _float64(a):
     return a._replace(**cast)
 
 
+def _reference_gradients(a, grad_out, need_slopes=False):
+    """The float64 reference executor's gradients of `a` (fp32 inputs upcast): (dq, dk, dv, dsk, dsv, dmask, dslopes)."""
+    a64 = _float64(a)
+    ref_out, ref_lse = reference.reference_forward(a64)
+    return reference.reference_backward(a64, BackwardArgs(grad_out.double(), None, ref_out, ref_lse, True, False,
+                                                           need_slopes), False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_for_the_backward_check(monkeypatch):
+    """fused_backward declines calls with fewer (batch, kv head) pairs than threads: pretend there is one thread,
+    so that these tests run the kernel's backward on any machine (the kernel itself still uses every thread)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """The executor must not fall back: the gathered and reference paths raise if called."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the call left danon's kernel")
+
+    for name in ("gathered_forward", "gathered_backward", "reference_forward", "reference_backward"):
+        monkeypatch.setattr(cpu, name, refuse)
+
+
 def _check_against_reference(a):
     res = fused_cpu.fused_forward(a)
     assert res is not None, "the kernel did not take a call it supports"
@@ -155,7 +180,7 @@ def test_half_precision_inputs_accumulate_in_fp32_through_the_kernel():
 
 
 @pytest.mark.parametrize("kind", ["msra", "dala", "ucsa"])
-def test_gradients_after_the_kernel_forward_equal_the_float64_reference(kind):
+def test_gradients_after_the_kernel_forward_equal_the_float64_reference(kind, kernel_only):
     q, k, v, kpm = _inputs(4, 2, 150, pad=True)
     plan = danon.attention_plan(q, k, v, kind=kind, causal=True, key_padding_mask=kpm, block_size=16,
                                 **FAMILY_KW[kind])
@@ -165,10 +190,7 @@ def test_gradients_after_the_kernel_forward_equal_the_float64_reference(kind):
     need_slopes = a.slopes is not None
     fast = cpu.attention_backward(a, BackwardArgs(grad_out, torch.zeros_like(lse), out, lse, True, False,
                                                   need_slopes))
-    a64 = _float64(a)
-    ref_out, ref_lse = reference.reference_forward(a64)
-    slow = reference.reference_backward(a64, BackwardArgs(grad_out.double(), None, ref_out, ref_lse, True, False,
-                                                           need_slopes), False)
+    slow = _reference_gradients(a, grad_out, need_slopes)
     for name, x, y in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
         assert torch.allclose(x.double(), y, atol=1e-5, rtol=0), name
 
@@ -222,11 +244,8 @@ def test_backward_equals_the_float64_reference(kind, causal, pad, Hkv, N):
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     fast = fused_cpu.fused_backward(a, grad_out, out, lse)
     assert fast is not None
-    a64 = _float64(a)
-    ref_out, ref_lse = reference.reference_forward(a64)
     need_slopes = a.slopes is not None
-    slow = reference.reference_backward(a64, BackwardArgs(grad_out.double(), None, ref_out, ref_lse, True, False,
-                                                          need_slopes), False)
+    slow = _reference_gradients(a, grad_out, need_slopes)
     for name, x, y in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
         if x is None:
             assert y.numel() == 0, name
@@ -266,17 +285,19 @@ def test_backward_with_fewer_kv_heads_than_threads_stays_on_the_aten_path(monkey
     assert fused_cpu.fused_backward(a, torch.randn_like(out), out, lse) is None   # one (batch, kv head) pair
 
 
-def test_training_through_danon_attention_matches_float64_autograd():
+def test_training_through_danon_attention_matches_float64_autograd(monkeypatch):
     """End to end: the op's autograd with the kernel's forward and backward, against float64 autograd."""
     q, k, v, kpm = _inputs(4, 2, 150, D=16, pad=True)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     leaves64 = [x.double().requires_grad_() for x in (q, k, v)]
     kw = dict(kind="msra", causal=True, key_padding_mask=kpm, block_size=16, window=32, num_levels=2)
-    out = danon.attention(*leaves, **kw)
-    out64 = danon.attention(*leaves64, **kw)
+    out64 = danon.attention(*leaves64, **kw)            # float64: the gathered path
     grad = torch.randn_like(out64)
-    out.backward(grad.float())
     out64.backward(grad)
+    for name in ("gathered_forward", "gathered_backward", "reference_forward", "reference_backward"):
+        monkeypatch.setattr(cpu, name, lambda *a, **k: pytest.fail("the fp32 call left danon's kernel"))
+    out = danon.attention(*leaves, **kw)
+    out.backward(grad.float())
     assert torch.allclose(out.double(), out64, atol=1e-5, rtol=0)
     for x, y in zip(leaves, leaves64):
         assert torch.allclose(x.grad.double(), y.grad, atol=1e-4, rtol=0)
@@ -292,10 +313,7 @@ def test_backward_with_fewer_queries_than_keys_equals_the_float64_reference(nq):
     out, lse = fused_cpu.fused_forward(a)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     fast = fused_cpu.fused_backward(a, grad_out, out, lse)
-    a64 = _float64(a)
-    ref_out, ref_lse = reference.reference_forward(a64)
-    slow = reference.reference_backward(a64, BackwardArgs(grad_out.double(), None, ref_out, ref_lse, True, False,
-                                                          False), False)
+    slow = _reference_gradients(a, grad_out)
     for name, x, y in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], fast[:5], slow[:5]):
         assert torch.allclose(x.double(), y, atol=1e-5, rtol=0), name
 
@@ -310,3 +328,50 @@ def test_a_failed_build_warns_and_leaves_the_aten_path(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with pytest.warns(RuntimeWarning, match="c\\+\\+: command not found"):
         assert native_cpu.load.__wrapped__() is None
+
+
+
+def test_broadcast_and_strided_inputs_and_gradients_equal_contiguous_ones(kernel_only):
+    """Row strides below D are BLAS leading dimensions it refuses: the backward of out.sum(2) has row stride 0,
+    an expanded q too. They are copied, not passed on (MKL would leave the outputs as they were)."""
+    q, k, v, _ = _inputs(4, 2, 128, D=16)
+    kw = dict(kind="msra", causal=True, block_size=16, window=32, num_levels=2)
+    weight = torch.randn(2, 4, 16)
+    row = torch.randn(2, 4, 1, 16).expand(2, 4, 128, 16)             # q with row stride 0
+    results = []
+    for contiguous in (False, True):
+        leaves = [x.clone().requires_grad_() for x in (row, k, v)]
+        q_in = leaves[0].contiguous() if contiguous else leaves[0]
+        out = danon.attention(q_in, *leaves[1:], **kw)
+        (out.sum(2) * weight).sum().backward()                      # grad_out [2, 4, 128, 16], row stride 0
+        results.append([out.detach()] + [x.grad for x in leaves])
+    for x, y in zip(*results):
+        assert torch.allclose(x, y, atol=1e-5, rtol=0)
+
+
+def test_dense_plans_and_more_queries_than_keys_are_not_taken():
+    q, k, v, _ = _inputs(4, 2, 64)
+    dense = attention_args(q, k, v, None, scale=0.3, causal=True, block_size=16)
+    assert fused_cpu.fused_forward(dense) is None                    # the flash path's: no window, no lists
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
+    longer_q = attention_args(torch.cat([q, q], 2), k, v, plan, scale=0.3)
+    assert fused_cpu.fused_forward(longer_q) is None
+
+
+def test_backward_of_a_hand_made_plan_with_query_blocks_that_see_nothing():
+    b, N, Hkv = 16, 96, 2
+    q, k, v, _ = _inputs(4, Hkv, N)
+    tq = N // b
+    block_idx = torch.full((2, Hkv, tq, 2), -1, dtype=torch.int32)
+    for t in range(2, tq):
+        block_idx[:, :, t, 0] = t - 2
+        block_idx[:, 1, t, 1] = t                                   # the own block, for kv head 1 only
+    plan = Plan(kind="exact", block_size=b, causal=True, seq_len_q=N, seq_len_k=N, block_idx=block_idx)
+    a = attention_args(q, k, v, plan, scale=0.3)
+    out, lse = fused_cpu.fused_forward(a)
+    assert torch.isinf(lse[:, :, :2 * b]).all()                      # blocks 0 and 1 list nothing
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    fast = fused_cpu.fused_backward(a, grad_out, out, lse)
+    slow = _reference_gradients(a, grad_out)
+    for name, x, y in zip(["dq", "dk", "dv"], fast[:3], slow[:3]):
+        assert not x.isnan().any() and torch.allclose(x.double(), y, atol=1e-5, rtol=0), name

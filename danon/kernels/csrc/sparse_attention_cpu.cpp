@@ -58,7 +58,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // Row-major C[rows x cols] (ld ldc) = alpha op(A) . op(B) + beta C with column-major BLAS: C^T = op(B)^T op(A)^T,
 // so the operands swap. A is [rows x inner] row-major ([inner x rows] when trans_a), B [inner x cols] ([cols x
@@ -164,6 +163,29 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
   return m;
 }
 
+// The keys of one (batch, kv head, query block): the window's rows in place (key0 .. key0 + lw) and lg gathered
+// into the scratch; L = lw + lg.
+struct KeySet {
+  int64_t bh_kv, blk, lw, key0, lg, L;
+  const float *kw, *vw, *kbias;
+};
+
+KeySet key_set(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
+  KeySet ks{};
+  ks.bh_kv = bb * p.Hkv + hk;
+  ks.blk = t + p.first;
+  int64_t lo, hi;
+  window_blocks(p, ks.bh_kv, ks.blk, lo, hi);
+  ks.lw = lo <= hi ? (hi - lo + 1) * p.b : 0;
+  ks.key0 = std::max<int64_t>(lo, 0) * p.b;
+  ks.lg = gather_listed(p, bb, hk, t, s);
+  ks.L = ks.lw + ks.lg;
+  ks.kw = p.k + (ks.bh_kv * p.n + ks.key0) * p.D;
+  ks.vw = p.v + (ks.bh_kv * p.n + ks.key0) * p.Dv;
+  ks.kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
+  return ks;
+}
+
 // One segment of a row of logits (the window's keys, or the gathered ones) before the exp. With neither a bias
 // nor ALiBi (and scale > 0) the raw logits are left as they are: max(scale x) = scale max(x), and the exp pass
 // applies the scale (one pass over the row fewer). Otherwise x <- scale x + bias - slope |i - pos| in place.
@@ -227,16 +249,15 @@ float exp_segment(const Segment& seg, float mx) {
   return sum;
 }
 
-// One row of logits [window keys | gathered keys] -> unnormalised probabilities in place. `lse`: the forward's
-// (backward: p = exp(logit - lse)), or NaN to compute max and sum here (forward). Returns (max, sum); under
-// causal masking the window keys after row i (the own block's triangle) are set to 0 without a pass.
+// One row of logits [window keys | gathered keys] -> unnormalised probabilities in place. forward: computes the
+// row's max and sum (returned); backward: p = exp(logit - lse) with the forward's lse. Under causal masking the
+// window keys after row i (the own block's triangle) are set to 0 without a pass.
 void softmax_row(const Plan& p, float* row, int64_t lw, int64_t lg, int64_t key0, int64_t i, float slope,
-                 const float* kbias, const Scratch& s, float lse, float& row_max, float& row_sum) {
+                 const float* kbias, const Scratch& s, bool forward, float lse, float& row_max, float& row_sum) {
   DANON_PHASE(2);
   const float fi = static_cast<float>(i);
   const bool alibi = p.slopes != nullptr;
   const int64_t visible = p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
-  const bool forward = std::isnan(lse);
   Segment window{row, visible, 1.f}, listed{row + lw, lg, 1.f};
   const float mx = std::max(
       prepare_segment(window, p.scale, kbias != nullptr ? kbias + key0 : nullptr, alibi, slope, fi, key0, nullptr,
@@ -258,15 +279,9 @@ void softmax_row(const Plan& p, float* row, int64_t lw, int64_t lg, int64_t key0
 
 void run_item(const Plan& p, int64_t item, Scratch& s) {
   const int64_t t = item % p.tq, hk = (item / p.tq) % p.Hkv, bb = item / (p.tq * p.Hkv);
-  const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first;
-  int64_t lo, hi;
-  window_blocks(p, bh_kv, blk, lo, hi);
-  const int64_t lw = lo <= hi ? (hi - lo + 1) * p.b : 0, key0 = lo * p.b;
-  const int64_t lg = gather_listed(p, bb, hk, t, s);
-  const int64_t L = lw + lg;
-  const float* kw = p.k + (bh_kv * p.n + key0) * p.D;
-  const float* vw = p.v + (bh_kv * p.n + key0) * p.Dv;
-  const float* kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
+  const KeySet ks = key_set(p, bb, hk, t, s);
+  const int64_t blk = ks.blk, lw = ks.lw, lg = ks.lg, L = ks.L, key0 = ks.key0;
+  const float *kw = ks.kw, *vw = ks.vw, *kbias = ks.kbias;
   float* logits = s.logits.data();
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t h = hk * p.G + g;
@@ -284,7 +299,7 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
     float inv[1024];  // b <= 1024 (checked by the caller)
     for (int64_t r = 0; r < p.b; ++r) {
       float mx, sum;
-      softmax_row(p, logits + r * L, lw, lg, key0, blk * p.b + r, slope, kbias, s, kNaN, mx, sum);
+      softmax_row(p, logits + r * L, lw, lg, key0, blk * p.b + r, slope, kbias, s, true, 0.f, mx, sum);
       lse[r] = mx == kNegInf ? kNegInf : mx + std::log(sum);
       inv[r] = sum > 0.f ? 1.f / sum : 0.f;
     }
@@ -330,12 +345,9 @@ float ds_row(float* dp, const float* prob, int64_t count, float delta, bool alib
 }
 
 void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
-  const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first;
-  int64_t lo, hi;
-  window_blocks(p, bh_kv, blk, lo, hi);
-  const int64_t lw = lo <= hi ? (hi - lo + 1) * p.b : 0, key0 = lo * p.b;
-  const int64_t lg = gather_listed(p, bb, hk, t, s);
-  const int64_t L = lw + lg;
+  const KeySet ks = key_set(p, bb, hk, t, s);
+  const int64_t bh_kv = ks.bh_kv, blk = ks.blk, lw = ks.lw, lg = ks.lg, L = ks.L, key0 = ks.key0;
+  const float *kw = ks.kw, *vw = ks.vw, *kbias = ks.kbias;
   if (L == 0) {  // no key: dq is 0 for these rows
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t h = hk * p.G + g;
@@ -343,11 +355,8 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     }
     return;
   }
-  const float* kw = p.k + (bh_kv * p.n + key0) * p.D;
-  const float* vw = p.v + (bh_kv * p.n + key0) * p.Dv;
   float* dkw = gr.dk + (bh_kv * p.n + key0) * p.D;
   float* dvw = gr.dv + (bh_kv * p.n + key0) * p.Dv;
-  const float* kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
   const bool alibi = p.slopes != nullptr;
   float* prob = s.logits.data();
   float* dp = s.dp.data();
@@ -374,7 +383,7 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
         continue;
       }
       float unused_max, unused_sum;
-      softmax_row(p, row, lw, lg, key0, i, slope, kbias, s, lse[r], unused_max, unused_sum);
+      softmax_row(p, row, lw, lg, key0, i, slope, kbias, s, false, lse[r], unused_max, unused_sum);
       const float delta = at::vec::map2_reduce_all<float>(
           [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + r * gr.sdN, o + r * gr.soN,
           p.Dv);
@@ -444,6 +453,7 @@ Plan make_plan(DANON_PLAN_ARGS) {
   p.q = q.data_ptr<float>(); p.k = k.data_ptr<float>(); p.v = v.data_ptr<float>();
   p.key_bias = data_or_null(key_bias); p.slopes = data_or_null(slopes);
   p.sqB = q.stride(0); p.sqH = q.stride(1); p.sqN = q.stride(2);
+  TORCH_CHECK(p.sqN >= p.D, "q's row stride is BLAS's leading dimension: it must be >= D (make q contiguous)");
   p.block_idx = index_or_null(block_idx); p.token_idx = index_or_null(token_idx);
   p.summary_idx = index_or_null(summary_idx);
   p.kb = p.block_idx ? block_idx->size(3) : 0;
@@ -452,6 +462,10 @@ Plan make_plan(DANON_PLAN_ARGS) {
   p.sk = data_or_null(summary_k); p.sv = data_or_null(summary_v);
   p.summary_bias = data_or_null(summary_bias); p.summary_pos = data_or_null(summary_pos);
   p.S = p.sk ? summary_k->size(2) : 0;
+  TORCH_CHECK(p.sk == nullptr || (summary_k->is_contiguous() && summary_v->is_contiguous() &&
+                                  summary_k->sizes() == at::IntArrayRef({p.B, p.Hkv, p.S, p.D}) &&
+                                  summary_v->sizes() == at::IntArrayRef({p.B, p.Hkv, p.S, p.Dv})),
+              "summary_k [B, Hkv, S, D] and summary_v [B, Hkv, S, Dv] must be contiguous");
   TORCH_CHECK(p.summary_idx == nullptr || (p.sk && p.sv && p.summary_bias), "summaries need their keys, values, bias");
   return p;
 }
@@ -508,6 +522,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               lse.scalar_type() == at::kFloat, "danon_cpu: float32 only");
   TORCH_CHECK(grad_out.stride(3) == 1 && out.stride(3) == 1 && lse.is_contiguous(),
               "grad_out and out need a contiguous last dim, lse contiguous");
+  TORCH_CHECK(grad_out.stride(2) >= p.Dv && out.stride(2) >= p.Dv,
+              "grad_out's and out's row strides are BLAS's leading dimensions: they must be >= Dv");
   p.lse = lse.data_ptr<float>();
   Grads gr{};
   gr.dout = grad_out.data_ptr<float>(); gr.o = out.data_ptr<float>();
