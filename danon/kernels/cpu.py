@@ -154,18 +154,14 @@ def attention_backward(a: AttentionArgs, g: BackwardArgs):
         return _flash_backward(g.grad_out, q, k, v, a.key_padding_mask, a.attn_mask, g.out, g.lse, a.scale,
                                a.causal) + (empty,) * 4
 
+    grads = None
     if path == "gather" and not use_lse:   # danon's own kernel first (None: not built, or not taken)
-        fused = fused_backward(a, g.grad_out, g.out, g.lse)
-        if fused is not None:
-            dq, dk, dv, dsk, dsv, dslopes = fused
-            return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                    dsk.to(a.summary_k.dtype) if (dsk is not None and g.need_summary_grad) else empty,
-                    dsv.to(a.summary_v.dtype) if (dsv is not None and g.need_summary_grad) else empty, empty,
-                    dslopes.to(a.slopes.dtype) if g.need_slopes_grad else empty)
-    # the slopes' gradient is linear in the key's position only under causal masking (gathered_backward)
-    if path == "gather" and not use_lse and (not g.need_slopes_grad or a.causal):
-        dq, dk, dv, dsk, dsv, dslopes = gathered_backward(GatheredPlan(a), g.grad_out, g.out, g.lse,
-                                                          g.need_slopes_grad)
+        grads = fused_backward(a, g.grad_out, g.out, g.lse)
+        # the slopes' gradient is linear in the key's position only under causal masking (gathered_backward)
+        if grads is None and (not g.need_slopes_grad or a.causal):
+            grads = gathered_backward(GatheredPlan(a), g.grad_out, g.out, g.lse, g.need_slopes_grad)
+    if grads is not None:
+        dq, dk, dv, dsk, dsv, dslopes = grads
         dsk = dsk.to(a.summary_k.dtype) if (dsk is not None and g.need_summary_grad) else empty
         dsv = dsv.to(a.summary_v.dtype) if (dsv is not None and g.need_summary_grad) else empty
         dslopes = dslopes.to(a.slopes.dtype) if g.need_slopes_grad else empty
