@@ -2,9 +2,11 @@
 
 Causal self-attention, B = 1, H = 8, D = 64, fp32, default family settings. Per N, one subprocess
 times every column round-robin (`--repeats` rounds after a warm-up, so that drift of the machine hits
-all alike) and measures the machine's fp32 matmul peak (2048^2 x 2048, best of 10) before the rounds, after each
-and after the last; the share of peak uses the highest of these (the machine drifts: a peak measured
-in a slow moment would inflate every share). Columns:
+all alike) and measures the machine's fp32 matmul peak (2048^2 x 2048, best of 10, the faster of MKL's
+torch.mm and oneDNN's matmul) before the rounds, after each and after the last; the share of peak uses the
+highest of these (the machine drifts: a peak measured in a slow moment would inflate every share). oneDNN
+counts because danon's kernel runs its micro-kernel, and on this AMD machine it is about 15 % faster than
+MKL, which takes its AVX2 path there. Columns:
 
 - sdpa: F.scaled_dot_product_attention(is_causal=True), the anchor;
 - msra, dala, ucsa: danon.attention(kind=...) with the plan built in every call (what a user pays);
@@ -47,11 +49,21 @@ FLEX_TARGET = 1.5
 
 # ------------------------------------------------------------------------------------------ measuring
 def matmul_peak() -> float:
-    """GFLOP/s of a 2048 x 2048 fp32 matmul, best of 10: the machine's attainable matmul rate right now."""
+    """GFLOP/s of a 2048 x 2048 fp32 matmul, best of 10, by MKL (torch.mm) and by oneDNN where torch has it
+    (the faster): the machine's attainable matmul rate right now."""
     import torch
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(10))
+    candidates = [lambda: a @ b]
+    if torch.backends.mkldnn.is_available():   # oneDNN's fp32 matmul, which torch.mm does not use on CPU
+        from torch.utils import mkldnn
+        linear = torch.nn.Linear(2048, 2048, bias=False)
+        linear.weight.data = b
+        linear, am = mkldnn.to_mkldnn(linear), a.to_mkldnn()
+        candidates.append(lambda: linear(am))
+    best = float("inf")
+    for fn in candidates:
+        fn()
+        best = min(best, *(_timed(fn) for _ in range(10)))
     return 2 * 2048 ** 3 / best / 1e9
 
 
@@ -243,8 +255,8 @@ def report(cells: dict, memory: dict, seq_lens: list, command: str) -> str:
         "bwd alone, train = fwd + bwd with autograd",
         "- GFLOP: counted from the plan each call runs (4 D per attended (query, key) pair per head; summaries one "
         "key each; the causal own block its triangle); backward 2.5x forward. Share = GFLOP/s over the fp32 matmul "
-        "peak (2048^3, best of 10) measured in the same process before, between and after the rounds (the highest "
-        "of them)",
+        "peak (2048^3, best of 10, the faster of MKL's torch.mm and oneDNN's matmul) measured in the same process "
+        "before, between and after the rounds (the highest of them)",
         "- memory: peak extra resident bytes per token of one call in a fresh process (fwd: no autograd; train: "
         "forward + backward)",
         "- fwd vs Flex (first table): Flex on the plan's exact blocks alone against the family's whole call (summaries "

@@ -1,7 +1,7 @@
 """DALA: near blocks and routed important tokens exactly, the rest as one summary, ALiBi decay."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +176,61 @@ class _CandidateSums:
         if self.after is not None:
             total = total + prefix[..., -1:, :] - prefix[..., self.after, :]
         return total.to(x.dtype)
+
+
+def dala_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[Tensor], grad_summary_k: Tensor,
+                          grad_summary_v: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dk, dv) of DALA's rest summaries from their gradients, without rebuilding them under autograd.
+
+    A summary is linear in the keys: the visible keys of the query block's candidate blocks less its routed
+    tokens, over their count. So dk[j] = visible[j] * c[block of j] - (the summaries' g = grad / count over the
+    query blocks that routed j), with c[kb] the sum of g over the query blocks whose candidates hold kb: a
+    scatter and a suffix (prefix) sum over blocks. Autograd through the plan instead builds and adds a fresh
+    [B, Hkv, N, D] tensor per op on the way (fresh pages at N = 16k). `plan` is the forward's plan, rebuilt
+    (no grad), `options` the builder's keywords (none needed here); tests/core/test_gradients.py holds this to
+    autograd in float64.
+
+    Example:
+        >>> import torch
+        >>> k, v = torch.randn(1, 2, 256, 16), torch.randn(1, 2, 256, 16)
+        >>> plan = dala_plan(k, k, v, causal=True, block_size=16, window=16, memory_size=8, decay="none",
+        ...                  compress_rest=True)
+        >>> g = torch.ones_like(plan.summary_k)
+        >>> dk, dv = dala_summary_backward(plan, {}, None, g, g, k, v)
+        >>> dk.shape
+        torch.Size([1, 2, 256, 16])
+    """
+    B, Hkv, nk, D = k.shape
+    b, acc = plan.block_size, summary_dtype(k)
+    tk = num_blocks(nk, b)
+    _, first, tq = query_layout(plan.seq_len_q, nk, b)
+    denom = plan.summary_count.to(acc).clamp(min=1)[..., None]                    # [B, Hkv, Tq, 1]
+    visible = key_visibility(key_padding_mask, B, nk, b, k.device)[:, None, :, None].to(acc)   # [B, 1, Tk*b, 1]
+    t = torch.arange(tq, device=k.device) + first
+    before = (t - plan.window).clamp(min=0, max=tk)                              # candidates [0, before)
+    after = None if plan.causal else (t + plan.window + 1).clamp(max=tk)         # and [after, Tk)
+
+    def one(grad: Tensor, x: Tensor) -> Tensor:
+        g = grad.to(acc) / denom                                                 # [B, Hkv, Tq, D]
+        ends = g.new_zeros(B, Hkv, tk + 1, x.shape[-1]).index_add_(2, before, g)
+        per_block = ends.flip(2).cumsum(2).flip(2)[:, :, 1:]                     # sum of g over before > kb
+        if after is not None:
+            starts = g.new_zeros(B, Hkv, tk + 1, x.shape[-1]).index_add_(2, after, g)
+            per_block = per_block + starts.cumsum(2)[:, :, :tk]                  # sum of g over after <= kb
+        # one fresh [B, Hkv, Tk*b, D] tensor: each block's coefficient times its keys' visibility
+        dx = (per_block[:, :, :, None, :] * visible.view(B, 1, tk, b, 1)).view(B, Hkv, tk * b, -1)[:, :, :nk]
+        if plan.token_idx is not None:                                           # less the routed tokens
+            dx = dx.reshape(B * Hkv * nk, -1)
+            idx = plan.token_idx.long()
+            base = (torch.arange(B * Hkv, device=x.device) * nk).view(B, Hkv, 1)
+            for m in range(idx.shape[-1]):   # a slot at a time: no [.., M, D] source (fresh pages at N = 16k)
+                valid = (idx[..., m] >= 0).to(acc)[..., None]
+                dx.index_add_(0, (idx[..., m].clamp(min=0) + base).reshape(-1), (g * valid).reshape(-1, g.shape[-1]),
+                              alpha=-1)
+            dx = dx.view(B, Hkv, nk, -1)
+        return dx.to(x.dtype)
+
+    return one(grad_summary_k, k), one(grad_summary_v, v)
 
 
 def dala_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,

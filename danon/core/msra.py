@@ -1,14 +1,14 @@
 """MSRA: a multi-resolution partition of the keys, like the far field of a fast multipole method."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .blocks import (block_counts, block_sums, compact, compact_values, key_visibility, means, near_spans, num_blocks,
-                     query_layout, strictly_past, window_blocks)
+                     query_layout, strictly_past, summary_dtype, window_blocks)
 from .plan import Plan
 
 
@@ -31,6 +31,46 @@ def _coarsen(x: Tensor, factor: int) -> Tensor:
     pad = num_blocks(s, factor) * factor - s
     x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
     return x.view(*x.shape[:2], -1, factor, *x.shape[3:]).sum(3)
+
+
+def msra_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[Tensor], grad_summary_k: Tensor,
+                          grad_summary_v: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """(dk, dv) of MSRA's summaries from their gradients, without rebuilding them under autograd.
+
+    A level-l summary is the mean of the visible keys of c^l consecutive blocks, so dk[j] = visible[j] times the
+    sum over levels of g_l[block of j // c^l], g = grad / count: one fresh [B, Hkv, N, D] tensor, where autograd
+    through the plan adds one per level and op. `plan` is the forward's plan, rebuilt (no grad), `options` the
+    builder's keywords (its compression_factor); tests/core/test_gradients.py holds this to autograd in float64.
+
+    Example:
+        >>> import torch
+        >>> k = torch.randn(1, 2, 256, 16)
+        >>> plan = msra_plan(k, k, k, causal=True, block_size=16, window=16, num_levels=2, compression_factor=2)
+        >>> g = torch.ones_like(plan.summary_k)
+        >>> dk, dv = msra_summary_backward(plan, {"compression_factor": 2}, None, g, g, k, k)
+        >>> dk.shape
+        torch.Size([1, 2, 256, 16])
+    """
+    B, Hkv, nk, D = k.shape
+    b, c, acc = plan.block_size, int(options["compression_factor"]), summary_dtype(k)
+    tk = num_blocks(nk, b)
+    sizes = [tk]                                     # spans per level: the summary table is their concatenation
+    while sum(sizes) < plan.summary_count.shape[-1]:
+        sizes.append(num_blocks(sizes[-1], c))
+    assert sum(sizes) == plan.summary_count.shape[-1], "summary table does not match the levels"
+    denom = plan.summary_count.to(acc).clamp(min=1)[..., None]                  # [B, Hkv, S, 1]
+    visible = key_visibility(key_padding_mask, B, nk, b, k.device).to(acc).view(B, 1, tk, b, 1)
+
+    def one(grad: Tensor, x: Tensor) -> Tensor:
+        g = grad.to(acc) / denom
+        per_block, offset = 0, 0
+        for level, size in enumerate(sizes):         # a level-l span covers blocks [s c^l, (s + 1) c^l)
+            per_block = per_block + g[:, :, offset:offset + size].repeat_interleave(c ** level, dim=2)[:, :, :tk]
+            offset += size
+        dx = (per_block[:, :, :, None, :] * visible).view(B, Hkv, tk * b, -1)[:, :, :nk]
+        return dx.to(x.dtype)
+
+    return one(grad_summary_k, k), one(grad_summary_v, v)
 
 
 def msra_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask=None, block_size: int,

@@ -8,7 +8,9 @@ its output shapes through the fake impl, the builder's sizes in closed form (dan
 
 The summaries (means of k and v) are differentiable: the backward, `danon::plan_backward`, rebuilds
 the plan under autograd and takes the vector-Jacobian product of the summary keys and values
-(selections carry no gradient, DESIGN.md section 3). Exports decompose the op back into the builder's
+(selections carry no gradient, DESIGN.md section 3); DALA's, linear in the keys with a structure its plan
+holds, and MSRA's have closed forms instead (`dala_summary_backward`, `msra_summary_backward`: the plan rebuilt
+without grad, one pass). Exports decompose the op back into the builder's
 ATen ops (`plan_decompositions`), so ONNX files hold the plan building as standard ops.
 
 Example:
@@ -32,6 +34,8 @@ from danon.core import Plan, alibi_slopes
 from danon.core.attention_args import PLAN_TENSORS
 from danon.core.families import FAMILIES
 from danon.core.blocks import window_blocks
+from danon.core.dala import dala_summary_backward
+from danon.core.msra import msra_summary_backward
 from danon.core.plan_shapes import plan_shapes
 from danon.core.torch_internals import autograd_inside_op, backed_size_oblivious
 
@@ -106,12 +110,24 @@ def _plan_fake(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, optio
         return [q.new_empty(shapes[f][0], dtype=shapes[f][1]) if f in shapes else q.new_empty(0) for f in FIELDS]
 
 
+# families whose summaries' backward is written out (the others: autograd through the rebuilt plan)
+CLOSED_FORM_BACKWARDS = {"dala": dala_summary_backward, "msra": msra_summary_backward}
+
+
 @torch.library.custom_op("danon::plan_backward", mutates_args=())
 def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, k: Tensor, v: Tensor,
                      key_padding_mask: Optional[Tensor], per_call: Optional[Tensor],
                      sparsity_factor: Optional[float], kind: str, options: str, gamma: Optional[float],
                      scale: Optional[float]) -> tuple[Tensor, Tensor]:
-    """(dk, dv) of the plan's summary keys and values, by rebuilding the plan under autograd."""
+    """(dk, dv) of the plan's summary keys and values, by rebuilding the plan under autograd (DALA, MSRA: in
+    closed form from the plan rebuilt without grad)."""
+    if kind in CLOSED_FORM_BACKWARDS and grad_summary_k.numel() and grad_summary_v.numel():
+        with torch.no_grad():
+            plan = _run_builder(kind, q, k, v, key_padding_mask, per_call, sparsity_factor, options, gamma, scale)
+        if plan.summary_k is not None:
+            dk, dv = CLOSED_FORM_BACKWARDS[kind](plan, json.loads(options), key_padding_mask, grad_summary_k,
+                                                 grad_summary_v, k, v)
+            return dk.contiguous(), dv.contiguous()
     with torch.enable_grad(), autograd_inside_op():
         k_, v_ = k.detach().requires_grad_(), v.detach().requires_grad_()
         plan = _run_builder(kind, q.detach(), k_, v_, key_padding_mask, per_call, sparsity_factor, options, gamma,

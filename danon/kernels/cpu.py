@@ -3,8 +3,7 @@
 - dense exact attention (no ALiBi, no softcap): PyTorch's fused CPU flash kernel, GQA native;
 - sparse plans: danon's own kernel (danon/kernels/fused_cpu.py, C++ built on first use), one tile per query
   block and head, forward and backward; without it (no compiler, float64, a band, more than 4096 keys per query
-  block; a backward with fewer (batch, kv head) pairs than threads): gathered key sets run through the same
-  flash kernel (danon/kernels/gather.py);
+  block): gathered key sets run through the same flash kernel (danon/kernels/gather.py);
 - anything the fast paths lack (softcap, gradients of ALiBi slopes without causal masking off danon's kernel, of
   a general mask or of the lse, non-CPU tensors): the reference executor (danon/kernels/reference.py), plain torch,
   chunked.

@@ -125,6 +125,11 @@ def _rows(x: Tensor, pad: int, rows: int) -> Tensor:
     return x if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] else x.contiguous()
 
 
+def _first_rows(x: Tensor, start: int, count: int) -> Tensor:
+    """x[:, :, start:start + count], and x itself (not a view of it) when that is all of x."""
+    return x if start == 0 and count == x.shape[2] else x[:, :, start:start + count]
+
+
 def fused_forward(a: AttentionArgs) -> Optional[Tuple[Tensor, Tensor]]:
     """out [B, H, Nq, Dv] (fp32) and lse [B, H, Nq], or None when the kernel does not take this call."""
     layout = _layout(a)
@@ -139,11 +144,10 @@ def fused_backward(a: AttentionArgs, grad_out: Tensor, out: Tensor, lse: Tensor)
     """(dq, dk, dv, d_summary_k, d_summary_v, d_slopes) in fp32 (the summaries' None without a summary list,
     the slopes' None without slopes), or None when the kernel does not take this call.
 
-    The kernel splits its threads by (batch, kv head), each owning its keys' gradients, so a call with fewer
-    (batch, kv head) pairs than threads stays on the aten path, which splits by query block.
+    The kernel's work items are (batch, kv head) pairs, each thread owning its keys' gradients; with fewer pairs
+    than threads each pair's query blocks are split into runs too, each run adding into its own copy of the key
+    gradients, summed at the end (`splits` copies of dk and dv: memory for threads that would idle otherwise).
     """
-    if a.q.shape[0] * a.k.shape[1] < torch.get_num_threads():
-        return None
     layout = _layout(a)
     if layout is None:
         return None
@@ -152,11 +156,15 @@ def fused_backward(a: AttentionArgs, grad_out: Tensor, out: Tensor, lse: Tensor)
     # rows with lse -inf (no key seen, or the padding rows before the first query) get p = 0 and dS = 0
     lse_rows = lse.new_full((*lse.shape[:2], rows), float("-inf"), dtype=torch.float32)
     lse_rows[:, :, pad:pad + nq] = lse
+    pairs = a.q.shape[0] * a.k.shape[1]
+    splits = -(-torch.get_num_threads() // pairs)      # ceil: enough work items for every thread
     dq, dk, dv, dsk, dsv, dslopes = native_cpu.load().sparse_backward(
-        _rows(grad_out, pad, rows), _rows(out, pad, rows), lse_rows, *plan_args)
+        _rows(grad_out, pad, rows), _rows(out, pad, rows), lse_rows, *plan_args, splits)
     nk = a.k.shape[2]
     has_summaries = plan_args[6] is not None
-    return (dq[:, :, pad:pad + nq], dk[:, :, :nk], dv[:, :, :nk],
+    # whole tensors where no row was added: a view keeps its base alive, which rules out autograd adding another
+    # gradient of the same input (the plan's, through the summaries) in place
+    return (_first_rows(dq, pad, nq), _first_rows(dk, 0, nk), _first_rows(dv, 0, nk),
             dsk.sum_to_size(a.summary_k.shape) if has_summaries else None,
             dsv.sum_to_size(a.summary_v.shape) if has_summaries else None,
             dslopes.sum(0).float() if a.slopes is not None else None)

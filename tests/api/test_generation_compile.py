@@ -15,6 +15,7 @@ from danon.backend import collect_reports  # noqa: E402
 MSRA = {"attention": "msra", "block_size": 16, "window": 16}
 
 
+@pytest.mark.slow   # about 40 s (nine compiled steps under dynamic=True): -m slow keeps the default suite within 15 min
 def test_prefill_decode_and_chunk_run_the_family_without_a_recompile_per_token(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -53,9 +53,10 @@ def _reference_gradients(a, grad_out, need_slopes=False):
 
 
 @pytest.fixture(autouse=True)
-def one_thread_for_the_backward_check(monkeypatch):
-    """fused_backward declines calls with fewer (batch, kv head) pairs than threads: pretend there is one thread,
-    so that these tests run the kernel's backward on any machine (the kernel itself still uses every thread)."""
+def one_thread_for_the_backward_split(monkeypatch):
+    """fused_backward splits a (batch, kv head) pair's query blocks when there are fewer pairs than threads:
+    pretend there is one thread, so that these tests run the same unsplit backward on any machine (the kernel
+    itself still uses every thread); the split has its own tests below."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
 
 
@@ -276,13 +277,55 @@ def test_backward_of_rows_that_see_no_key_is_zero_not_nan():
     assert (dk[1, :, :20] == 0).all() and (dv[1, :, :20] == 0).all()   # padding keys get no gradient
 
 
-def test_backward_with_fewer_kv_heads_than_threads_stays_on_the_aten_path(monkeypatch):
-    q, k, v, _ = _inputs(4, 1, 128)
-    plan = danon.attention_plan(q[:1], k[:1], v[:1], kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
-    a = attention_args(q[:1], k[:1], v[:1], plan, scale=0.3)
+@pytest.mark.parametrize("kind", ["msra", "dala", "ucsa"])
+@pytest.mark.parametrize("threads", [3, 7, 64])
+def test_backward_split_by_query_blocks_equals_the_float64_reference(kind, threads, monkeypatch):
+    """Fewer (batch, kv head) pairs (2) than threads: each pair's query blocks run as ceil(threads / 2) parts (at
+    most one per query block), each adding into its own copy of dk, dv and the summaries' and slopes' gradients,
+    summed at the end: the same gradients as one part, and as the float64 reference."""
+    q, k, v, kpm = _inputs(4, 1, 150, pad=True)
+    plan = danon.attention_plan(q, k, v, kind=kind, causal=True, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW[kind])
+    a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
+    if a.slopes is None:
+        a = a._replace(slopes=torch.rand(4, generator=torch.Generator().manual_seed(1)) * 0.5)
     out, lse = fused_cpu.fused_forward(a)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert fused_cpu.fused_backward(a, torch.randn_like(out), out, lse) is None   # one (batch, kv head) pair
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    ops, seen = native_cpu.load(), []
+
+    class Spy:   # records the splits the kernel was asked for
+        def sparse_backward(self, *args):
+            seen.append(args[-1])
+            return ops.sparse_backward(*args)
+
+    monkeypatch.setattr(native_cpu, "load", lambda profile=False: Spy())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    split = fused_cpu.fused_backward(a, grad_out, out, lse)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    whole = fused_cpu.fused_backward(a, grad_out, out, lse)
+    assert seen == [-(-threads // 2), 1]
+    slow = _reference_gradients(a, grad_out, True)
+    for name, x, y, z in zip(["dq", "dk", "dv", "d_summary_k", "d_summary_v"], split[:5], whole[:5], slow[:5]):
+        if x is None:
+            assert y is None and z.numel() == 0, name
+            continue
+        assert torch.allclose(x.double(), z, atol=1e-5, rtol=0), (name, (x.double() - z).abs().max())
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-6), (name, (x - y).abs().max())   # sums in another order
+    assert torch.allclose(split[5], whole[5], atol=1e-6 * whole[5].abs().max().item(), rtol=0)
+
+
+def test_backward_split_of_a_hand_made_plan_zeroes_what_no_part_saw(monkeypatch):
+    """Keys no query of a part sees (past the window, never listed) must still come back 0 from every part's copy."""
+    q, k, v, _ = _inputs(2, 1, 128)
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, block_size=16, window=16, num_levels=1)
+    a = attention_args(q, k, v, plan, scale=0.3)
+    out, lse = fused_cpu.fused_forward(a)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    whole = fused_cpu.fused_backward(a, grad_out, out, lse)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)      # 8 parts: one query block each
+    split = fused_cpu.fused_backward(a, grad_out, out, lse)
+    for x, y in zip(split[:3], whole[:3]):
+        assert not x.isnan().any() and torch.allclose(x, y, atol=1e-6, rtol=0)
 
 
 def test_training_through_danon_attention_matches_float64_autograd(monkeypatch):

@@ -8,22 +8,25 @@
 // the listed blocks, tokens and summaries are gathered next to it, and one softmax covers them all.
 //
 // Forward work item: (batch, kv head, query block); its G query heads reuse the gathered keys. Per head:
-//   logits [b, L] = q_block . [window keys | gathered keys]^T     (MKL sgemm, as aten's flash kernel)
+//   logits [b, L] = q_block . [window keys | gathered keys]^T     (brgemm on K^T, kept transposed per block)
 //   scale, key biases (padding, log n_s), ALiBi -slope |i - pos|, the causal triangle of the own block
 //   p = exp(logits - max), lse = max + log(sum p)                   (at::vec, exp_u20 as aten's flash kernel)
-//   out [b, Dv] = p . [window values | gathered values] / sum p
+//   out [b, Dv] = p . [window values | gathered values] / sum p    (brgemm)
 // A row that sees no key returns out 0 and lse -inf.
 // Backward work item: (batch, kv head), its query blocks in order, so that a thread owns its keys' gradients:
-//   p recomputed from the lse, dS = p (dp - delta), dq = scale dS K, dK += scale dS^T Q, dV += p^T dO.
+//   p recomputed from the lse, dS = p (dp - delta), dq = scale dS K, dK += scale dS^T Q, dV += p^T dO
+//   (q K^T, dO V^T and dS K by brgemm; the two products with a transposed left operand by MKL's sgemm).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 // -DDANON_PROFILE (native_cpu.load(profile=True), bench/profile_cpu.py --kernel-phases): time spent per phase,
@@ -70,9 +73,20 @@ void gemm(bool trans_a, bool trans_b, int rows, int cols, int inner, float alpha
   sgemm_(&tb, &ta, &cols, &rows, &inner, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
 }
 
-void gemm_rowmajor(bool trans_b, int rows, int cols, int inner, const float* a, int lda, const float* b, int ldb,
-                   float beta, float* c, int ldc) {
-  gemm(false, trans_b, rows, cols, inner, 1.f, a, lda, b, ldb, beta, c, ldc);
+// Row-major C[rows x cols] (+)= A[rows x inner] . B[inner x cols], neither transposed, through aten's
+// cpublas::brgemm: oneDNN's JIT micro-kernel (AVX-512 here) where aten has it, sgemm otherwise. On this project's
+// AMD machine MKL's sgemm runs its AVX2 path, about 20 % slower on these tile shapes (docs/executors.md). A new
+// (rows, cols, inner, ld) shape costs one JIT compile (about 0.1 ms), cached per thread.
+void gemm_nn(int64_t rows, int64_t cols, int64_t inner, const float* a, int64_t lda, const float* b, int64_t ldb,
+             bool accumulate, float* c, int64_t ldc) {
+  if (rows == 0 || cols == 0) return;
+  if (inner == 0) {
+    if (!accumulate)
+      for (int64_t r = 0; r < rows; ++r) std::fill_n(c + r * ldc, cols, 0.f);
+    return;
+  }
+  DANON_PHASE(1);
+  at::native::cpublas::brgemm(rows, cols, inner, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
 }
 
 struct Plan {
@@ -105,12 +119,49 @@ void window_blocks(const Plan& p, int64_t bh_kv, int64_t blk, int64_t& lo, int64
   }
 }
 
+int64_t max_listed(const Plan& p) { return p.kb * p.b + p.kt + p.ks; }
+
+int64_t max_keys(const Plan& p) {
+  const int64_t max_window = p.window >= 0 ? (p.causal ? 1 : 2) * std::min(p.window, p.tk) + 1 : 1;
+  return max_window * p.b + max_listed(p);
+}
+
 struct Scratch {
   std::vector<float> kg, vg, bias, pos, logits;
   bool any_bias = false;  // whether a gathered key has a bias (padding, log n_s): none skips the bias pass
   std::vector<int64_t> src;  // where each gathered key came from: a key row (>= 0) or summary row -1 - src
   std::vector<float> dp, dkg, dvg;  // the backward's: dp (then dS) and the gathered keys' gradients
+  std::vector<uint8_t> zeroed;       // the backward's: which key blocks' dk and dv rows are initialised
+  // Keys (and in the backward values) transposed (see transpose_key_blocks): kt [D, ldk] (vt [Dv, ldk]) the kv
+  // head kt_head's blocks whose kt_ready is set, kgt [D, ldg] (vgt [Dv, ldg]) the gathered ones. The backward
+  // also keeps the gathered keys row-major in kg (dq = dS K); the forward its gathered values in vg (out = p V).
+  bool backward = false;
+  std::unique_ptr<float[]> kt, vt;  // uninitialised: only the blocks a thread uses are written (and read)
+  std::vector<float> kgt, vgt;
+  std::vector<uint8_t> kt_ready;
+  int64_t kt_head = -1, ldk = 0, ldg = 0;
 };
+
+// q K^T (and the backward's dO V^T) run through brgemm (gemm_nn), which takes K^T untransposed: a kv head's key
+// (and value) blocks are transposed into s.kt (s.vt) when first used and kept for its next query blocks (a
+// thread runs consecutive query blocks of one head, which share most of their window), so each block is
+// transposed about once per call.
+void transpose_key_blocks(const Plan& p, Scratch& s, int64_t bh_kv, int64_t lo, int64_t hi) {
+  if (s.kt_head != bh_kv) {
+    std::fill(s.kt_ready.begin(), s.kt_ready.end(), uint8_t{0});
+    s.kt_head = bh_kv;
+  }
+  const float* kbase = p.k + bh_kv * p.n * p.D;
+  for (int64_t j = lo; j <= hi; ++j) {
+    if (s.kt_ready[j]) continue;
+    s.kt_ready[j] = 1;
+    at::vec::transpose_mxn<float>(kbase + j * p.b * p.D, p.D, s.kt.get() + j * p.b, s.ldk,
+                                  static_cast<int>(p.b), static_cast<int>(p.D));
+    if (s.backward)
+      at::vec::transpose_mxn<float>(p.v + (bh_kv * p.n + j * p.b) * p.Dv, p.Dv, s.vt.get() + j * p.b, s.ldk,
+                                    static_cast<int>(p.b), static_cast<int>(p.Dv));
+  }
+}
 
 // Gathers the listed blocks, tokens and summaries of one (batch, kv head, query block): returns their count.
 int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
@@ -121,10 +172,17 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
   const float* kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
   int64_t m = 0;
   s.any_bias = false;
-  auto add = [&](const float* krow, const float* vrow, float bias, float pos, int64_t src) {
+  // one key: its rows into kg (backward) or vg (forward); down column m of kgt (and vgt) unless the caller copied
+  // its block's columns from kt (vt)
+  auto add = [&](const float* krow, const float* vrow, float bias, float pos, int64_t src, bool columns_copied) {
     if (!s.src.empty()) s.src[m] = src;
-    std::copy(krow, krow + p.D, s.kg.data() + m * p.D);
-    std::copy(vrow, vrow + p.Dv, s.vg.data() + m * p.Dv);
+    if (s.backward) std::copy(krow, krow + p.D, s.kg.data() + m * p.D);
+    if (!s.backward) std::copy(vrow, vrow + p.Dv, s.vg.data() + m * p.Dv);
+    if (!columns_copied) {
+      for (int64_t d = 0; d < p.D; ++d) s.kgt[d * s.ldg + m] = krow[d];
+      if (s.backward)
+        for (int64_t d = 0; d < p.Dv; ++d) s.vgt[d * s.ldg + m] = vrow[d];
+    }
     s.bias[m] = bias;
     s.any_bias |= bias != 0.f;
     s.pos[m] = pos;
@@ -135,9 +193,15 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
     for (int64_t j = 0; j < p.kb; ++j) {
       const int64_t blk_j = row[j];
       if (blk_j < 0 || blk_j >= p.tk || (p.causal && blk_j >= blk)) continue;  // causal: the own block is the window's
+      transpose_key_blocks(p, s, bh_kv, blk_j, blk_j);  // the block's b columns of kt (vt), row by row
+      for (int64_t d = 0; d < p.D; ++d)
+        std::copy_n(s.kt.get() + d * s.ldk + blk_j * p.b, p.b, s.kgt.data() + d * s.ldg + m);
+      for (int64_t d = 0; s.backward && d < p.Dv; ++d)
+        std::copy_n(s.vt.get() + d * s.ldk + blk_j * p.b, p.b, s.vgt.data() + d * s.ldg + m);
       for (int64_t r = 0; r < p.b; ++r) {
         const int64_t key = blk_j * p.b + r;
-        add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key);
+        add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key,
+            true);
       }
     }
   }
@@ -146,7 +210,8 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
     for (int64_t j = 0; j < p.kt; ++j) {
       const int64_t key = row[j];
       if (key < 0 || key >= p.n || (p.causal && key >= start)) continue;
-      add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key);
+      add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key,
+          false);
     }
   }
   if (p.summary_idx != nullptr) {
@@ -157,7 +222,7 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
       const int64_t idx = row[j];
       if (idx < 0 || idx >= p.S) continue;
       add(sk + idx * p.D, sv + idx * p.Dv, p.summary_bias[bh_kv * p.S + idx],
-          p.summary_pos != nullptr ? p.summary_pos[bh_kv * p.S + idx] : 0.f, -1 - idx);
+          p.summary_pos != nullptr ? p.summary_pos[bh_kv * p.S + idx] : 0.f, -1 - idx, false);
     }
   }
   return m;
@@ -281,8 +346,10 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
   const int64_t t = item % p.tq, hk = (item / p.tq) % p.Hkv, bb = item / (p.tq * p.Hkv);
   const KeySet ks = key_set(p, bb, hk, t, s);
   const int64_t blk = ks.blk, lw = ks.lw, lg = ks.lg, L = ks.L, key0 = ks.key0;
-  const float *kw = ks.kw, *vw = ks.vw, *kbias = ks.kbias;
+  const float *vw = ks.vw, *kbias = ks.kbias;
+  if (lw > 0) transpose_key_blocks(p, s, ks.bh_kv, key0 / p.b, (key0 + lw) / p.b - 1);
   float* logits = s.logits.data();
+  const int64_t ld = max_keys(p);  // one row stride for every tile: brgemm compiles a kernel per shape and ld
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t h = hk * p.G + g;
     const float* q = p.q + bb * p.sqB + h * p.sqH + t * p.b * p.sqN;
@@ -293,18 +360,18 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       std::fill(lse, lse + p.b, kNegInf);
       continue;
     }
-    gemm_rowmajor(true, p.b, lw, p.D, q, p.sqN, kw, p.D, 0.f, logits, L);
-    gemm_rowmajor(true, p.b, lg, p.D, q, p.sqN, s.kg.data(), p.D, 0.f, logits + lw, L);
+    gemm_nn(p.b, lw, p.D, q, p.sqN, s.kt.get() + key0, s.ldk, false, logits, ld);
+    gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, logits + lw, ld);
     const float slope = p.slopes != nullptr ? p.slopes[h] : 0.f;
     float inv[1024];  // b <= 1024 (checked by the caller)
     for (int64_t r = 0; r < p.b; ++r) {
       float mx, sum;
-      softmax_row(p, logits + r * L, lw, lg, key0, blk * p.b + r, slope, kbias, s, true, 0.f, mx, sum);
+      softmax_row(p, logits + r * ld, lw, lg, key0, blk * p.b + r, slope, kbias, s, true, 0.f, mx, sum);
       lse[r] = mx == kNegInf ? kNegInf : mx + std::log(sum);
       inv[r] = sum > 0.f ? 1.f / sum : 0.f;
     }
-    gemm_rowmajor(false, p.b, p.Dv, lw, logits, L, vw, p.Dv, 0.f, out, p.Dv);
-    gemm_rowmajor(false, p.b, p.Dv, lg, logits + lw, L, s.vg.data(), p.Dv, lw > 0 ? 1.f : 0.f, out, p.Dv);
+    gemm_nn(p.b, p.Dv, lw, logits, ld, vw, p.Dv, false, out, p.Dv);
+    gemm_nn(p.b, p.Dv, lg, logits + lw, ld, s.vg.data(), p.Dv, true, out, p.Dv);
     for (int64_t r = 0; r < p.b; ++r) {
       float* o = out + r * p.Dv;
       at::vec::map([f = inv[r]](Vec x) { return x * Vec(f); }, o, o, p.Dv);
@@ -317,19 +384,20 @@ struct Grads {
   const float *dout, *o;
   int64_t sdB, sdH, sdN, soB, soH, soN;
   float *dq, *dk, *dv, *dsk, *dsv;
-  double* dslopes;  // [B, H]: one slot per batch entry (threads split by batch); a sum of many signed terms
+  double* dslopes;  // [B, H]: one slot per batch entry and head (a sum of many signed terms)
 };
 
-// dS = p (dp - delta) in place over [0, count); returns sum dS |i - pos| (the slope's gradient, negated) if asked.
-float ds_row(float* dp, const float* prob, int64_t count, float delta, bool alibi, float fi, int64_t pos0,
-             const float* pos) {
+// dS = p (dp - delta), stored times scale (what dq and dK multiply it by) in place over [0, count); returns
+// sum dS |i - pos| (the slope's gradient, negated, without the scale) if asked.
+float ds_row(float* dp, const float* prob, int64_t count, float delta, float scale, bool alibi, float fi,
+             int64_t pos0, const float* pos) {
   DANON_PHASE(2);
-  const Vec vdelta(delta), vi(fi), iota = Vec::arange(0.f, 1.f);
+  const Vec vdelta(delta), vscale(scale), vi(fi), iota = Vec::arange(0.f, 1.f);
   Vec vacc(0.f);
   int64_t c = 0;
   for (; c + Vec::size() <= count; c += Vec::size()) {
     const Vec ds = Vec::loadu(prob + c) * (Vec::loadu(dp + c) - vdelta);
-    ds.store(dp + c);
+    (ds * vscale).store(dp + c);
     if (alibi) {
       const Vec p = pos != nullptr ? Vec::loadu(pos + c) : iota + Vec(static_cast<float>(pos0 + c));
       vacc = vacc + ds * (vi - p).abs();
@@ -338,15 +406,28 @@ float ds_row(float* dp, const float* prob, int64_t count, float delta, bool alib
   float acc = alibi ? at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vacc) : 0.f;
   for (; c < count; ++c) {
     const float ds = prob[c] * (dp[c] - delta);
-    dp[c] = ds;
+    dp[c] = ds * scale;
     if (alibi) acc += ds * std::abs(fi - (pos != nullptr ? pos[c] : static_cast<float>(pos0 + c)));
   }
   return acc;
 }
 
+// dk and dv start uninitialised: a key block's rows are zeroed when first written, while they are about to be
+// in cache (a separate fill of two [n, D] tensors cost about 5 % of the backward at N = 16k); the driver zeroes
+// the blocks nothing wrote once the (batch, kv head) is done.
+void claim_key_blocks(const Plan& p, const Grads& gr, int64_t bh_kv, int64_t lo, int64_t hi, Scratch& s) {
+  for (int64_t j = lo; j <= hi; ++j) {
+    if (s.zeroed[j]) continue;
+    s.zeroed[j] = 1;
+    std::fill_n(gr.dk + (bh_kv * p.n + j * p.b) * p.D, p.b * p.D, 0.f);
+    std::fill_n(gr.dv + (bh_kv * p.n + j * p.b) * p.Dv, p.b * p.Dv, 0.f);
+  }
+}
+
 void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   const KeySet ks = key_set(p, bb, hk, t, s);
   const int64_t bh_kv = ks.bh_kv, blk = ks.blk, lw = ks.lw, lg = ks.lg, L = ks.L, key0 = ks.key0;
+  const int64_t ld = max_keys(p);  // one row stride for every tile, as in run_item
   const float *kw = ks.kw, *vw = ks.vw, *kbias = ks.kbias;
   if (L == 0) {  // no key: dq is 0 for these rows
     for (int64_t g = 0; g < p.G; ++g) {
@@ -355,6 +436,8 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     }
     return;
   }
+  if (lw > 0) claim_key_blocks(p, gr, bh_kv, key0 / p.b, (key0 + lw) / p.b - 1, s);
+  if (lw > 0) transpose_key_blocks(p, s, bh_kv, key0 / p.b, (key0 + lw) / p.b - 1);
   float* dkw = gr.dk + (bh_kv * p.n + key0) * p.D;
   float* dvw = gr.dv + (bh_kv * p.n + key0) * p.Dv;
   const bool alibi = p.slopes != nullptr;
@@ -368,18 +451,18 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     const float* lse = p.lse + (bb * p.H + h) * p.tq * p.b + t * p.b;
     float* dq = gr.dq + ((bb * p.H + h) * p.tq * p.b + t * p.b) * p.D;
     const float slope = alibi ? p.slopes[h] : 0.f;
-    gemm_rowmajor(true, p.b, lw, p.D, q, p.sqN, kw, p.D, 0.f, prob, L);
-    gemm_rowmajor(true, p.b, lg, p.D, q, p.sqN, s.kg.data(), p.D, 0.f, prob + lw, L);
-    gemm_rowmajor(true, p.b, lw, p.Dv, dout, gr.sdN, vw, p.Dv, 0.f, dp, L);
-    gemm_rowmajor(true, p.b, lg, p.Dv, dout, gr.sdN, s.vg.data(), p.Dv, 0.f, dp + lw, L);
+    gemm_nn(p.b, lw, p.D, q, p.sqN, s.kt.get() + key0, s.ldk, false, prob, ld);
+    gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, prob + lw, ld);
+    gemm_nn(p.b, lw, p.Dv, dout, gr.sdN, s.vt.get() + key0, s.ldk, false, dp, ld);
+    gemm_nn(p.b, lg, p.Dv, dout, gr.sdN, s.vgt.data(), s.ldg, false, dp + lw, ld);
     double slope_grad = 0.;
     for (int64_t r = 0; r < p.b; ++r) {
-      float* row = prob + r * L;
+      float* row = prob + r * ld;
       const int64_t i = blk * p.b + r;
       const float fi = static_cast<float>(i);
       if (lse[r] == kNegInf) {  // a row that saw no key: p = 0, dS = 0
         std::fill(row, row + L, 0.f);
-        std::fill(dp + r * L, dp + (r + 1) * L, 0.f);
+        std::fill(dp + r * ld, dp + r * ld + L, 0.f);
         continue;
       }
       float unused_max, unused_sum;
@@ -387,23 +470,24 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       const float delta = at::vec::map2_reduce_all<float>(
           [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + r * gr.sdN, o + r * gr.soN,
           p.Dv);
-      float* dprow = dp + r * L;
-      slope_grad += ds_row(dprow, row, lw, delta, alibi, fi, key0, nullptr);
-      slope_grad += ds_row(dprow + lw, row + lw, lg, delta, alibi, fi, 0, s.pos.data());
+      float* dprow = dp + r * ld;
+      slope_grad += ds_row(dprow, row, lw, delta, p.scale, alibi, fi, key0, nullptr);
+      slope_grad += ds_row(dprow + lw, row + lw, lg, delta, p.scale, alibi, fi, 0, s.pos.data());
     }
     if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
-    // dq = scale dS . K;  dK += scale dS^T . Q;  dV += p^T . dout
-    gemm(false, false, p.b, p.D, lw, p.scale, dp, L, kw, p.D, 0.f, dq, p.D);
-    gemm(false, false, p.b, p.D, lg, p.scale, dp + lw, L, s.kg.data(), p.D, lw > 0 ? 1.f : 0.f, dq, p.D);
-    gemm(true, false, lw, p.D, p.b, p.scale, dp, L, q, p.sqN, 1.f, dkw, p.D);
-    gemm(true, false, lw, p.Dv, p.b, 1.f, prob, L, dout, gr.sdN, 1.f, dvw, p.Dv);
-    gemm(true, false, lg, p.D, p.b, p.scale, dp + lw, L, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data(), p.D);
-    gemm(true, false, lg, p.Dv, p.b, 1.f, prob + lw, L, dout, gr.sdN, g > 0 ? 1.f : 0.f, s.dvg.data(), p.Dv);
+    // dq = (scale dS) . K;  dK += (scale dS)^T . Q;  dV += p^T . dout
+    gemm_nn(p.b, p.D, lw, dp, ld, kw, p.D, false, dq, p.D);
+    gemm_nn(p.b, p.D, lg, dp + lw, ld, s.kg.data(), p.D, true, dq, p.D);
+    gemm(true, false, lw, p.D, p.b, 1.f, dp, ld, q, p.sqN, 1.f, dkw, p.D);
+    gemm(true, false, lw, p.Dv, p.b, 1.f, prob, ld, dout, gr.sdN, 1.f, dvw, p.Dv);
+    gemm(true, false, lg, p.D, p.b, 1.f, dp + lw, ld, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data(), p.D);
+    gemm(true, false, lg, p.Dv, p.b, 1.f, prob + lw, ld, dout, gr.sdN, g > 0 ? 1.f : 0.f, s.dvg.data(), p.Dv);
   }
   // gathered keys' gradients back where they came from (this thread owns the kv head: no race)
   DANON_PHASE(3);
   for (int64_t m = 0; m < lg; ++m) {
     const int64_t src = s.src[m];
+    if (src >= 0) claim_key_blocks(p, gr, bh_kv, src / p.b, src / p.b, s);
     float* dk_row = src >= 0 ? gr.dk + (bh_kv * p.n + src) * p.D : gr.dsk + (bh_kv * p.S + (-1 - src)) * p.D;
     float* dv_row = src >= 0 ? gr.dv + (bh_kv * p.n + src) * p.Dv : gr.dsv + (bh_kv * p.S + (-1 - src)) * p.Dv;
     const float* gk = s.dkg.data() + m * p.D;
@@ -470,18 +554,23 @@ Plan make_plan(DANON_PLAN_ARGS) {
   return p;
 }
 
-int64_t max_listed(const Plan& p) { return p.kb * p.b + p.kt + p.ks; }
-
-int64_t max_keys(const Plan& p) {
-  const int64_t max_window = p.window >= 0 ? (p.causal ? 1 : 2) * std::min(p.window, p.tk) + 1 : 1;
-  return max_window * p.b + max_listed(p);
-}
 
 Scratch make_scratch(const Plan& p, bool backward) {
   const int64_t m = std::max<int64_t>(1, max_listed(p));
   Scratch s;
-  s.kg.resize(m * p.D);
-  s.vg.resize(m * p.Dv);
+  s.backward = backward;
+  s.ldk = p.n + 16;  // rows of kt and kgt 64 bytes past a multiple of 4 KiB apart: no cache-set aliasing
+  s.ldg = (m + 15) / 16 * 16 + 16;
+  s.kt.reset(new float[p.D * s.ldk]);
+  s.kt_ready.resize(p.tk);
+  s.kgt.resize(p.D * s.ldg);
+  if (backward) {
+    s.vt.reset(new float[p.Dv * s.ldk]);
+    s.vgt.resize(p.Dv * s.ldg);
+    s.kg.resize(m * p.D);
+  } else {
+    s.vg.resize(m * p.Dv);
+  }
   s.bias.resize(m + Vec::size());
   s.pos.resize(m + Vec::size());
   s.logits.resize(p.b * max_keys(p));
@@ -490,6 +579,7 @@ Scratch make_scratch(const Plan& p, bool backward) {
     s.dp.resize(p.b * max_keys(p));
     s.dkg.resize(m * p.D);
     s.dvg.resize(m * p.Dv);
+    s.zeroed.resize(p.tk);
   }
   return s;
 }
@@ -507,15 +597,20 @@ std::tuple<at::Tensor, at::Tensor> sparse_forward(DANON_PLAN_ARGS) {
   at::parallel_for(0, p.B * p.Hkv * p.tq, 1, [&](int64_t begin, int64_t end) {
     Scratch s = make_scratch(p, false);
     for (int64_t item = begin; item < end; ++item) run_item(p, item, s);
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
   return {out, lse};
 }
 
 // The forward's arguments plus grad_out and out [B, H, Tq*b, Dv] (last dim contiguous) and lse [B, H, Tq*b]
-// (contiguous). Returns dq [B, H, Tq*b, D], dk [B, Hkv, n, D], dv, d_summary_k [B, Hkv, S, D], d_summary_v and
-// d_slopes [B, H] (summed over B by the caller). Threads split by (batch, kv head): each owns its keys' gradients.
+// (contiguous), and `splits`. Returns dq [B, H, Tq*b, D], dk [B, Hkv, n, D], dv, d_summary_k [B, Hkv, S, D],
+// d_summary_v and d_slopes [B, H] (summed over B by the caller). Work items are (part, batch, kv head): a part is
+// one of `splits` runs of consecutive query blocks. Each part writes its own copy of the key-side gradients (dk,
+// dv, the summaries', the slopes'), so a thread owns what it adds to and there are no atomics; with more than one
+// part the copies are summed at the end (what lets a call with fewer (batch, kv head) pairs than threads use
+// them all, for the memory of `splits` copies).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_backward(
-    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse, DANON_PLAN_ARGS) {
+    const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse, DANON_PLAN_ARGS, int64_t splits) {
   Plan p = make_plan(q, k, v, key_bias, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_bias,
                      summary_pos, slopes, scale, causal, block_size, window, first);
   TORCH_CHECK(grad_out.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat &&
@@ -529,19 +624,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   gr.dout = grad_out.data_ptr<float>(); gr.o = out.data_ptr<float>();
   gr.sdB = grad_out.stride(0); gr.sdH = grad_out.stride(1); gr.sdN = grad_out.stride(2);
   gr.soB = out.stride(0); gr.soH = out.stride(1); gr.soN = out.stride(2);
+  TORCH_CHECK(splits >= 1, "splits must be >= 1");
+  const int64_t parts = std::min(splits, std::max<int64_t>(p.tq, 1));
+  // one copy of each key-side gradient per part (no leading dim with one part: no sum, no view)
+  auto per_part = [&](std::vector<int64_t> shape, at::ScalarType dtype, bool zero) {
+    if (parts > 1) shape.insert(shape.begin(), parts);
+    auto options = q.options().dtype(dtype);
+    return zero ? at::zeros(shape, options) : at::empty(shape, options);
+  };
   auto dq = at::empty({p.B, p.H, p.tq * p.b, p.D}, q.options());
-  auto dk = at::zeros({p.B, p.Hkv, p.n, p.D}, q.options());
-  auto dv = at::zeros({p.B, p.Hkv, p.n, p.Dv}, q.options());
-  auto dsk = at::zeros({p.B, p.Hkv, p.S, p.D}, q.options());
-  auto dsv = at::zeros({p.B, p.Hkv, p.S, p.Dv}, q.options());
-  auto dslopes = at::zeros({p.B, p.H}, q.options().dtype(at::kDouble));
-  gr.dq = dq.data_ptr<float>(); gr.dk = dk.data_ptr<float>(); gr.dv = dv.data_ptr<float>();
-  gr.dsk = dsk.data_ptr<float>(); gr.dsv = dsv.data_ptr<float>(); gr.dslopes = dslopes.data_ptr<double>();
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  auto dk = per_part({p.B, p.Hkv, p.n, p.D}, at::kFloat, false);  // zeroed block by block (claim_key_blocks)
+  auto dv = per_part({p.B, p.Hkv, p.n, p.Dv}, at::kFloat, false);
+  auto dsk = per_part({p.B, p.Hkv, p.S, p.D}, at::kFloat, true);
+  auto dsv = per_part({p.B, p.Hkv, p.S, p.Dv}, at::kFloat, true);
+  auto dslopes = per_part({p.B, p.H}, at::kDouble, true);
+  gr.dq = dq.data_ptr<float>();
+  const int64_t pairs = p.B * p.Hkv;
+  at::parallel_for(0, parts * pairs, 1, [&](int64_t begin, int64_t end) {
     Scratch s = make_scratch(p, true);
-    for (int64_t item = begin; item < end; ++item)
-      for (int64_t t = 0; t < p.tq; ++t) backward_block(p, gr, item / p.Hkv, item % p.Hkv, t, s);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t part = item / pairs, bh_kv = item % pairs;
+      Grads g = gr;  // this part's copies
+      g.dk = dk.data_ptr<float>() + part * pairs * p.n * p.D;
+      g.dv = dv.data_ptr<float>() + part * pairs * p.n * p.Dv;
+      g.dsk = dsk.data_ptr<float>() + part * pairs * p.S * p.D;
+      g.dsv = dsv.data_ptr<float>() + part * pairs * p.S * p.Dv;
+      g.dslopes = dslopes.data_ptr<double>() + part * p.B * p.H;
+      std::fill(s.zeroed.begin(), s.zeroed.end(), uint8_t{0});
+      for (int64_t t = part * p.tq / parts; t < (part + 1) * p.tq / parts; ++t)
+        backward_block(p, g, bh_kv / p.Hkv, bh_kv % p.Hkv, t, s);
+      claim_key_blocks(p, g, bh_kv, 0, p.tk - 1, s);  // the key blocks no query of the part saw: gradient 0
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
+  if (parts > 1) return {dq, dk.sum(0), dv.sum(0), dsk.sum(0), dsv.sum(0), dslopes.sum(0)};
   return {dq, dk, dv, dsk, dsv, dslopes};
 }
 
@@ -568,7 +684,7 @@ DANON_TORCH_LIBRARY(DANON_LIBRARY, m) {
   m.def("sparse_backward(Tensor grad_out, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, Tensor? key_bias, "
         "Tensor? block_idx, Tensor? token_idx, Tensor? summary_idx, Tensor? summary_k, Tensor? summary_v, "
         "Tensor? summary_bias, Tensor? summary_pos, Tensor? slopes, float scale, bool causal, int block_size, "
-        "int window, int first) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int window, int first, int splits) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 #ifdef DANON_PROFILE
   m.def("phase_seconds() -> float[]", &phase_seconds);
 #endif
