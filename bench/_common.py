@@ -23,6 +23,13 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def results_header(title: str, command: str) -> list:
+    """A results file's first lines: its title, the date (UTC), the machine and the command that wrote it."""
+    from datetime import datetime, timezone
+    return [f"# {title}", "", f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+            f"- machine: {machine()}", f"- command: `{command}`"]
+
+
 def run_cell(script: str, args: list, env: dict = None) -> dict:
     """Run `script --worker ARGS` in a fresh interpreter (`env`: variables to set in it); its last stdout
     line is the cell's JSON."""

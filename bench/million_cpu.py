@@ -16,10 +16,9 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine, run_cell, status_kib, write_results  # noqa: E402
+from _common import results_header, run_cell, status_kib, write_results  # noqa: E402
 
 FAMILIES = ["msra", "dala"]
 LIMIT_GIB = 16
@@ -49,12 +48,7 @@ def worker(family: str, n: int) -> dict:
 
 
 def report(cells: list, n: int, command: str) -> str:
-    lines = [
-        "# A million tokens on CPU",
-        "",
-        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- machine: {machine()}",
-        f"- command: `{command}`",
+    lines = results_header("A million tokens on CPU", command) + [
         f"- setting: N = {n}, causal, B = 1, H = 4, Hkv = 2, D = 64, fp32, default family settings; one forward "
         "(with autograd) and one backward, each family in a fresh process",
         "- peak = the process's VmHWM (inputs, outputs, gradients, plan and buffers included); growth = peak minus "

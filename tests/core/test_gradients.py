@@ -157,56 +157,47 @@ def test_summary_gradients_reach_far_keys(kind):
     assert vs.grad[:, :, BS:2 * BS].abs().sum(-1).gt(0).all()
 
 
-@pytest.mark.parametrize("causal,masked,nq,memory", [(True, False, 80, 4), (True, True, 80, 4), (False, True, 80, 4),
-                                                     (False, False, 80, 0), (True, True, 37, 4), (True, False, 5, 6)])
-def test_dala_closed_form_summary_backward_equals_autograd_through_the_plan(causal, masked, nq, memory):
-    """danon::plan_backward's closed form for DALA (dala_summary_backward) against autograd through the plan, in
-    float64 on random summary gradients: B 2, Hkv 2, padding, routed tokens or none, fewer queries than keys."""
-    from danon.core.dala import dala_plan, dala_summary_backward
-    g = torch.Generator().manual_seed(90 + nq + memory)
+def _closed_form_matches_autograd(build, backward, options, nq, nk, masked, seed, **kw):
+    """A family's closed-form summary backward against autograd through the plan `build` makes, in float64 on random
+    summary gradients: B 2, H 4, Hkv 2, padding if `masked`. Returns the plan."""
+    g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 4, nq, D, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, 2, N, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    k, v = (torch.randn(2, 2, nk, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     pad = None
     if masked:
-        pad = torch.rand(2, N, generator=g) > 0.3
+        pad = torch.rand(2, nk, generator=g) > 0.3
         pad[1, :20] = False
-    kw = dict(causal=causal, key_padding_mask=pad, block_size=BS, window=16, memory_size=memory, decay="alibi",
-              compress_rest=True)
-    plan = dala_plan(q, k, v, **kw)
-    assert (plan.token_idx is not None) == (memory > 0) and plan.summary_k is not None
+    plan = build(q, k, v, key_padding_mask=pad, block_size=BS, **kw)
+    assert plan.summary_k is not None
     gk, gv = (torch.randn(plan.summary_k.shape, generator=g, dtype=torch.float64) for _ in range(2))
     expected = torch.autograd.grad([plan.summary_k, plan.summary_v], [k, v], [gk, gv])
     with torch.no_grad():
-        rebuilt = dala_plan(q, k.detach(), v.detach(), **kw)
-    got = dala_summary_backward(rebuilt, {}, pad, gk, gv, k.detach(), v.detach())
+        rebuilt = build(q, k.detach(), v.detach(), key_padding_mask=pad, block_size=BS, **kw)
+    got = backward(rebuilt, options, pad, gk, gv, k.detach(), v.detach())
     for name, x, y in zip(("dk", "dv"), got, expected):
         assert x.shape == y.shape and x.dtype == y.dtype, name
         assert torch.allclose(x, y, atol=1e-12, rtol=0), (name, (x - y).abs().max())
     assert expected[0].abs().sum() > 0
+    return plan
+
+
+@pytest.mark.parametrize("causal,masked,nq,memory", [(True, False, 80, 4), (True, True, 80, 4), (False, True, 80, 4),
+                                                     (False, False, 80, 0), (True, True, 37, 4), (True, False, 5, 6)])
+def test_dala_closed_form_summary_backward_equals_autograd_through_the_plan(causal, masked, nq, memory):
+    """danon::plan_backward's closed form for DALA (dala_summary_backward): routed tokens or none, fewer queries than
+    keys, causal or not."""
+    from danon.core.dala import dala_plan, dala_summary_backward
+    plan = _closed_form_matches_autograd(dala_plan, dala_summary_backward, {}, nq, N, masked, 90 + nq + memory,
+                                         causal=causal, window=16, memory_size=memory, decay="alibi",
+                                         compress_rest=True)
+    assert (plan.token_idx is not None) == (memory > 0)
 
 
 @pytest.mark.parametrize("causal,masked,nk,levels,c", [(True, False, 80, 1, 2), (True, True, 90, 2, 2),
                                                        (False, True, 80, 2, 3), (False, False, 256, 3, 2),
                                                        (True, True, 250, "auto", 4)])
 def test_msra_closed_form_summary_backward_equals_autograd_through_the_plan(causal, masked, nk, levels, c):
-    """msra_summary_backward against autograd through the plan, in float64 on random summary gradients: B 2,
-    Hkv 2, padding, a partial last block and partial top-level spans, up to 3 levels."""
+    """msra_summary_backward: a partial last block and partial top-level spans, up to 3 levels."""
     from danon.core.msra import msra_plan, msra_summary_backward
-    g = torch.Generator().manual_seed(100 + nk)
-    q = torch.randn(2, 4, nk, D, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(2, 2, nk, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
-    pad = None
-    if masked:
-        pad = torch.rand(2, nk, generator=g) > 0.3
-        pad[1, :20] = False
-    kw = dict(causal=causal, key_padding_mask=pad, block_size=BS, window=16, num_levels=levels, compression_factor=c)
-    plan = msra_plan(q, k, v, **kw)
-    gk, gv = (torch.randn(plan.summary_k.shape, generator=g, dtype=torch.float64) for _ in range(2))
-    expected = torch.autograd.grad([plan.summary_k, plan.summary_v], [k, v], [gk, gv])
-    with torch.no_grad():
-        rebuilt = msra_plan(q, k.detach(), v.detach(), **kw)
-    got = msra_summary_backward(rebuilt, {"compression_factor": c}, pad, gk, gv, k.detach(), v.detach())
-    for name, x, y in zip(("dk", "dv"), got, expected):
-        assert x.shape == y.shape and x.dtype == y.dtype, name
-        assert torch.allclose(x, y, atol=1e-12, rtol=0), (name, (x - y).abs().max())
-    assert expected[0].abs().sum() > 0
+    _closed_form_matches_autograd(msra_plan, msra_summary_backward, {"compression_factor": c}, nk, nk, masked,
+                                  100 + nk, causal=causal, window=16, num_levels=levels, compression_factor=c)
