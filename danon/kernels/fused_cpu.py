@@ -125,6 +125,11 @@ def _rows(x: Tensor, pad: int, rows: int) -> Tensor:
     return x if x.stride(-1) == 1 and x.stride(-2) >= x.shape[-1] else x.contiguous()
 
 
+# what the backward's split may spend on extra copies of dk and dv (beyond the one every call has): at N = 16k
+# and one kv head a copy is 8 MiB, so any thread count is served; at a million tokens, 512 MiB: two parts at most
+SPLIT_COPY_BYTES = 1 << 30
+
+
 def _first_rows(x: Tensor, start: int, count: int) -> Tensor:
     """x[:, :, start:start + count], and x itself (not a view of it) when that is all of x."""
     return x if start == 0 and count == x.shape[2] else x[:, :, start:start + count]
@@ -146,7 +151,8 @@ def fused_backward(a: AttentionArgs, grad_out: Tensor, out: Tensor, lse: Tensor)
 
     The kernel's work items are (batch, kv head) pairs, each thread owning its keys' gradients; with fewer pairs
     than threads each pair's query blocks are split into runs too, each run adding into its own copy of the key
-    gradients, summed at the end (`splits` copies of dk and dv: memory for threads that would idle otherwise).
+    gradients, summed at the end (`splits` copies of dk and dv: memory for threads that would idle otherwise, at
+    most SPLIT_COPY_BYTES of it).
     """
     layout = _layout(a)
     if layout is None:
@@ -157,7 +163,9 @@ def fused_backward(a: AttentionArgs, grad_out: Tensor, out: Tensor, lse: Tensor)
     lse_rows = lse.new_full((*lse.shape[:2], rows), float("-inf"), dtype=torch.float32)
     lse_rows[:, :, pad:pad + nq] = lse
     pairs = a.q.shape[0] * a.k.shape[1]
-    splits = -(-torch.get_num_threads() // pairs)      # ceil: enough work items for every thread
+    copy_bytes = pairs * a.k.shape[2] * (a.k.shape[3] + a.v.shape[3]) * 4
+    splits = max(1, min(-(-torch.get_num_threads() // pairs),   # ceil: enough work items for every thread
+                        1 + SPLIT_COPY_BYTES // copy_bytes))
     dq, dk, dv, dsk, dsv, dslopes = native_cpu.load().sparse_backward(
         _rows(grad_out, pad, rows), _rows(out, pad, rows), lse_rows, *plan_args, splits)
     nk = a.k.shape[2]

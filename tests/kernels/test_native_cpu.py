@@ -314,6 +314,33 @@ def test_backward_split_by_query_blocks_equals_the_float64_reference(kind, threa
     assert torch.allclose(split[5], whole[5], atol=1e-6 * whole[5].abs().max().item(), rtol=0)
 
 
+def test_backward_split_spends_at_most_its_memory_budget_on_copies(monkeypatch):
+    """Each part beyond the first costs a copy of dk and dv: the split stops where SPLIT_COPY_BYTES would be
+    exceeded (here one copy is 2 x 2 x 150 x 16 x 4 bytes), and the gradients stay the unsplit ones."""
+    q, k, v, _ = _inputs(4, 1, 150)
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
+    a = attention_args(q, k, v, plan, scale=0.3)
+    out, lse = fused_cpu.fused_forward(a)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    whole = fused_cpu.fused_backward(a, grad_out, out, lse)
+    ops, seen = native_cpu.load(), []
+
+    class Spy:
+        def sparse_backward(self, *args):
+            seen.append(args[-1])
+            return ops.sparse_backward(*args)
+
+    monkeypatch.setattr(native_cpu, "load", lambda profile=False: Spy())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    copy = 2 * 1 * 150 * (8 + 8) * 4
+    for budget, parts in [(0, 1), (copy, 2), (2 * copy + copy // 2, 3), (10 ** 9, 32)]:
+        monkeypatch.setattr(fused_cpu, "SPLIT_COPY_BYTES", budget)
+        split = fused_cpu.fused_backward(a, grad_out, out, lse)
+        assert seen[-1] == parts, (budget, seen)
+        for x, y in zip(split[:3], whole[:3]):
+            assert torch.allclose(x, y, atol=1e-6, rtol=1e-6)
+
+
 def test_backward_split_of_a_hand_made_plan_zeroes_what_no_part_saw(monkeypatch):
     """Keys no query of a part sees (past the window, never listed) must still come back 0 from every part's copy."""
     q, k, v, _ = _inputs(2, 1, 128)
