@@ -106,6 +106,16 @@ def block_counts(visible: Tensor, b: int) -> Tensor:
     return visible.view(visible.shape[0], -1, b).sum(-1)
 
 
+def pad_rows(x: Tensor, rows: int) -> Tensor:
+    """x [..., N, D] zero-padded to `rows` rows along dim -2.
+
+    Pads (by 0 too) under symbolic sizes: a branch on N would guard dynamic shapes to one length. A concrete N
+    that already is `rows` skips the copy, which costs as much as a pass over x (fresh pages at N = 16k).
+    """
+    n = x.shape[-2]
+    return x if isinstance(n, int) and n == rows else F.pad(x, (0, 0, 0, rows - n))
+
+
 def block_sums(x: Tensor, visible: Tensor, b: int, masked: bool = True) -> Tensor:
     """Sum of the visible rows of x per block: x [B, Hkv, N, D] -> [B, Hkv, Tk, D] in fp32/fp64.
 
@@ -113,14 +123,24 @@ def block_sums(x: Tensor, visible: Tensor, b: int, masked: bool = True) -> Tenso
     """
     B, Hkv, n, D = x.shape
     tk = visible.shape[-1] // b
-    xs = x.to(summary_dtype(x))
-    if not (isinstance(n, int) and n == tk * b):
-        # Pad (by 0 too under symbolic sizes: a branch on N would guard dynamic shapes to one length). A concrete N
-        # that is whole blocks skips the copy, which costs as much as the sum (fresh pages at N = 16k).
-        xs = F.pad(xs, (0, 0, 0, tk * b - n))
+    xs = pad_rows(x.to(summary_dtype(x)), tk * b)
     if masked:
         xs = xs * visible[:, None, :, None].to(xs.dtype)
     return xs.reshape(B, Hkv, tk, b, D).sum(-2)
+
+
+def block_sums_backward(grad: Tensor, visible: Tensor, b: int, n: int) -> Tensor:
+    """The adjoint of `block_sums`: per-block gradients [B, Hkv, Tk, D] -> [B, Hkv, N, D], each block's row
+    times its keys' visibility [B, Tk*b]; one fresh tensor (what the closed-form summary backwards build on).
+
+    Example:
+        >>> import torch
+        >>> block_sums_backward(torch.ones(1, 1, 2, 1), torch.tensor([[1.0, 0.0, 1.0, 1.0]]), 2, 3).flatten().tolist()
+        [1.0, 0.0, 1.0]
+    """
+    B, Hkv, tk, D = grad.shape
+    spread = grad[:, :, :, None, :] * visible.to(grad.dtype).view(visible.shape[0], 1, tk, b, 1)
+    return spread.view(B, Hkv, tk * b, D)[:, :, :n]
 
 
 def near_blocks(tq: int, tk: int, w_blocks: int, causal: bool, device, first: int = 0) -> Tensor:

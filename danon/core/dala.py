@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import block_counts, block_sums, key_visibility, num_blocks, query_layout, summary_dtype, window_blocks
+from .blocks import (block_counts, block_sums, block_sums_backward, key_visibility, num_blocks, query_layout,
+                     summary_dtype, window_blocks)
 from .plan import Plan
 
 
@@ -205,7 +206,7 @@ def dala_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[
     tk = num_blocks(nk, b)
     _, first, tq = query_layout(plan.seq_len_q, nk, b)
     denom = plan.summary_count.to(acc).clamp(min=1)[..., None]                    # [B, Hkv, Tq, 1]
-    visible = key_visibility(key_padding_mask, B, nk, b, k.device)[:, None, :, None].to(acc)   # [B, 1, Tk*b, 1]
+    visible = key_visibility(key_padding_mask, B, nk, b, k.device)                 # [B, Tk*b]
     t = torch.arange(tq, device=k.device) + first
     before = (t - plan.window).clamp(min=0, max=tk)                              # candidates [0, before)
     after = None if plan.causal else (t + plan.window + 1).clamp(max=tk)         # and [after, Tk)
@@ -217,8 +218,7 @@ def dala_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[
         if after is not None:
             starts = g.new_zeros(B, Hkv, tk + 1, x.shape[-1]).index_add_(2, after, g)
             per_block = per_block + starts.cumsum(2)[:, :, :tk]                  # sum of g over after <= kb
-        # one fresh [B, Hkv, Tk*b, D] tensor: each block's coefficient times its keys' visibility
-        dx = (per_block[:, :, :, None, :] * visible.view(B, 1, tk, b, 1)).view(B, Hkv, tk * b, -1)[:, :, :nk]
+        dx = block_sums_backward(per_block, visible, b, nk)
         if plan.token_idx is not None:                                           # less the routed tokens
             dx = dx.reshape(B * Hkv * nk, -1)
             idx = plan.token_idx.long()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import (block_counts, block_sums, compact, compact_values, key_visibility, means, near_spans, num_blocks,
-                     query_layout, strictly_past, summary_dtype, window_blocks)
+from .blocks import (block_counts, block_sums, block_sums_backward, compact, compact_values, key_visibility, means,
+                     near_spans, num_blocks, query_layout, strictly_past, summary_dtype, window_blocks)
 from .plan import Plan
 
 
@@ -59,7 +59,7 @@ def msra_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[
         sizes.append(num_blocks(sizes[-1], c))
     assert sum(sizes) == plan.summary_count.shape[-1], "summary table does not match the levels"
     denom = plan.summary_count.to(acc).clamp(min=1)[..., None]                  # [B, Hkv, S, 1]
-    visible = key_visibility(key_padding_mask, B, nk, b, k.device).to(acc).view(B, 1, tk, b, 1)
+    visible = key_visibility(key_padding_mask, B, nk, b, k.device)
 
     def one(grad: Tensor, x: Tensor) -> Tensor:
         g = grad.to(acc) / denom
@@ -67,8 +67,7 @@ def msra_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[
         for level, size in enumerate(sizes):         # a level-l span covers blocks [s c^l, (s + 1) c^l)
             per_block = per_block + g[:, :, offset:offset + size].repeat_interleave(c ** level, dim=2)[:, :, :tk]
             offset += size
-        dx = (per_block[:, :, :, None, :] * visible).view(B, Hkv, tk * b, -1)[:, :, :nk]
-        return dx.to(x.dtype)
+        return block_sums_backward(per_block, visible, b, nk).to(x.dtype)
 
     return one(grad_summary_k, k), one(grad_summary_v, v)
 

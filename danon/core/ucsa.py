@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_blocks, num_blocks,
+from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_blocks, num_blocks, pad_rows,
                      query_layout, summary_dtype, window_blocks)
 from .plan import Plan
 
@@ -32,10 +32,7 @@ def selection_queries(q: Tensor, b: int, num_kv_heads: int, causal: bool, per_he
     """
     B, H, nq, D = q.shape
     tq = num_blocks(nq, b)
-    qs = q.to(summary_dtype(q))
-    if not (isinstance(nq, int) and nq == tq * b):   # as blocks.block_sums: a zero pad still copies q (fresh pages)
-        qs = F.pad(qs, (0, 0, 0, tq * b - nq))
-    q_sum = qs.reshape(B, H, tq, b, D).sum(-2)
+    q_sum = pad_rows(q.to(summary_dtype(q)), tq * b).reshape(B, H, tq, b, D).sum(-2)
     if causal:
         # shift by one block; block t_q - 1 < Tq - 1 is always full, so its mean divides by b
         qbar = F.pad(q_sum[:, :, :-1], (0, 0, 1, 0)) / b
