@@ -126,8 +126,9 @@ def kernel_phases(kind: str, n: int, backward: bool, heads: int = 8, head_dim: i
         out = danon.attention(q, k, v, kind=kind, causal=True)
         rows.append(("forward", time.perf_counter() - start, dict(zip(PHASES, ops.phase_seconds()))))
         if backward:
+            grad_out = torch.ones_like(out)
             start = time.perf_counter()
-            out.backward(torch.ones_like(out))
+            out.backward(grad_out)
             rows.append(("backward", time.perf_counter() - start, dict(zip(PHASES, ops.phase_seconds()))))
         return rows
     finally:

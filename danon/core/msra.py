@@ -39,7 +39,7 @@ def msra_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[
 
     A level-l summary is the mean of the visible keys of c^l consecutive blocks, so dk[j] = visible[j] times the
     sum over levels of g_l[block of j // c^l], g = grad / count: one fresh [B, Hkv, N, D] tensor, where autograd
-    through the plan adds one per level and op. `plan` is the forward's plan, rebuilt (no grad), `options` the
+    through the plan adds one per level and op. `plan` is the forward's plan (danon::plan saves it), `options` the
     builder's keywords (its compression_factor); tests/core/test_gradients.py holds this to autograd in float64.
 
     Example:

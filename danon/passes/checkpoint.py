@@ -30,6 +30,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 from torch.utils.flop_counter import flop_registry
 
 from danon.core.attention_args import BACKWARD_LEADING, PLAN_TENSORS, AttentionArgs
+from danon.core.plan_op import plan_backward_op
 from danon.core.torch_internals import (aot_eager, functorch_config_patch, inductor_with_partitioner, node_storage,
                                         partitioners)
 
@@ -42,6 +43,10 @@ _ATTENTION_BACKWARD = "danon::attention_backward"
 # where the plan tensors (block_idx .. summary_pos) sit among each op's arguments, from the one argument list
 _FORWARD_PLAN = (AttentionArgs._fields.index(PLAN_TENSORS[0]), AttentionArgs._fields.index(PLAN_TENSORS[-1]) + 1)
 _BACKWARD_PLAN = tuple(i + len(BACKWARD_LEADING) for i in _FORWARD_PLAN)
+# danon::plan_backward reads the forward's plan as one list argument, `plan_tensors` (danon/core/plan_op.py)
+_PLAN_BACKWARD = "danon::plan_backward"
+_PLAN_BACKWARD_AT = [a.name for a in plan_backward_op._opoverload._schema.arguments].index("plan_tensors")
+_PLAN_BACKWARD_LIST = (_PLAN_BACKWARD_AT, _PLAN_BACKWARD_AT + 1)
 _RETRIES = 4        # partitions tried above budget 0 when the knapsack's estimate overshoots the target
 
 
@@ -55,6 +60,8 @@ def _plan_positions(node: fx.Node) -> Tuple[int, int]:
         return _FORWARD_PLAN
     if name == _ATTENTION_BACKWARD:
         return _BACKWARD_PLAN
+    if name == _PLAN_BACKWARD:
+        return _PLAN_BACKWARD_LIST
     return 0, 0
 
 
@@ -93,7 +100,8 @@ def tag_plan_nodes(graph: fx.Graph) -> int:
             if user in plan_only:
                 continue
             lo, hi = _plan_positions(user)
-            uses = [i for i, a in enumerate(user.args) if a is node]
+            uses = [i for i, a in enumerate(user.args)
+                    if a is node or (isinstance(a, (list, tuple)) and any(x is node for x in a))]
             if hi == 0 or not uses or any(not lo <= i < hi for i in uses) or node in user.kwargs.values():
                 ok = False
                 break

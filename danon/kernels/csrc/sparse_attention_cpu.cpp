@@ -251,6 +251,28 @@ KeySet key_set(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   return ks;
 }
 
+// Under causal masking a window ends with the own block, whose upper triangle no query row sees: the products
+// that write or read the window's logits run in up to four bands of rows, each over the keys its last row sees
+// (a quarter of the triangle is still computed; its logits are masked as before).
+struct Band {
+  int64_t r0, rows, cols;
+};
+constexpr int kMaxBands = 4;
+
+int window_bands(const Plan& p, int64_t lw, Band* bands) {
+  if (!p.causal || lw == 0) {
+    bands[0] = {0, p.b, lw};
+    return 1;
+  }
+  const int64_t rows = std::max<int64_t>(16, (p.b + kMaxBands - 1) / kMaxBands);
+  int n = 0;
+  for (int64_t r0 = 0; r0 < p.b; r0 += rows) {
+    const int64_t rn = std::min(rows, p.b - r0);
+    bands[n++] = {r0, rn, lw - p.b + r0 + rn};  // lw >= b: the window ends with the own block
+  }
+  return n;
+}
+
 // One segment of a row of logits (the window's keys, or the gathered ones) before the exp. With neither a bias
 // nor ALiBi (and scale > 0) the raw logits are left as they are: max(scale x) = scale max(x), and the exp pass
 // applies the scale (one pass over the row fewer). Otherwise x <- scale x + bias - slope |i - pos| in place.
@@ -350,6 +372,8 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
   if (lw > 0) transpose_key_blocks(p, s, ks.bh_kv, key0 / p.b, (key0 + lw) / p.b - 1);
   float* logits = s.logits.data();
   const int64_t ld = max_keys(p);  // one row stride for every tile: brgemm compiles a kernel per shape and ld
+  Band bands[kMaxBands];
+  const int nbands = window_bands(p, lw, bands);
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t h = hk * p.G + g;
     const float* q = p.q + bb * p.sqB + h * p.sqH + t * p.b * p.sqN;
@@ -360,7 +384,9 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       std::fill(lse, lse + p.b, kNegInf);
       continue;
     }
-    gemm_nn(p.b, lw, p.D, q, p.sqN, s.kt.get() + key0, s.ldk, false, logits, ld);
+    for (int j = 0; j < nbands; ++j)
+      gemm_nn(bands[j].rows, bands[j].cols, p.D, q + bands[j].r0 * p.sqN, p.sqN, s.kt.get() + key0, s.ldk, false,
+              logits + bands[j].r0 * ld, ld);
     gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, logits + lw, ld);
     const float slope = p.slopes != nullptr ? p.slopes[h] : 0.f;
     float inv[1024];  // b <= 1024 (checked by the caller)
@@ -370,7 +396,9 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       lse[r] = mx == kNegInf ? kNegInf : mx + std::log(sum);
       inv[r] = sum > 0.f ? 1.f / sum : 0.f;
     }
-    gemm_nn(p.b, p.Dv, lw, logits, ld, vw, p.Dv, false, out, p.Dv);
+    for (int j = 0; j < nbands; ++j)
+      gemm_nn(bands[j].rows, p.Dv, bands[j].cols, logits + bands[j].r0 * ld, ld, vw, p.Dv, false,
+              out + bands[j].r0 * p.Dv, p.Dv);
     gemm_nn(p.b, p.Dv, lg, logits + lw, ld, s.vg.data(), p.Dv, true, out, p.Dv);
     for (int64_t r = 0; r < p.b; ++r) {
       float* o = out + r * p.Dv;
@@ -443,6 +471,9 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
   const bool alibi = p.slopes != nullptr;
   float* prob = s.logits.data();
   float* dp = s.dp.data();
+  Band bands[kMaxBands];
+  const int nbands = window_bands(p, lw, bands);
+  const int64_t band_rows = bands[0].rows;  // every band but the last has as many rows
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t h = hk * p.G + g;
     const float* q = p.q + bb * p.sqB + h * p.sqH + t * p.b * p.sqN;
@@ -451,9 +482,14 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     const float* lse = p.lse + (bb * p.H + h) * p.tq * p.b + t * p.b;
     float* dq = gr.dq + ((bb * p.H + h) * p.tq * p.b + t * p.b) * p.D;
     const float slope = alibi ? p.slopes[h] : 0.f;
-    gemm_nn(p.b, lw, p.D, q, p.sqN, s.kt.get() + key0, s.ldk, false, prob, ld);
+    for (int j = 0; j < nbands; ++j) {
+      const Band& bd = bands[j];
+      gemm_nn(bd.rows, bd.cols, p.D, q + bd.r0 * p.sqN, p.sqN, s.kt.get() + key0, s.ldk, false, prob + bd.r0 * ld,
+              ld);
+      gemm_nn(bd.rows, bd.cols, p.Dv, dout + bd.r0 * gr.sdN, gr.sdN, s.vt.get() + key0, s.ldk, false,
+              dp + bd.r0 * ld, ld);
+    }
     gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, prob + lw, ld);
-    gemm_nn(p.b, lw, p.Dv, dout, gr.sdN, s.vt.get() + key0, s.ldk, false, dp, ld);
     gemm_nn(p.b, lg, p.Dv, dout, gr.sdN, s.vgt.data(), s.ldg, false, dp + lw, ld);
     double slope_grad = 0.;
     for (int64_t r = 0; r < p.b; ++r) {
@@ -471,12 +507,18 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
           [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + r * gr.sdN, o + r * gr.soN,
           p.Dv);
       float* dprow = dp + r * ld;
-      slope_grad += ds_row(dprow, row, lw, delta, p.scale, alibi, fi, key0, nullptr);
+      // dS over the keys the row's band computed (0 past the row's last visible key, where p is 0), then 0 up to
+      // the window's end, which dK and dV read whole
+      const int64_t cols = bands[r / band_rows].cols;
+      slope_grad += ds_row(dprow, row, cols, delta, p.scale, alibi, fi, key0, nullptr);
+      std::fill(dprow + cols, dprow + lw, 0.f);
       slope_grad += ds_row(dprow + lw, row + lw, lg, delta, p.scale, alibi, fi, 0, s.pos.data());
     }
     if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
     // dq = (scale dS) . K;  dK += (scale dS)^T . Q;  dV += p^T . dout
-    gemm_nn(p.b, p.D, lw, dp, ld, kw, p.D, false, dq, p.D);
+    for (int j = 0; j < nbands; ++j)
+      gemm_nn(bands[j].rows, p.D, bands[j].cols, dp + bands[j].r0 * ld, ld, kw, p.D, false, dq + bands[j].r0 * p.D,
+              p.D);
     gemm_nn(p.b, p.D, lg, dp + lw, ld, s.kg.data(), p.D, true, dq, p.D);
     gemm(true, false, lw, p.D, p.b, 1.f, dp, ld, q, p.sqN, 1.f, dkw, p.D);
     gemm(true, false, lw, p.Dv, p.b, 1.f, prob, ld, dout, gr.sdN, 1.f, dvw, p.Dv);
