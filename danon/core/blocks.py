@@ -192,10 +192,34 @@ def compact(mask: Tensor, capacity: int) -> Tensor:
     """
     n = mask.shape[-1]
     capacity = torch.sym_min(capacity, n)      # symbolic, not a guard on which is smaller (no recompile at that length)
+    if _eager_on_cpu(mask):
+        return _compact_nonzero(mask, capacity)
     pos = torch.arange(n, device=mask.device)
     key = torch.where(mask, pos, pos + n)
     key = torch.topk(key, capacity, dim=-1, largest=False, sorted=True).values
     return torch.where(key < n, key, torch.full_like(key, -1)).to(torch.int32)
+
+
+def _eager_on_cpu(x: Tensor) -> bool:
+    """A plain CPU tensor outside any trace: data-dependent shapes (nonzero) are fine."""
+    return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
+
+
+def _compact_nonzero(mask: Tensor, capacity: int) -> Tensor:
+    """`compact` through nonzero and masked_scatter: one pass each, where topk sorts every row (UCSA's rest
+    summaries at N = 64k, a [1, 8, 1024, 1024] mask: 51 ms against 165)."""
+    n = mask.shape[-1]
+    rows = mask.reshape(-1, n)
+    found = rows.nonzero()                                   # [nnz, 2], row-major: each row's columns ascending
+    count = torch.bincount(found[:, 0], minlength=rows.shape[0]).view(*mask.shape[:-1], 1)
+    if bool((count > capacity).any()):                       # the caller's bound does not hold: keep the first ones
+        starts = count.view(-1).cumsum(0) - count.view(-1)
+        rank = torch.arange(found.shape[0], device=mask.device) - starts[found[:, 0]]   # within its row
+        found, count = found[rank < capacity], count.clamp(max=capacity)
+    slots = torch.arange(capacity, device=mask.device) < count
+    return torch.full(slots.shape, -1, dtype=torch.int32, device=mask.device).masked_scatter_(
+        slots, found[:, 1].to(torch.int32))
 
 
 def compact_values(mask: Tensor, values: Tensor, capacity: int) -> Tensor:

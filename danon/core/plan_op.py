@@ -36,6 +36,7 @@ from danon.core.families import FAMILIES
 from danon.core.blocks import window_blocks
 from danon.core.dala import dala_summary_backward
 from danon.core.msra import msra_summary_backward
+from danon.core.ucsa import ucsa_summary_backward
 from danon.core.plan_shapes import plan_shapes
 from danon.core.torch_internals import autograd_inside_op, backed_size_oblivious
 
@@ -110,8 +111,8 @@ def _plan_fake(q, k, v, key_padding_mask, per_call, sparsity_factor, kind, optio
         return [q.new_empty(shapes[f][0], dtype=shapes[f][1]) if f in shapes else q.new_empty(0) for f in FIELDS]
 
 
-# families whose summaries' backward is written out (the others: autograd through the rebuilt plan)
-CLOSED_FORM_BACKWARDS = {"dala": dala_summary_backward, "msra": msra_summary_backward}
+# families whose summaries' backward is written out (any other: autograd through the rebuilt plan)
+CLOSED_FORM_BACKWARDS = {"dala": dala_summary_backward, "msra": msra_summary_backward, "ucsa": ucsa_summary_backward}
 
 
 @torch.library.custom_op("danon::plan_backward", mutates_args=())

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import (block_counts, block_sums, compact, key_visibility, means, near_blocks, num_blocks, pad_rows,
-                     query_layout, summary_dtype, window_blocks)
+from .blocks import (block_counts, block_sums, block_sums_backward, compact, key_visibility, means, near_blocks,
+                     num_blocks, pad_rows, query_layout, summary_dtype, window_blocks)
 from .plan import Plan
 
 
@@ -154,6 +154,36 @@ def list_capacity(tk, b: int, global_tokens: int, top_k_blocks: int, sparsity_fa
     top_k = math.ceil(sparsity_factor * tk) if sparsity_factor is not None else top_k_blocks
     selects = sparsity_factor > 0 if sparsity_factor is not None else top_k_blocks > 0
     return g, torch.sym_min(top_k, tk), selects, global_tokens > 0 or selects
+
+
+def ucsa_summary_backward(plan: Plan, options: dict, key_padding_mask: Optional[Tensor], grad_summary_k: Tensor,
+                          grad_summary_v: Tensor, k: Tensor, v: Tensor) -> tuple:
+    """(dk, dv) of UCSA's summaries from their gradients, without rebuilding them under autograd.
+
+    A summary is the mean of its block's visible keys, so dk[j] = visible[j] grad[block of j] / count: one fresh
+    [B, Hkv, N, D] tensor. The selection reads the same means but carries no gradient (DESIGN.md section 3).
+    `plan` is the forward's plan (danon::plan saves it); tests/core/test_gradients.py holds this to autograd
+    in float64.
+
+    Example:
+        >>> import torch
+        >>> k = torch.randn(1, 2, 256, 16)
+        >>> plan = ucsa_plan(k, k, k, causal=True, block_size=16, local_window_size=32, global_tokens=16,
+        ...                  top_k_blocks=2, compress=True, sparsity_factor=None, gamma=None)
+        >>> g = torch.ones_like(plan.summary_k)
+        >>> dk, dv = ucsa_summary_backward(plan, {}, None, g, g, k, k)
+        >>> dk.shape, float(dk[0, 0, 0, 0])
+        (torch.Size([1, 2, 256, 16]), 0.0625)
+    """
+    B, Hkv, nk, _ = k.shape
+    b, acc = plan.block_size, summary_dtype(k)
+    denom = plan.summary_count.to(acc).clamp(min=1)[..., None]                    # [B, Hkv, Tk, 1]
+    visible = key_visibility(key_padding_mask, B, nk, b, k.device)
+
+    def one(grad: Tensor, x: Tensor) -> Tensor:
+        return block_sums_backward(grad.to(acc) / denom, visible, b, nk).to(x.dtype)
+
+    return one(grad_summary_k, k), one(grad_summary_v, v)
 
 
 def ucsa_plan(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, key_padding_mask: Optional[Tensor] = None,

@@ -94,7 +94,7 @@ def _layout(a: AttentionArgs):
         key_bias[:, nk:] = float("-inf")
 
     def index(x):
-        return None if x is None or x.shape[-1] == 0 else x.long().expand(B, Hkv, tq, x.shape[-1]).contiguous()
+        return None if x is None or x.shape[-1] == 0 else x.to(torch.int32).expand(B, Hkv, tq, x.shape[-1]).contiguous()
 
     block_idx, token_idx, summary_idx = index(a.block_idx), index(a.token_idx), index(a.summary_idx)
     sk = sv = s_bias = s_pos = None

@@ -184,3 +184,22 @@ def test_plan_building_traces_without_data_dependent_shapes(kind):
     assert torch.equal(compiled[1], eager[1])
     used = eager[1][eager[1] >= 0].long().unique()      # rows of the summary table some query block reads
     assert torch.allclose(compiled[0][:, :, used], eager[0][:, :, used], atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(0, 6), width=st.integers(1, 40), density=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]),
+       capacity=st.integers(1, 50), seed=st.integers(0, 2 ** 16))
+def test_compact_by_nonzero_equals_compact_by_topk(rows, width, density, capacity, seed):
+    """blocks.compact runs eager CPU calls through nonzero (one pass) and traced ones through topk (static shapes):
+    the same lists, rows with more entries than the capacity keeping their first ones."""
+    from danon.core import blocks
+    mask = torch.rand(2, rows, width, generator=torch.Generator().manual_seed(seed)) < density
+    eager = blocks.compact(mask, capacity)
+    real = blocks._eager_on_cpu
+    blocks._eager_on_cpu = lambda x: False
+    try:
+        traced = blocks.compact(mask, capacity)
+    finally:
+        blocks._eager_on_cpu = real
+    assert eager.dtype == traced.dtype == torch.int32
+    assert torch.equal(eager, traced)

@@ -241,6 +241,10 @@ def test_backward_equals_the_float64_reference(kind, causal, pad, Hkv, N):
     a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
     if a.slopes is None and kind == "msra":
         a = a._replace(slopes=torch.rand(4, generator=torch.Generator().manual_seed(1)) * 0.5)
+    _check_backward_against_reference(a)
+
+
+def _check_backward_against_reference(a):
     out, lse = fused_cpu.fused_forward(a)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     fast = fused_cpu.fused_backward(a, grad_out, out, lse)
@@ -263,6 +267,36 @@ def test_backward_equals_the_float64_reference(kind, causal, pad, Hkv, N):
         error = (fast[5].double() - slow[6]).abs().max().item()
         scale = slow[6].abs().max().item()   # ~16 fp32 ulps of the largest component, or 8x the fp32 reference's
         assert error <= max(8 * fp32_error, 2e-6 * scale), (error, fp32_error, scale)
+
+
+def _summaries_read_in_place(plan) -> int:
+    """How many (batch, kv head, query block) rows the kernel reads its summaries of in place, as one range of
+    the summary table (summary_range in the .cpp: >= 16 listed, spanning at most twice as many and the row's
+    width)."""
+    idx = plan.summary_idx.long()
+    listed = (idx >= 0).sum(-1)
+    lo = torch.where(idx >= 0, idx, idx.new_full((), 1 << 40)).amin(-1)
+    span = idx.amax(-1) - lo + 1
+    return int(((listed >= 16) & (span <= 2 * listed) & (span <= idx.shape[-1])).sum())
+
+
+@pytest.mark.parametrize("kind,causal,pad", [("ucsa", True, False), ("ucsa", True, True), ("ucsa", False, True),
+                                             ("msra", True, True), ("msra", False, False)])
+def test_summaries_read_in_place_equal_the_float64_reference(kind, causal, pad):
+    """Rows with many listed summaries (UCSA's every past block, MSRA's one top level) read them in place as a
+    range of the summary table, the unlisted ones in between masked: forward and backward (MSRA with ALiBi slopes
+    and summary positions) against the float64 reference, on plans where that path is taken."""
+    kw = dict(FAMILY_KW[kind], **({"num_levels": 1} if kind == "msra" else {}))
+    q, k, v, kpm = _inputs(4, 2, 600, pad=pad)
+    plan = danon.attention_plan(q, k, v, kind=kind, causal=causal, key_padding_mask=kpm, block_size=16, **kw)
+    assert _summaries_read_in_place(plan) >= 10
+    a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
+    if kind == "msra":   # ALiBi over the range needs the summaries' positions (else they are gathered)
+        g = torch.Generator().manual_seed(1)
+        a = a._replace(slopes=torch.rand(4, generator=g) * 0.5,
+                       summary_pos=torch.rand(a.summary_k.shape[:3], generator=g) * 600)
+    _check_against_reference(a)
+    _check_backward_against_reference(a)
 
 
 def test_backward_of_rows_that_see_no_key_is_zero_not_nan():

@@ -96,7 +96,7 @@ struct Plan {
   float scale;
   const float *q, *k, *v, *key_bias, *slopes;
   int64_t sqB, sqH, sqN;
-  const int64_t *block_idx, *token_idx, *summary_idx;
+  const int32_t *block_idx, *token_idx, *summary_idx;  // int32: the plans' own dtype (no int64 copy)
   int64_t kb, kt, ks, S;
   const float *sk, *sv, *summary_bias, *summary_pos;
   float *out, *lse;
@@ -113,7 +113,7 @@ void window_blocks(const Plan& p, int64_t bh_kv, int64_t blk, int64_t& lo, int64
   lo = 1;
   hi = 0;
   if (p.causal && p.block_idx != nullptr) {  // a plan without a window: the own block only if it is listed
-    const int64_t* row = p.block_idx + (bh_kv * p.tq + (blk - p.first)) * p.kb;
+    const int32_t* row = p.block_idx + (bh_kv * p.tq + (blk - p.first)) * p.kb;
     for (int64_t j = 0; j < p.kb; ++j)
       if (row[j] == blk) lo = hi = blk;
   }
@@ -140,6 +140,11 @@ struct Scratch {
   std::vector<float> kgt, vgt;
   std::vector<uint8_t> kt_ready;
   int64_t kt_head = -1, ldk = 0, ldg = 0;
+  // A query block's summaries read in place (see summary_range): the kv head st_head's summary keys transposed,
+  // skt [D, lds] (backward: values too, svt [Dv, lds]), and the range's biases: log n_s where listed, -inf between.
+  std::unique_ptr<float[]> skt, svt;
+  std::vector<float> range_bias;
+  int64_t st_head = -1, lds = 0;
 };
 
 // q K^T (and the backward's dO V^T) run through brgemm (gemm_nn), which takes K^T untransposed: a kv head's key
@@ -163,8 +168,48 @@ void transpose_key_blocks(const Plan& p, Scratch& s, int64_t bh_kv, int64_t lo, 
   }
 }
 
+// A query block's listed summaries as one range [lo, lo + count) of its kv head's summary table, read in place
+// (UCSA lists nearly every past block's summary: at N = 64k about a thousand per query block, whose gather cost
+// more than their products). Taken when the range is at most twice the listed count and fits the tile; the
+// range's unlisted summaries get bias -inf (p = 0, no gradient). Returns count 0 when the summaries are gathered.
+struct SummaryRange {
+  int64_t lo = 0, count = 0;
+};
+
+SummaryRange summary_range(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) {
+  SummaryRange r;
+  if (p.summary_idx == nullptr || (p.slopes != nullptr && p.summary_pos == nullptr)) return r;
+  const int32_t* row = p.summary_idx + (bh_kv * p.tq + t) * p.ks;
+  int64_t lo = p.S, hi = -1, listed = 0;
+  for (int64_t j = 0; j < p.ks; ++j) {
+    const int64_t idx = row[j];
+    if (idx < 0 || idx >= p.S) continue;
+    lo = std::min(lo, idx);
+    hi = std::max(hi, idx);
+    ++listed;
+  }
+  const int64_t span = hi - lo + 1;
+  if (listed < 16 || span > 2 * listed || span > p.ks) return r;  // few or scattered (MSRA's levels): gathered
+  if (s.st_head != bh_kv) {
+    s.st_head = bh_kv;
+    at::vec::transpose_mxn<float>(p.sk + bh_kv * p.S * p.D, p.D, s.skt.get(), s.lds, static_cast<int>(p.S),
+                                  static_cast<int>(p.D));
+    if (s.backward)
+      at::vec::transpose_mxn<float>(p.sv + bh_kv * p.S * p.Dv, p.Dv, s.svt.get(), s.lds, static_cast<int>(p.S),
+                                    static_cast<int>(p.Dv));
+  }
+  std::fill_n(s.range_bias.data(), span, kNegInf);
+  for (int64_t j = 0; j < p.ks; ++j) {
+    const int64_t idx = row[j];
+    if (idx >= 0 && idx < p.S) s.range_bias[idx - lo] = p.summary_bias[bh_kv * p.S + idx];
+  }
+  r.lo = lo;
+  r.count = span;
+  return r;
+}
+
 // Gathers the listed blocks, tokens and summaries of one (batch, kv head, query block): returns their count.
-int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
+int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, bool summaries, Scratch& s) {
   DANON_PHASE(0);
   const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first, start = blk * p.b;
   const float* kbase = p.k + bh_kv * p.n * p.D;
@@ -189,7 +234,7 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
     ++m;
   };
   if (p.block_idx != nullptr) {
-    const int64_t* row = p.block_idx + (bh_kv * p.tq + t) * p.kb;
+    const int32_t* row = p.block_idx + (bh_kv * p.tq + t) * p.kb;
     for (int64_t j = 0; j < p.kb; ++j) {
       const int64_t blk_j = row[j];
       if (blk_j < 0 || blk_j >= p.tk || (p.causal && blk_j >= blk)) continue;  // causal: the own block is the window's
@@ -206,7 +251,7 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
     }
   }
   if (p.token_idx != nullptr) {
-    const int64_t* row = p.token_idx + (bh_kv * p.tq + t) * p.kt;
+    const int32_t* row = p.token_idx + (bh_kv * p.tq + t) * p.kt;
     for (int64_t j = 0; j < p.kt; ++j) {
       const int64_t key = row[j];
       if (key < 0 || key >= p.n || (p.causal && key >= start)) continue;
@@ -214,8 +259,8 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
           false);
     }
   }
-  if (p.summary_idx != nullptr) {
-    const int64_t* row = p.summary_idx + (bh_kv * p.tq + t) * p.ks;
+  if (summaries && p.summary_idx != nullptr) {
+    const int32_t* row = p.summary_idx + (bh_kv * p.tq + t) * p.ks;
     const float* sk = p.sk + bh_kv * p.S * p.D;
     const float* sv = p.sv + bh_kv * p.S * p.Dv;
     for (int64_t j = 0; j < p.ks; ++j) {
@@ -228,10 +273,11 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch&
   return m;
 }
 
-// The keys of one (batch, kv head, query block): the window's rows in place (key0 .. key0 + lw) and lg gathered
-// into the scratch; L = lw + lg.
+// The keys of one (batch, kv head, query block), in the order of a row of logits: the window's rows in place
+// (key0 .. key0 + lw), ls summaries in place (s0 .. s0 + ls, summary_range; ls = 0: none), and lg gathered into the
+// scratch from lx = lw + ls on; L = lx + lg.
 struct KeySet {
-  int64_t bh_kv, blk, lw, key0, lg, L;
+  int64_t bh_kv, blk, lw, key0, ls, s0, lx, lg, L;
   const float *kw, *vw, *kbias;
 };
 
@@ -243,8 +289,12 @@ KeySet key_set(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   window_blocks(p, ks.bh_kv, ks.blk, lo, hi);
   ks.lw = lo <= hi ? (hi - lo + 1) * p.b : 0;
   ks.key0 = std::max<int64_t>(lo, 0) * p.b;
-  ks.lg = gather_listed(p, bb, hk, t, s);
-  ks.L = ks.lw + ks.lg;
+  const SummaryRange range = summary_range(p, ks.bh_kv, t, s);
+  ks.ls = range.count;
+  ks.s0 = range.lo;
+  ks.lx = ks.lw + ks.ls;
+  ks.lg = gather_listed(p, bb, hk, t, ks.ls == 0, s);
+  ks.L = ks.lx + ks.lg;
   ks.kw = p.k + (ks.bh_kv * p.n + ks.key0) * p.D;
   ks.vw = p.v + (ks.bh_kv * p.n + ks.key0) * p.Dv;
   ks.kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
@@ -339,36 +389,40 @@ float exp_segment(const Segment& seg, float mx) {
 // One row of logits [window keys | gathered keys] -> unnormalised probabilities in place. forward: computes the
 // row's max and sum (returned); backward: p = exp(logit - lse) with the forward's lse. Under causal masking the
 // window keys after row i (the own block's triangle) are set to 0 without a pass.
-void softmax_row(const Plan& p, float* row, int64_t lw, int64_t lg, int64_t key0, int64_t i, float slope,
-                 const float* kbias, const Scratch& s, bool forward, float lse, float& row_max, float& row_sum) {
+void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float slope, const Scratch& s, bool forward,
+                 float lse, float& row_max, float& row_sum) {
   DANON_PHASE(2);
   const float fi = static_cast<float>(i);
   const bool alibi = p.slopes != nullptr;
+  const int64_t lw = ks.lw, key0 = ks.key0;
   const int64_t visible = p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
-  Segment window{row, visible, 1.f}, listed{row + lw, lg, 1.f};
+  Segment window{row, visible, 1.f}, range{row + lw, ks.ls, 1.f}, listed{row + ks.lx, ks.lg, 1.f};
+  const float* range_pos = p.summary_pos != nullptr ? p.summary_pos + ks.bh_kv * p.S + ks.s0 : nullptr;
   const float mx = std::max(
-      prepare_segment(window, p.scale, kbias != nullptr ? kbias + key0 : nullptr, alibi, slope, fi, key0, nullptr,
-                      forward),
+      std::max(prepare_segment(window, p.scale, ks.kbias != nullptr ? ks.kbias + key0 : nullptr, alibi, slope, fi,
+                               key0, nullptr, forward),
+               prepare_segment(range, p.scale, s.range_bias.data(), alibi, slope, fi, 0, range_pos, forward)),
       prepare_segment(listed, p.scale, s.any_bias ? s.bias.data() : nullptr, alibi, slope, fi, 0, s.pos.data(),
                       forward));
   std::fill(row + visible, row + lw, 0.f);
   if ((forward && mx == kNegInf) || lse == kNegInf) {  // no key visible: p = 0 everywhere
     std::fill(row, row + visible, 0.f);
-    std::fill(row + lw, row + lw + lg, 0.f);
+    std::fill(row + lw, row + ks.L, 0.f);
     row_max = kNegInf;
     row_sum = 0.f;
     return;
   }
   const float shift = forward ? mx : lse;
   row_max = mx;
-  row_sum = exp_segment(window, shift) + exp_segment(listed, shift);
+  row_sum = exp_segment(window, shift) + exp_segment(range, shift) + exp_segment(listed, shift);
 }
 
 void run_item(const Plan& p, int64_t item, Scratch& s) {
   const int64_t t = item % p.tq, hk = (item / p.tq) % p.Hkv, bb = item / (p.tq * p.Hkv);
   const KeySet ks = key_set(p, bb, hk, t, s);
-  const int64_t blk = ks.blk, lw = ks.lw, lg = ks.lg, L = ks.L, key0 = ks.key0;
-  const float *vw = ks.vw, *kbias = ks.kbias;
+  const int64_t blk = ks.blk, lw = ks.lw, ls = ks.ls, lx = ks.lx, lg = ks.lg, L = ks.L, key0 = ks.key0;
+  const float* vw = ks.vw;
+  const float* sv = ls > 0 ? p.sv + (ks.bh_kv * p.S + ks.s0) * p.Dv : nullptr;
   if (lw > 0) transpose_key_blocks(p, s, ks.bh_kv, key0 / p.b, (key0 + lw) / p.b - 1);
   float* logits = s.logits.data();
   const int64_t ld = max_keys(p);  // one row stride for every tile: brgemm compiles a kernel per shape and ld
@@ -387,19 +441,21 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
     for (int j = 0; j < nbands; ++j)
       gemm_nn(bands[j].rows, bands[j].cols, p.D, q + bands[j].r0 * p.sqN, p.sqN, s.kt.get() + key0, s.ldk, false,
               logits + bands[j].r0 * ld, ld);
-    gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, logits + lw, ld);
+    gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, logits + lw, ld);
+    gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, logits + lx, ld);
     const float slope = p.slopes != nullptr ? p.slopes[h] : 0.f;
     float inv[1024];  // b <= 1024 (checked by the caller)
     for (int64_t r = 0; r < p.b; ++r) {
       float mx, sum;
-      softmax_row(p, logits + r * ld, lw, lg, key0, blk * p.b + r, slope, kbias, s, true, 0.f, mx, sum);
+      softmax_row(p, logits + r * ld, ks, blk * p.b + r, slope, s, true, 0.f, mx, sum);
       lse[r] = mx == kNegInf ? kNegInf : mx + std::log(sum);
       inv[r] = sum > 0.f ? 1.f / sum : 0.f;
     }
     for (int j = 0; j < nbands; ++j)
       gemm_nn(bands[j].rows, p.Dv, bands[j].cols, logits + bands[j].r0 * ld, ld, vw, p.Dv, false,
               out + bands[j].r0 * p.Dv, p.Dv);
-    gemm_nn(p.b, p.Dv, lg, logits + lw, ld, s.vg.data(), p.Dv, true, out, p.Dv);
+    gemm_nn(p.b, p.Dv, ls, logits + lw, ld, sv, p.Dv, true, out, p.Dv);
+    gemm_nn(p.b, p.Dv, lg, logits + lx, ld, s.vg.data(), p.Dv, true, out, p.Dv);
     for (int64_t r = 0; r < p.b; ++r) {
       float* o = out + r * p.Dv;
       at::vec::map([f = inv[r]](Vec x) { return x * Vec(f); }, o, o, p.Dv);
@@ -454,9 +510,16 @@ void claim_key_blocks(const Plan& p, const Grads& gr, int64_t bh_kv, int64_t lo,
 
 void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   const KeySet ks = key_set(p, bb, hk, t, s);
-  const int64_t bh_kv = ks.bh_kv, blk = ks.blk, lw = ks.lw, lg = ks.lg, L = ks.L, key0 = ks.key0;
+  const int64_t bh_kv = ks.bh_kv, blk = ks.blk, lw = ks.lw, ls = ks.ls, lx = ks.lx, lg = ks.lg, L = ks.L;
+  const int64_t key0 = ks.key0;
   const int64_t ld = max_keys(p);  // one row stride for every tile, as in run_item
-  const float *kw = ks.kw, *vw = ks.vw, *kbias = ks.kbias;
+  const float *kw = ks.kw, *vw = ks.vw;
+  // the in-place summaries (ls > 0): their keys, values and gradient rows, and positions (ALiBi)
+  const int64_t srow = bh_kv * p.S + ks.s0;
+  const float* sk = ls > 0 ? p.sk + srow * p.D : nullptr;
+  float* dsk = ls > 0 ? gr.dsk + srow * p.D : nullptr;
+  float* dsv = ls > 0 ? gr.dsv + srow * p.Dv : nullptr;
+  const float* range_pos = ls > 0 && p.summary_pos != nullptr ? p.summary_pos + srow : nullptr;
   if (L == 0) {  // no key: dq is 0 for these rows
     for (int64_t g = 0; g < p.G; ++g) {
       const int64_t h = hk * p.G + g;
@@ -489,8 +552,10 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       gemm_nn(bd.rows, bd.cols, p.Dv, dout + bd.r0 * gr.sdN, gr.sdN, s.vt.get() + key0, s.ldk, false,
               dp + bd.r0 * ld, ld);
     }
-    gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, prob + lw, ld);
-    gemm_nn(p.b, lg, p.Dv, dout, gr.sdN, s.vgt.data(), s.ldg, false, dp + lw, ld);
+    gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, prob + lw, ld);
+    gemm_nn(p.b, ls, p.Dv, dout, gr.sdN, s.svt.get() + ks.s0, s.lds, false, dp + lw, ld);
+    gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, prob + lx, ld);
+    gemm_nn(p.b, lg, p.Dv, dout, gr.sdN, s.vgt.data(), s.ldg, false, dp + lx, ld);
     double slope_grad = 0.;
     for (int64_t r = 0; r < p.b; ++r) {
       float* row = prob + r * ld;
@@ -502,7 +567,7 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
         continue;
       }
       float unused_max, unused_sum;
-      softmax_row(p, row, lw, lg, key0, i, slope, kbias, s, false, lse[r], unused_max, unused_sum);
+      softmax_row(p, row, ks, i, slope, s, false, lse[r], unused_max, unused_sum);
       const float delta = at::vec::map2_reduce_all<float>(
           [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + r * gr.sdN, o + r * gr.soN,
           p.Dv);
@@ -512,18 +577,22 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       const int64_t cols = bands[r / band_rows].cols;
       slope_grad += ds_row(dprow, row, cols, delta, p.scale, alibi, fi, key0, nullptr);
       std::fill(dprow + cols, dprow + lw, 0.f);
-      slope_grad += ds_row(dprow + lw, row + lw, lg, delta, p.scale, alibi, fi, 0, s.pos.data());
+      slope_grad += ds_row(dprow + lw, row + lw, ls, delta, p.scale, alibi, fi, 0, range_pos);
+      slope_grad += ds_row(dprow + lx, row + lx, lg, delta, p.scale, alibi, fi, 0, s.pos.data());
     }
     if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
     // dq = (scale dS) . K;  dK += (scale dS)^T . Q;  dV += p^T . dout
     for (int j = 0; j < nbands; ++j)
       gemm_nn(bands[j].rows, p.D, bands[j].cols, dp + bands[j].r0 * ld, ld, kw, p.D, false, dq + bands[j].r0 * p.D,
               p.D);
-    gemm_nn(p.b, p.D, lg, dp + lw, ld, s.kg.data(), p.D, true, dq, p.D);
+    gemm_nn(p.b, p.D, ls, dp + lw, ld, sk, p.D, true, dq, p.D);
+    gemm_nn(p.b, p.D, lg, dp + lx, ld, s.kg.data(), p.D, true, dq, p.D);
     gemm(true, false, lw, p.D, p.b, 1.f, dp, ld, q, p.sqN, 1.f, dkw, p.D);
     gemm(true, false, lw, p.Dv, p.b, 1.f, prob, ld, dout, gr.sdN, 1.f, dvw, p.Dv);
-    gemm(true, false, lg, p.D, p.b, 1.f, dp + lw, ld, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data(), p.D);
-    gemm(true, false, lg, p.Dv, p.b, 1.f, prob + lw, ld, dout, gr.sdN, g > 0 ? 1.f : 0.f, s.dvg.data(), p.Dv);
+    gemm(true, false, ls, p.D, p.b, 1.f, dp + lw, ld, q, p.sqN, 1.f, dsk, p.D);
+    gemm(true, false, ls, p.Dv, p.b, 1.f, prob + lw, ld, dout, gr.sdN, 1.f, dsv, p.Dv);
+    gemm(true, false, lg, p.D, p.b, 1.f, dp + lx, ld, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data(), p.D);
+    gemm(true, false, lg, p.Dv, p.b, 1.f, prob + lx, ld, dout, gr.sdN, g > 0 ? 1.f : 0.f, s.dvg.data(), p.Dv);
   }
   // gathered keys' gradients back where they came from (this thread owns the kv head: no race)
   DANON_PHASE(3);
@@ -543,12 +612,13 @@ const float* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<float>() : nullptr;
 }
 
-const int64_t* index_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<int64_t>() : nullptr;
+const int32_t* index_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<int32_t>() : nullptr;
 }
 
 // q [B, H, Tq*b, D] (last dim contiguous); k [B, Hkv, n, D], v [B, Hkv, n, Dv] contiguous, n = tk*b;
-// key_bias [B, n] (0 or -inf; -inf past the real keys; None: every key is real); block_idx / token_idx / summary_idx [B, Hkv, Tq, K];
+// key_bias [B, n] (0 or -inf; -inf past the real keys; None: every key is real); block_idx / token_idx / summary_idx
+// int32 [B, Hkv, Tq, K];
 // summary_k [B, Hkv, S, D], summary_v [B, Hkv, S, Dv], summary_bias (log n_s) and summary_pos [B, Hkv, S];
 // slopes [H]. Returns out [B, H, Tq*b, Dv] and lse [B, H, Tq*b], fp32.
 #define DANON_PLAN_ARGS                                                                                         \
@@ -616,6 +686,12 @@ Scratch make_scratch(const Plan& p, bool backward) {
   s.bias.resize(m + Vec::size());
   s.pos.resize(m + Vec::size());
   s.logits.resize(p.b * max_keys(p));
+  if (p.S > 0) {
+    s.lds = p.S + 16;
+    s.skt.reset(new float[p.D * s.lds]);
+    if (backward) s.svt.reset(new float[p.Dv * s.lds]);
+    s.range_bias.resize(p.ks + Vec::size());
+  }
   if (backward) {
     s.src.resize(m);
     s.dp.resize(p.b * max_keys(p));
@@ -627,7 +703,8 @@ Scratch make_scratch(const Plan& p, bool backward) {
 }
 
 // q [B, H, Tq*b, D] (last dim contiguous); k [B, Hkv, n, D], v [B, Hkv, n, Dv] contiguous, n = tk*b;
-// key_bias [B, n] (0 or -inf; -inf past the real keys; None: every key is real); block_idx / token_idx / summary_idx [B, Hkv, Tq, K];
+// key_bias [B, n] (0 or -inf; -inf past the real keys; None: every key is real); block_idx / token_idx / summary_idx
+// int32 [B, Hkv, Tq, K];
 // summary_k [B, Hkv, S, D], summary_v [B, Hkv, S, Dv], summary_bias (log n_s) and summary_pos [B, Hkv, S];
 // slopes [H]. Returns out [B, H, Tq*b, Dv] and lse [B, H, Tq*b], fp32.
 std::tuple<at::Tensor, at::Tensor> sparse_forward(DANON_PLAN_ARGS) {
