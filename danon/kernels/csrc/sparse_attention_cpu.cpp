@@ -126,7 +126,23 @@ int64_t max_keys(const Plan& p) {
   return max_window * p.b + max_listed(p);
 }
 
+// Consecutive listed key blocks (tokens key0 .. key0 + count), read in place like the window.
+struct Run {
+  int64_t key0, count;
+};
+
+// One segment of a row of logits (the window's keys, or the gathered ones) before the exp. With neither a bias
+// nor ALiBi (and scale > 0) the raw logits are left as they are: max(scale x) = scale max(x), and the exp pass
+// applies the scale (one pass over the row fewer). Otherwise x <- scale x + bias - slope |i - pos| in place.
+struct Segment {
+  float* x;
+  int64_t count;
+  float mul;  // what the exp pass multiplies x by: scale for raw logits, 1 once scaled in place
+};
+
 struct Scratch {
+  std::vector<Run> runs;  // the query block's listed blocks, merged into runs (see key_set)
+  std::vector<Segment> segments;  // softmax_row's, one per run
   std::vector<float> kg, vg, bias, pos, logits;
   bool any_bias = false;  // whether a gathered key has a bias (padding, log n_s): none skips the bias pass
   std::vector<int64_t> src;  // where each gathered key came from: a key row (>= 0) or summary row -1 - src
@@ -208,7 +224,7 @@ SummaryRange summary_range(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) 
   return r;
 }
 
-// Gathers the listed blocks, tokens and summaries of one (batch, kv head, query block): returns their count.
+// Gathers the listed tokens and summaries of one (batch, kv head, query block): returns their count.
 int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, bool summaries, Scratch& s) {
   DANON_PHASE(0);
   const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first, start = blk * p.b;
@@ -217,46 +233,25 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, bool sum
   const float* kbias = p.key_bias != nullptr ? p.key_bias + bb * p.n : nullptr;
   int64_t m = 0;
   s.any_bias = false;
-  // one key: its rows into kg (backward) or vg (forward); down column m of kgt (and vgt) unless the caller copied
-  // its block's columns from kt (vt)
-  auto add = [&](const float* krow, const float* vrow, float bias, float pos, int64_t src, bool columns_copied) {
+  // one key: its rows into kg (backward) or vg (forward), down column m of kgt (and vgt)
+  auto add = [&](const float* krow, const float* vrow, float bias, float pos, int64_t src) {
     if (!s.src.empty()) s.src[m] = src;
     if (s.backward) std::copy(krow, krow + p.D, s.kg.data() + m * p.D);
     if (!s.backward) std::copy(vrow, vrow + p.Dv, s.vg.data() + m * p.Dv);
-    if (!columns_copied) {
-      for (int64_t d = 0; d < p.D; ++d) s.kgt[d * s.ldg + m] = krow[d];
-      if (s.backward)
-        for (int64_t d = 0; d < p.Dv; ++d) s.vgt[d * s.ldg + m] = vrow[d];
-    }
+    for (int64_t d = 0; d < p.D; ++d) s.kgt[d * s.ldg + m] = krow[d];
+    if (s.backward)
+      for (int64_t d = 0; d < p.Dv; ++d) s.vgt[d * s.ldg + m] = vrow[d];
     s.bias[m] = bias;
     s.any_bias |= bias != 0.f;
     s.pos[m] = pos;
     ++m;
   };
-  if (p.block_idx != nullptr) {
-    const int32_t* row = p.block_idx + (bh_kv * p.tq + t) * p.kb;
-    for (int64_t j = 0; j < p.kb; ++j) {
-      const int64_t blk_j = row[j];
-      if (blk_j < 0 || blk_j >= p.tk || (p.causal && blk_j >= blk)) continue;  // causal: the own block is the window's
-      transpose_key_blocks(p, s, bh_kv, blk_j, blk_j);  // the block's b columns of kt (vt), row by row
-      for (int64_t d = 0; d < p.D; ++d)
-        std::copy_n(s.kt.get() + d * s.ldk + blk_j * p.b, p.b, s.kgt.data() + d * s.ldg + m);
-      for (int64_t d = 0; s.backward && d < p.Dv; ++d)
-        std::copy_n(s.vt.get() + d * s.ldk + blk_j * p.b, p.b, s.vgt.data() + d * s.ldg + m);
-      for (int64_t r = 0; r < p.b; ++r) {
-        const int64_t key = blk_j * p.b + r;
-        add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key,
-            true);
-      }
-    }
-  }
   if (p.token_idx != nullptr) {
     const int32_t* row = p.token_idx + (bh_kv * p.tq + t) * p.kt;
     for (int64_t j = 0; j < p.kt; ++j) {
       const int64_t key = row[j];
       if (key < 0 || key >= p.n || (p.causal && key >= start)) continue;
-      add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key,
-          false);
+      add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key);
     }
   }
   if (summaries && p.summary_idx != nullptr) {
@@ -267,19 +262,42 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, bool sum
       const int64_t idx = row[j];
       if (idx < 0 || idx >= p.S) continue;
       add(sk + idx * p.D, sv + idx * p.Dv, p.summary_bias[bh_kv * p.S + idx],
-          p.summary_pos != nullptr ? p.summary_pos[bh_kv * p.S + idx] : 0.f, -1 - idx, false);
+          p.summary_pos != nullptr ? p.summary_pos[bh_kv * p.S + idx] : 0.f, -1 - idx);
     }
   }
   return m;
 }
 
 // The keys of one (batch, kv head, query block), in the order of a row of logits: the window's rows in place
-// (key0 .. key0 + lw), ls summaries in place (s0 .. s0 + ls, summary_range; ls = 0: none), and lg gathered into the
-// scratch from lx = lw + ls on; L = lx + lg.
+// (key0 .. key0 + lw), ls summaries in place (s0 .. s0 + ls, summary_range; ls = 0: none), the listed blocks in
+// place from lw + ls on (s.runs, lr keys in all), and lg tokens and summaries gathered into the scratch from
+// lx = lw + ls + lr on; L = lx + lg.
 struct KeySet {
-  int64_t bh_kv, blk, lw, key0, ls, s0, lx, lg, L;
+  int64_t bh_kv, blk, lw, key0, ls, s0, lr, lx, lg, L;
   const float *kw, *vw, *kbias;
 };
+
+// The listed blocks as runs of consecutive blocks (UCSA lists them ascending), their columns of kt (vt) made
+// ready: their products read k, v and kt in place, as the window's do (a gather of UCSA's 16 selected blocks
+// per query block cost more than a tenth of its forward at N = 64k). Returns their key count.
+int64_t listed_runs(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) {
+  s.runs.clear();
+  if (p.block_idx == nullptr) return 0;
+  const int64_t blk = t + p.first;
+  const int32_t* row = p.block_idx + (bh_kv * p.tq + t) * p.kb;
+  int64_t keys = 0;
+  for (int64_t j = 0; j < p.kb; ++j) {
+    const int64_t blk_j = row[j];
+    if (blk_j < 0 || blk_j >= p.tk || (p.causal && blk_j >= blk)) continue;  // causal: the own block is the window's
+    transpose_key_blocks(p, s, bh_kv, blk_j, blk_j);
+    if (!s.runs.empty() && s.runs.back().key0 + s.runs.back().count == blk_j * p.b)
+      s.runs.back().count += p.b;
+    else
+      s.runs.push_back({blk_j * p.b, p.b});
+    keys += p.b;
+  }
+  return keys;
+}
 
 KeySet key_set(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   KeySet ks{};
@@ -292,7 +310,8 @@ KeySet key_set(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   const SummaryRange range = summary_range(p, ks.bh_kv, t, s);
   ks.ls = range.count;
   ks.s0 = range.lo;
-  ks.lx = ks.lw + ks.ls;
+  ks.lr = listed_runs(p, ks.bh_kv, t, s);
+  ks.lx = ks.lw + ks.ls + ks.lr;
   ks.lg = gather_listed(p, bb, hk, t, ks.ls == 0, s);
   ks.L = ks.lx + ks.lg;
   ks.kw = p.k + (ks.bh_kv * p.n + ks.key0) * p.D;
@@ -323,14 +342,6 @@ int window_bands(const Plan& p, int64_t lw, Band* bands) {
   return n;
 }
 
-// One segment of a row of logits (the window's keys, or the gathered ones) before the exp. With neither a bias
-// nor ALiBi (and scale > 0) the raw logits are left as they are: max(scale x) = scale max(x), and the exp pass
-// applies the scale (one pass over the row fewer). Otherwise x <- scale x + bias - slope |i - pos| in place.
-struct Segment {
-  float* x;
-  int64_t count;
-  float mul;  // what the exp pass multiplies x by: scale for raw logits, 1 once scaled in place
-};
 
 // Returns the segment's max (scaled); keys at positions pos0 + c (window, pos == nullptr) or pos[c] (gathered).
 float prepare_segment(Segment& seg, float scale, const float* bias, bool alibi, float slope, float fi,
@@ -389,7 +400,7 @@ float exp_segment(const Segment& seg, float mx) {
 // One row of logits [window keys | gathered keys] -> unnormalised probabilities in place. forward: computes the
 // row's max and sum (returned); backward: p = exp(logit - lse) with the forward's lse. Under causal masking the
 // window keys after row i (the own block's triangle) are set to 0 without a pass.
-void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float slope, const Scratch& s, bool forward,
+void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float slope, Scratch& s, bool forward,
                  float lse, float& row_max, float& row_sum) {
   DANON_PHASE(2);
   const float fi = static_cast<float>(i);
@@ -398,12 +409,20 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
   const int64_t visible = p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
   Segment window{row, visible, 1.f}, range{row + lw, ks.ls, 1.f}, listed{row + ks.lx, ks.lg, 1.f};
   const float* range_pos = p.summary_pos != nullptr ? p.summary_pos + ks.bh_kv * p.S + ks.s0 : nullptr;
-  const float mx = std::max(
+  float mx = std::max(
       std::max(prepare_segment(window, p.scale, ks.kbias != nullptr ? ks.kbias + key0 : nullptr, alibi, slope, fi,
                                key0, nullptr, forward),
                prepare_segment(range, p.scale, s.range_bias.data(), alibi, slope, fi, 0, range_pos, forward)),
       prepare_segment(listed, p.scale, s.any_bias ? s.bias.data() : nullptr, alibi, slope, fi, 0, s.pos.data(),
                       forward));
+  s.segments.clear();
+  int64_t col = lw + ks.ls;
+  for (const Run& run : s.runs) {  // the listed blocks: keys at positions key0 .. key0 + count, as the window's
+    s.segments.push_back({row + col, run.count, 1.f});
+    mx = std::max(mx, prepare_segment(s.segments.back(), p.scale, ks.kbias != nullptr ? ks.kbias + run.key0 : nullptr,
+                                      alibi, slope, fi, run.key0, nullptr, forward));
+    col += run.count;
+  }
   std::fill(row + visible, row + lw, 0.f);
   if ((forward && mx == kNegInf) || lse == kNegInf) {  // no key visible: p = 0 everywhere
     std::fill(row, row + visible, 0.f);
@@ -415,6 +434,7 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
   const float shift = forward ? mx : lse;
   row_max = mx;
   row_sum = exp_segment(window, shift) + exp_segment(range, shift) + exp_segment(listed, shift);
+  for (const Segment& seg : s.segments) row_sum += exp_segment(seg, shift);
 }
 
 void run_item(const Plan& p, int64_t item, Scratch& s) {
@@ -442,6 +462,8 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       gemm_nn(bands[j].rows, bands[j].cols, p.D, q + bands[j].r0 * p.sqN, p.sqN, s.kt.get() + key0, s.ldk, false,
               logits + bands[j].r0 * ld, ld);
     gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, logits + lw, ld);
+    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count)
+      gemm_nn(p.b, s.runs[j].count, p.D, q, p.sqN, s.kt.get() + s.runs[j].key0, s.ldk, false, logits + col, ld);
     gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, logits + lx, ld);
     const float slope = p.slopes != nullptr ? p.slopes[h] : 0.f;
     float inv[1024];  // b <= 1024 (checked by the caller)
@@ -455,6 +477,9 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       gemm_nn(bands[j].rows, p.Dv, bands[j].cols, logits + bands[j].r0 * ld, ld, vw, p.Dv, false,
               out + bands[j].r0 * p.Dv, p.Dv);
     gemm_nn(p.b, p.Dv, ls, logits + lw, ld, sv, p.Dv, true, out, p.Dv);
+    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count)
+      gemm_nn(p.b, p.Dv, s.runs[j].count, logits + col, ld, p.v + (ks.bh_kv * p.n + s.runs[j].key0) * p.Dv, p.Dv, true,
+              out, p.Dv);
     gemm_nn(p.b, p.Dv, lg, logits + lx, ld, s.vg.data(), p.Dv, true, out, p.Dv);
     for (int64_t r = 0; r < p.b; ++r) {
       float* o = out + r * p.Dv;
@@ -528,6 +553,7 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     return;
   }
   if (lw > 0) claim_key_blocks(p, gr, bh_kv, key0 / p.b, (key0 + lw) / p.b - 1, s);
+  for (const Run& run : s.runs) claim_key_blocks(p, gr, bh_kv, run.key0 / p.b, (run.key0 + run.count) / p.b - 1, s);
   if (lw > 0) transpose_key_blocks(p, s, bh_kv, key0 / p.b, (key0 + lw) / p.b - 1);
   float* dkw = gr.dk + (bh_kv * p.n + key0) * p.D;
   float* dvw = gr.dv + (bh_kv * p.n + key0) * p.Dv;
@@ -554,6 +580,10 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     }
     gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, prob + lw, ld);
     gemm_nn(p.b, ls, p.Dv, dout, gr.sdN, s.svt.get() + ks.s0, s.lds, false, dp + lw, ld);
+    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count) {
+      gemm_nn(p.b, s.runs[j].count, p.D, q, p.sqN, s.kt.get() + s.runs[j].key0, s.ldk, false, prob + col, ld);
+      gemm_nn(p.b, s.runs[j].count, p.Dv, dout, gr.sdN, s.vt.get() + s.runs[j].key0, s.ldk, false, dp + col, ld);
+    }
     gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, prob + lx, ld);
     gemm_nn(p.b, lg, p.Dv, dout, gr.sdN, s.vgt.data(), s.ldg, false, dp + lx, ld);
     double slope_grad = 0.;
@@ -578,6 +608,8 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       slope_grad += ds_row(dprow, row, cols, delta, p.scale, alibi, fi, key0, nullptr);
       std::fill(dprow + cols, dprow + lw, 0.f);
       slope_grad += ds_row(dprow + lw, row + lw, ls, delta, p.scale, alibi, fi, 0, range_pos);
+      for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count)
+        slope_grad += ds_row(dprow + col, row + col, s.runs[j].count, delta, p.scale, alibi, fi, s.runs[j].key0, nullptr);
       slope_grad += ds_row(dprow + lx, row + lx, lg, delta, p.scale, alibi, fi, 0, s.pos.data());
     }
     if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
@@ -586,6 +618,18 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       gemm_nn(bands[j].rows, p.D, bands[j].cols, dp + bands[j].r0 * ld, ld, kw, p.D, false, dq + bands[j].r0 * p.D,
               p.D);
     gemm_nn(p.b, p.D, ls, dp + lw, ld, sk, p.D, true, dq, p.D);
+    // the listed blocks' dK and dV summed over the G heads in the scratch (after the gathered keys' rows), then added
+    // to dk and dv once: one rounding of the running sums per query block, as for the gathered keys (the global
+    // blocks' rows gather a term from every query block)
+    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count) {
+      const Run& run = s.runs[j];
+      const int64_t part = lg + col - (lw + ls);  // the run's first row in dkg, dvg
+      gemm_nn(p.b, p.D, run.count, dp + col, ld, p.k + (bh_kv * p.n + run.key0) * p.D, p.D, true, dq, p.D);
+      gemm(true, false, run.count, p.D, p.b, 1.f, dp + col, ld, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data() + part * p.D,
+           p.D);
+      gemm(true, false, run.count, p.Dv, p.b, 1.f, prob + col, ld, dout, gr.sdN, g > 0 ? 1.f : 0.f,
+           s.dvg.data() + part * p.Dv, p.Dv);
+    }
     gemm_nn(p.b, p.D, lg, dp + lx, ld, s.kg.data(), p.D, true, dq, p.D);
     gemm(true, false, lw, p.D, p.b, 1.f, dp, ld, q, p.sqN, 1.f, dkw, p.D);
     gemm(true, false, lw, p.Dv, p.b, 1.f, prob, ld, dout, gr.sdN, 1.f, dvw, p.Dv);
@@ -594,8 +638,15 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     gemm(true, false, lg, p.D, p.b, 1.f, dp + lx, ld, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data(), p.D);
     gemm(true, false, lg, p.Dv, p.b, 1.f, prob + lx, ld, dout, gr.sdN, g > 0 ? 1.f : 0.f, s.dvg.data(), p.Dv);
   }
-  // gathered keys' gradients back where they came from (this thread owns the kv head: no race)
+  // the listed blocks' and the gathered keys' gradients back where they came from (this thread owns the kv head)
   DANON_PHASE(3);
+  for (int64_t j = 0, part = lg; j < static_cast<int64_t>(s.runs.size()); part += s.runs[j++].count) {
+    const Run& run = s.runs[j];
+    float* dk_rows = gr.dk + (bh_kv * p.n + run.key0) * p.D;
+    float* dv_rows = gr.dv + (bh_kv * p.n + run.key0) * p.Dv;
+    at::vec::map2([](Vec a, Vec b) { return a + b; }, dk_rows, dk_rows, s.dkg.data() + part * p.D, run.count * p.D);
+    at::vec::map2([](Vec a, Vec b) { return a + b; }, dv_rows, dv_rows, s.dvg.data() + part * p.Dv, run.count * p.Dv);
+  }
   for (int64_t m = 0; m < lg; ++m) {
     const int64_t src = s.src[m];
     if (src >= 0) claim_key_blocks(p, gr, bh_kv, src / p.b, src / p.b, s);
