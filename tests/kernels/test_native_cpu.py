@@ -269,32 +269,58 @@ def _check_backward_against_reference(a):
         assert error <= max(8 * fp32_error, 2e-6 * scale), (error, fp32_error, scale)
 
 
-def _summaries_read_in_place(plan) -> int:
-    """How many (batch, kv head, query block) rows the kernel reads its summaries of in place, as one range of
-    the summary table (summary_range in the .cpp: >= 16 listed, spanning at most twice as many and the row's
-    width)."""
-    idx = plan.summary_idx.long()
-    listed = (idx >= 0).sum(-1)
-    lo = torch.where(idx >= 0, idx, idx.new_full((), 1 << 40)).amin(-1)
-    span = idx.amax(-1) - lo + 1
-    return int(((listed >= 16) & (span <= 2 * listed) & (span <= idx.shape[-1])).sum())
+def _summaries_read_in_place(plan):
+    """(rows, mixed): how many (batch, kv head, query block) rows the kernel reads summaries of in place, and how many
+    of those also gather some (summary_range in the .cpp: the largest cluster of listed indices at most 32 apart,
+    >= 128 of them spanning at most twice as many, the span and the rest fitting the row's width)."""
+    rows = mixed = 0
+    for row in plan.summary_idx.reshape(-1, plan.summary_idx.shape[-1]).tolist():
+        idx = [i for i in row if i >= 0]
+        best, cur = [], []
+        for i in idx:
+            cur = cur + [i] if cur and 0 < i - cur[-1] <= 32 else [i]
+            best = cur if len(cur) > len(best) else best
+        span = best[-1] - best[0] + 1 if best else 0
+        if len(best) >= 128 and span <= 2 * len(best) and span + len(idx) - len(best) <= len(row):
+            rows += 1
+            mixed += len(idx) > len(best)
+    return rows, mixed
 
 
-@pytest.mark.parametrize("kind,causal,pad", [("ucsa", True, False), ("ucsa", True, True), ("ucsa", False, True),
-                                             ("msra", True, True), ("msra", False, False)])
-def test_summaries_read_in_place_equal_the_float64_reference(kind, causal, pad):
-    """Rows with many listed summaries (UCSA's every past block, MSRA's one top level) read them in place as a
-    range of the summary table, the unlisted ones in between masked: forward and backward (MSRA with ALiBi slopes
-    and summary positions) against the float64 reference, on plans where that path is taken."""
-    kw = dict(FAMILY_KW[kind], **({"num_levels": 1} if kind == "msra" else {}))
-    q, k, v, kpm = _inputs(4, 2, 600, pad=pad)
+@pytest.mark.parametrize("kind,causal,pad,n,levels", [("ucsa", True, False, 2400, None), ("ucsa", True, True, 2400, None),
+                                                      ("ucsa", False, True, 2400, None), ("msra", True, True, 4400, 1),
+                                                      ("msra", False, False, 4400, 1), ("msra", True, False, 8800, 2)])
+def test_summaries_read_in_place_equal_the_float64_reference(kind, causal, pad, n, levels):
+    """Rows with many listed summaries (UCSA's every past block, MSRA's top level) read the largest cluster of them in
+    place as a range of the summary table, the unlisted ones in between masked and the others (MSRA's lower levels)
+    gathered: forward and backward (MSRA with ALiBi slopes and summary positions) against the float64 reference,
+    on plans where that path is taken (over a hundred summaries per row at these lengths)."""
+    kw = dict(FAMILY_KW[kind], **({"num_levels": levels} if kind == "msra" else {}))
+    q, k, v, kpm = _inputs(4, 2, n, pad=pad)
     plan = danon.attention_plan(q, k, v, kind=kind, causal=causal, key_padding_mask=kpm, block_size=16, **kw)
-    assert _summaries_read_in_place(plan) >= 10
+    rows, mixed = _summaries_read_in_place(plan)
+    assert rows >= 10
+    assert mixed >= 10 or levels != 2   # the 2-level MSRA plan: top level in place, level 1 gathered
     a = attention_args(q, k, v, plan, scale=0.3, key_padding_mask=kpm)
     if kind == "msra":   # ALiBi over the range needs the summaries' positions (else they are gathered)
         g = torch.Generator().manual_seed(1)
         a = a._replace(slopes=torch.rand(4, generator=g) * 0.5,
-                       summary_pos=torch.rand(a.summary_k.shape[:3], generator=g) * 600)
+                       summary_pos=torch.rand(a.summary_k.shape[:3], generator=g) * n)
+    _check_against_reference(a)
+    _check_backward_against_reference(a)
+
+
+def test_a_summary_listed_twice_counts_twice_as_in_the_reference():
+    """A hand-made plan that lists a summary twice in a row whose summaries would be read in place: the kernel
+    gathers that row instead (the range would count it once), and agrees with the float64 reference."""
+    q, k, v, kpm = _inputs(4, 2, 2400)
+    plan = danon.attention_plan(q, k, v, kind="ucsa", causal=True, block_size=16, **FAMILY_KW["ucsa"])
+    idx = plan.summary_idx.clone()
+    last = idx[0, 0, -1]
+    assert (last >= 0).sum() >= 128 and (last < 0).any()
+    last[(last < 0).nonzero()[0, 0]] = last[0]   # the row's first summary again, in a free slot
+    plan.summary_idx = idx
+    a = attention_args(q, k, v, plan, scale=0.3)
     _check_against_reference(a)
     _check_backward_against_reference(a)
 

@@ -184,28 +184,48 @@ void transpose_key_blocks(const Plan& p, Scratch& s, int64_t bh_kv, int64_t lo, 
   }
 }
 
-// A query block's listed summaries as one range [lo, lo + count) of its kv head's summary table, read in place
-// (UCSA lists nearly every past block's summary: at N = 64k about a thousand per query block, whose gather cost
-// more than their products). Taken when the range is at most twice the listed count and fits the tile; the
-// range's unlisted summaries get bias -inf (p = 0, no gradient). Returns count 0 when the summaries are gathered.
+// Most of a query block's listed summaries as one range [lo, lo + count) of its kv head's summary table, read in
+// place: UCSA lists nearly every past block's summary (about a thousand per query block at N = 64k, whose gather
+// cost more than their products), MSRA its top level's spans (as many at a million tokens) next to a few of each
+// lower level. The range is the largest cluster of listed indices (in the row's order, ascending in the plans,
+// consecutive ones at most kClusterGap apart), taken when it holds at least kMinRange, spans at most twice as
+// many and fits the tile; its unlisted summaries get bias -inf (p = 0, no gradient), the listed ones outside it
+// are gathered. Returns count 0 when every summary is gathered.
 struct SummaryRange {
   int64_t lo = 0, count = 0;
 };
+constexpr int64_t kClusterGap = 32;
+// Below this many, gathering them costs less than the range's products of their own (MSRA's 64 top-level
+// summaries per query block at N = 64k: 2-3 % slower in place).
+constexpr int64_t kMinRange = 128;
 
 SummaryRange summary_range(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) {
   SummaryRange r;
   if (p.summary_idx == nullptr || (p.slopes != nullptr && p.summary_pos == nullptr)) return r;
   const int32_t* row = p.summary_idx + (bh_kv * p.tq + t) * p.ks;
-  int64_t lo = p.S, hi = -1, listed = 0;
+  int64_t lo = 0, hi = -1, listed = 0;          // the largest cluster so far
+  int64_t c_lo = 0, c_hi = -1, c_listed = 0;    // the current one
+  int64_t total = 0;
   for (int64_t j = 0; j < p.ks; ++j) {
     const int64_t idx = row[j];
     if (idx < 0 || idx >= p.S) continue;
-    lo = std::min(lo, idx);
-    hi = std::max(hi, idx);
-    ++listed;
+    ++total;
+    if (c_listed > 0 && idx > c_hi && idx - c_hi <= kClusterGap) {
+      c_hi = idx;
+      ++c_listed;
+    } else {
+      c_lo = c_hi = idx;
+      c_listed = 1;
+    }
+    if (c_listed > listed) {
+      lo = c_lo;
+      hi = c_hi;
+      listed = c_listed;
+    }
   }
   const int64_t span = hi - lo + 1;
-  if (listed < 16 || span > 2 * listed || span > p.ks) return r;  // few or scattered (MSRA's levels): gathered
+  // few or scattered: gathered. The range's gaps and the gathered rest must fit the row's ks summary slots.
+  if (listed < kMinRange || span > 2 * listed || span + total - listed > p.ks) return r;
   if (s.st_head != bh_kv) {
     s.st_head = bh_kv;
     at::vec::transpose_mxn<float>(p.sk + bh_kv * p.S * p.D, p.D, s.skt.get(), s.lds, static_cast<int>(p.S),
@@ -217,15 +237,18 @@ SummaryRange summary_range(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) 
   std::fill_n(s.range_bias.data(), span, kNegInf);
   for (int64_t j = 0; j < p.ks; ++j) {
     const int64_t idx = row[j];
-    if (idx >= 0 && idx < p.S) s.range_bias[idx - lo] = p.summary_bias[bh_kv * p.S + idx];
+    if (idx < lo || idx > hi) continue;
+    if (s.range_bias[idx - lo] != kNegInf) return r;  // listed twice (a hand-made plan): the gather counts it twice
+    s.range_bias[idx - lo] = p.summary_bias[bh_kv * p.S + idx];
   }
   r.lo = lo;
   r.count = span;
   return r;
 }
 
-// Gathers the listed tokens and summaries of one (batch, kv head, query block): returns their count.
-int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, bool summaries, Scratch& s) {
+// Gathers the listed tokens and the summaries outside `range` of one (batch, kv head, query block): returns their
+// count.
+int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, const SummaryRange& range, Scratch& s) {
   DANON_PHASE(0);
   const int64_t bh_kv = bb * p.Hkv + hk, blk = t + p.first, start = blk * p.b;
   const float* kbase = p.k + bh_kv * p.n * p.D;
@@ -254,13 +277,13 @@ int64_t gather_listed(const Plan& p, int64_t bb, int64_t hk, int64_t t, bool sum
       add(kbase + key * p.D, vbase + key * p.Dv, kbias != nullptr ? kbias[key] : 0.f, static_cast<float>(key), key);
     }
   }
-  if (summaries && p.summary_idx != nullptr) {
+  if (p.summary_idx != nullptr) {
     const int32_t* row = p.summary_idx + (bh_kv * p.tq + t) * p.ks;
     const float* sk = p.sk + bh_kv * p.S * p.D;
     const float* sv = p.sv + bh_kv * p.S * p.Dv;
     for (int64_t j = 0; j < p.ks; ++j) {
       const int64_t idx = row[j];
-      if (idx < 0 || idx >= p.S) continue;
+      if (idx < 0 || idx >= p.S || (idx >= range.lo && idx < range.lo + range.count)) continue;  // in place
       add(sk + idx * p.D, sv + idx * p.Dv, p.summary_bias[bh_kv * p.S + idx],
           p.summary_pos != nullptr ? p.summary_pos[bh_kv * p.S + idx] : 0.f, -1 - idx);
     }
@@ -312,7 +335,7 @@ KeySet key_set(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   ks.s0 = range.lo;
   ks.lr = listed_runs(p, ks.bh_kv, t, s);
   ks.lx = ks.lw + ks.ls + ks.lr;
-  ks.lg = gather_listed(p, bb, hk, t, ks.ls == 0, s);
+  ks.lg = gather_listed(p, bb, hk, t, range, s);
   ks.L = ks.lx + ks.lg;
   ks.kw = p.k + (ks.bh_kv * p.n + ks.key0) * p.D;
   ks.vw = p.v + (ks.bh_kv * p.n + ks.key0) * p.Dv;
@@ -609,7 +632,8 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       std::fill(dprow + cols, dprow + lw, 0.f);
       slope_grad += ds_row(dprow + lw, row + lw, ls, delta, p.scale, alibi, fi, 0, range_pos);
       for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count)
-        slope_grad += ds_row(dprow + col, row + col, s.runs[j].count, delta, p.scale, alibi, fi, s.runs[j].key0, nullptr);
+        slope_grad += ds_row(dprow + col, row + col, s.runs[j].count, delta, p.scale, alibi, fi, s.runs[j].key0,
+                             nullptr);
       slope_grad += ds_row(dprow + lx, row + lx, lg, delta, p.scale, alibi, fi, 0, s.pos.data());
     }
     if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
