@@ -6,11 +6,12 @@ in its loop tiling; a recompile of a 2-layer model at N = 4096 took over 100 s).
 calls it as an extern kernel and compiles only what surrounds it; Dynamo and AOTAutograd still see
 its output shapes through the fake impl, the builder's sizes in closed form (danon/core/plan_shapes.py).
 
-The summaries (means of k and v) are differentiable: the backward, `danon::plan_backward`, rebuilds
-the plan under autograd and takes the vector-Jacobian product of the summary keys and values
-(selections carry no gradient, DESIGN.md section 3); DALA's, linear in the keys with a structure its plan
-holds, and MSRA's have closed forms instead (`dala_summary_backward`, `msra_summary_backward`: one pass over
-the forward's plan, which the op saves). Exports decompose the op back into the builder's
+The summaries (means of k and v) are differentiable: the backward, `danon::plan_backward`, takes the
+vector-Jacobian product of the summary keys and values (selections carry no gradient, DESIGN.md section 3).
+Each family's summaries are linear in k and v with a structure its plan holds, so the three have closed forms
+(`msra_summary_backward`, `dala_summary_backward`, `ucsa_summary_backward`: one pass over the forward's plan,
+which the op saves, instead of building the plan again); a family without one would rebuild the plan under
+autograd. Exports decompose the op back into the builder's
 ATen ops (`plan_decompositions`), so ONNX files hold the plan building as standard ops.
 
 Example:
@@ -120,8 +121,9 @@ def plan_backward_op(grad_summary_k: Tensor, grad_summary_v: Tensor, q: Tensor, 
                      key_padding_mask: Optional[Tensor], per_call: Optional[Tensor], plan_tensors: List[Tensor],
                      sparsity_factor: Optional[float], kind: str, options: str, gamma: Optional[float],
                      scale: Optional[float]) -> tuple[Tensor, Tensor]:
-    """(dk, dv) of the plan's summary keys and values: DALA, MSRA in closed form from the forward's plan
-    (`plan_tensors`, danon::plan's outputs); the others by rebuilding the plan under autograd."""
+    """(dk, dv) of the plan's summary keys and values: in closed form from the forward's plan (`plan_tensors`,
+    danon::plan's outputs) for the families in CLOSED_FORM_BACKWARDS (all three); any other by rebuilding the
+    plan under autograd."""
     if kind in CLOSED_FORM_BACKWARDS and grad_summary_k.numel() and grad_summary_v.numel():
         opts = json.loads(options)
         plan = _plan_from_outputs(kind, opts, q, k, plan_tensors)

@@ -4,14 +4,15 @@
 // Written by hand because no library runs it: aten's CPU flash kernel takes one key set per batch entry, so
 // the gathered executor (danon/kernels/gather.py) calls it once per part (window, own block, listed keys,
 // summaries) and merges the parts by log-sum-exp; FlexAttention cannot express summaries. Here one query
-// block and one head see all their keys in one tile: the window is read in place (contiguous rows of k),
-// the listed blocks, tokens and summaries are gathered next to it, and one softmax covers them all.
+// block and one head see all their keys in one tile: the window, a range of the summary table and runs of
+// consecutive listed blocks are read in place, the other listed tokens and summaries are gathered next to them
+// (key_set), and one softmax covers them all.
 //
 // Forward work item: (batch, kv head, query block); its G query heads reuse the gathered keys. Per head:
-//   logits [b, L] = q_block . [window keys | gathered keys]^T     (brgemm on K^T, kept transposed per block)
+//   logits [b, L] = q_block . [window | range | runs | gathered keys]^T   (brgemm on K^T, kept transposed)
 //   scale, key biases (padding, log n_s), ALiBi -slope |i - pos|, the causal triangle of the own block
 //   p = exp(logits - max), lse = max + log(sum p)                   (at::vec, exp_u20 as aten's flash kernel)
-//   out [b, Dv] = p . [window values | gathered values] / sum p    (brgemm)
+//   out [b, Dv] = p . [the same keys' values] / sum p                (brgemm)
 // A row that sees no key returns out 0 and lse -inf.
 // Backward work item: (batch, kv head), its query blocks in order, so that a thread owns its keys' gradients:
 //   p recomputed from the lse, dS = p (dp - delta), dq = scale dS K, dK += scale dS^T Q, dV += p^T dO
@@ -131,7 +132,8 @@ struct Run {
   int64_t key0, count;
 };
 
-// One segment of a row of logits (the window's keys, or the gathered ones) before the exp. With neither a bias
+// One segment of a row of logits (the window's keys, the summary range's, a run's, or the gathered ones) before
+// the exp. With neither a bias
 // nor ALiBi (and scale > 0) the raw logits are left as they are: max(scale x) = scale max(x), and the exp pass
 // applies the scale (one pass over the row fewer). Otherwise x <- scale x + bias - slope |i - pos| in place.
 struct Segment {
@@ -146,7 +148,7 @@ struct Scratch {
   std::vector<float> kg, vg, bias, pos, logits;
   bool any_bias = false;  // whether a gathered key has a bias (padding, log n_s): none skips the bias pass
   std::vector<int64_t> src;  // where each gathered key came from: a key row (>= 0) or summary row -1 - src
-  std::vector<float> dp, dkg, dvg;  // the backward's: dp (then dS) and the gathered keys' gradients
+  std::vector<float> dp, dkg, dvg;  // the backward's: dp (then dS); the gathered keys' then the runs' gradients
   std::vector<uint8_t> zeroed;       // the backward's: which key blocks' dk and dv rows are initialised
   // Keys (and in the backward values) transposed (see transpose_key_blocks): kt [D, ldk] (vt [Dv, ldk]) the kv
   // head kt_head's blocks whose kt_ready is set, kgt [D, ldg] (vgt [Dv, ldg]) the gathered ones. The backward
@@ -186,7 +188,7 @@ void transpose_key_blocks(const Plan& p, Scratch& s, int64_t bh_kv, int64_t lo, 
 
 // Most of a query block's listed summaries as one range [lo, lo + count) of its kv head's summary table, read in
 // place: UCSA lists nearly every past block's summary (about a thousand per query block at N = 64k, whose gather
-// cost more than their products), MSRA its top level's spans (as many at a million tokens) next to a few of each
+// cost more than their products), MSRA its top level's spans (256 at a million tokens) next to a few of each
 // lower level. The range is the largest cluster of listed indices (in the row's order, ascending in the plans,
 // consecutive ones at most kClusterGap apart), taken when it holds at least kMinRange, spans at most twice as
 // many and fits the tile; its unlisted summaries get bias -inf (p = 0, no gradient), the listed ones outside it
@@ -420,7 +422,7 @@ float exp_segment(const Segment& seg, float mx) {
   return sum;
 }
 
-// One row of logits [window keys | gathered keys] -> unnormalised probabilities in place. forward: computes the
+// One row of logits [window | range | runs | gathered keys] -> unnormalised probabilities in place. forward: computes the
 // row's max and sum (returned); backward: p = exp(logit - lse) with the forward's lse. Under causal masking the
 // window keys after row i (the own block's triangle) are set to 0 without a pass.
 void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float slope, Scratch& s, bool forward,
