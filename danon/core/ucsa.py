@@ -113,7 +113,7 @@ def estimated_mass(qbar: Tensor, kbar: Tensor, counts: Tensor, seen: Tensor, sca
         [0.7311, 0.2689]
     """
     B, H, tq, D = qbar.shape
-    Hkv, tk = kbar.shape[1], kbar.shape[2]
+    Hkv = kbar.shape[1]
     kbar = kbar.detach().to(qbar.dtype)              # selections carry no gradient
     logits = (qbar.view(B, Hkv, H // Hkv, tq, D) @ kbar[:, :, None].transpose(-1, -2)) * scale
     counts = counts.to(qbar.dtype)
