@@ -25,11 +25,16 @@ def alibi_slopes(num_heads: int, device=None) -> Tensor:
     return torch.pow(2.0, -8.0 * h / num_heads).to(torch.float32)
 
 
+def _flat_rows(idx: Tensor, n: int) -> Tensor:
+    """idx [B, Hkv, Tq, M], rows of each (batch, kv head)'s [n, D] table -> rows of the flat [B*Hkv*n, D] table."""
+    B, Hkv = idx.shape[:2]
+    return idx + (torch.arange(B * Hkv, device=idx.device) * n).view(B, Hkv, 1, 1)
+
+
 def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """x [B, Hkv, N, D], idx [B, Hkv, Tq, M] (valid, >= 0) -> [B, Hkv, Tq, M, D] without an index per element."""
     B, Hkv, n, D = x.shape
-    base = (torch.arange(B * Hkv, device=x.device) * n).view(B, Hkv, 1, 1)
-    return x.reshape(B * Hkv * n, D).index_select(0, (idx + base).reshape(-1)).view(*idx.shape, D)
+    return x.reshape(B * Hkv * n, D).index_select(0, _flat_rows(idx, n).reshape(-1)).view(*idx.shape, D)
 
 
 def _gathered_sum(x: Tensor, idx: Tensor) -> Tensor:
@@ -41,8 +46,7 @@ def _gathered_sum(x: Tensor, idx: Tensor) -> Tensor:
     if torch.compiler.is_exporting():
         return _gather_rows(x, idx).sum(-2)
     B, Hkv, n, D = x.shape
-    base = (torch.arange(B * Hkv, device=x.device) * n).view(B, Hkv, 1, 1)
-    bags = (idx + base).reshape(-1, idx.shape[-1])
+    bags = _flat_rows(idx, n).reshape(-1, idx.shape[-1])
     return F.embedding_bag(bags, x.reshape(B * Hkv * n, D), mode="sum").view(*idx.shape[:-1], D)
 
 
@@ -240,7 +244,7 @@ def _routing_bags(token_idx: Tensor, nk: int) -> Tuple[Tensor, Tensor, Tensor]:
     B, Hkv, tq, m = token_idx.shape
     idx = token_idx.long()
     valid = idx >= 0
-    rows = (idx + (torch.arange(B * Hkv, device=idx.device) * nk).view(B, Hkv, 1, 1))[valid]
+    rows = _flat_rows(idx, nk)[valid]
     blocks = torch.arange(B * Hkv * tq, device=idx.device).view(B, Hkv, tq, 1).expand(B, Hkv, tq, m)[valid]
     rows, order = torch.sort(rows, stable=True)
     tokens, counts = torch.unique_consecutive(rows, return_counts=True)

@@ -127,9 +127,11 @@ int64_t max_keys(const Plan& p) {
   return max_window * p.b + max_listed(p);
 }
 
-// Consecutive listed key blocks (tokens key0 .. key0 + count), read in place like the window.
+// Consecutive listed key blocks (tokens key0 .. key0 + count), read in place like the window; `offset` is the run's
+// first key among the listed blocks' (its columns of a row of logits start at lw + ls + offset, its rows of the
+// backward's scratch dkg, dvg at lg + offset).
 struct Run {
-  int64_t key0, count;
+  int64_t key0, count, offset;
 };
 
 // One segment of a row of logits (the window's keys, the summary range's, a run's, or the gathered ones) before
@@ -318,7 +320,7 @@ int64_t listed_runs(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) {
     if (!s.runs.empty() && s.runs.back().key0 + s.runs.back().count == blk_j * p.b)
       s.runs.back().count += p.b;
     else
-      s.runs.push_back({blk_j * p.b, p.b});
+      s.runs.push_back({blk_j * p.b, p.b, keys});
     keys += p.b;
   }
   return keys;
@@ -441,12 +443,10 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
       prepare_segment(listed, p.scale, s.any_bias ? s.bias.data() : nullptr, alibi, slope, fi, 0, s.pos.data(),
                       forward));
   s.segments.clear();
-  int64_t col = lw + ks.ls;
   for (const Run& run : s.runs) {  // the listed blocks: keys at positions key0 .. key0 + count, as the window's
-    s.segments.push_back({row + col, run.count, 1.f});
+    s.segments.push_back({row + lw + ks.ls + run.offset, run.count, 1.f});
     mx = std::max(mx, prepare_segment(s.segments.back(), p.scale, ks.kbias != nullptr ? ks.kbias + run.key0 : nullptr,
                                       alibi, slope, fi, run.key0, nullptr, forward));
-    col += run.count;
   }
   std::fill(row + visible, row + lw, 0.f);
   if ((forward && mx == kNegInf) || lse == kNegInf) {  // no key visible: p = 0 everywhere
@@ -487,8 +487,8 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       gemm_nn(bands[j].rows, bands[j].cols, p.D, q + bands[j].r0 * p.sqN, p.sqN, s.kt.get() + key0, s.ldk, false,
               logits + bands[j].r0 * ld, ld);
     gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, logits + lw, ld);
-    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count)
-      gemm_nn(p.b, s.runs[j].count, p.D, q, p.sqN, s.kt.get() + s.runs[j].key0, s.ldk, false, logits + col, ld);
+    for (const Run& run : s.runs)
+      gemm_nn(p.b, run.count, p.D, q, p.sqN, s.kt.get() + run.key0, s.ldk, false, logits + lw + ls + run.offset, ld);
     gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, logits + lx, ld);
     const float slope = p.slopes != nullptr ? p.slopes[h] : 0.f;
     float inv[1024];  // b <= 1024 (checked by the caller)
@@ -502,9 +502,9 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       gemm_nn(bands[j].rows, p.Dv, bands[j].cols, logits + bands[j].r0 * ld, ld, vw, p.Dv, false,
               out + bands[j].r0 * p.Dv, p.Dv);
     gemm_nn(p.b, p.Dv, ls, logits + lw, ld, sv, p.Dv, true, out, p.Dv);
-    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count)
-      gemm_nn(p.b, p.Dv, s.runs[j].count, logits + col, ld, p.v + (ks.bh_kv * p.n + s.runs[j].key0) * p.Dv, p.Dv, true,
-              out, p.Dv);
+    for (const Run& run : s.runs)
+      gemm_nn(p.b, p.Dv, run.count, logits + lw + ls + run.offset, ld, p.v + (ks.bh_kv * p.n + run.key0) * p.Dv, p.Dv,
+              true, out, p.Dv);
     gemm_nn(p.b, p.Dv, lg, logits + lx, ld, s.vg.data(), p.Dv, true, out, p.Dv);
     for (int64_t r = 0; r < p.b; ++r) {
       float* o = out + r * p.Dv;
@@ -605,9 +605,10 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     }
     gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, prob + lw, ld);
     gemm_nn(p.b, ls, p.Dv, dout, gr.sdN, s.svt.get() + ks.s0, s.lds, false, dp + lw, ld);
-    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count) {
-      gemm_nn(p.b, s.runs[j].count, p.D, q, p.sqN, s.kt.get() + s.runs[j].key0, s.ldk, false, prob + col, ld);
-      gemm_nn(p.b, s.runs[j].count, p.Dv, dout, gr.sdN, s.vt.get() + s.runs[j].key0, s.ldk, false, dp + col, ld);
+    for (const Run& run : s.runs) {
+      const int64_t col = lw + ls + run.offset;
+      gemm_nn(p.b, run.count, p.D, q, p.sqN, s.kt.get() + run.key0, s.ldk, false, prob + col, ld);
+      gemm_nn(p.b, run.count, p.Dv, dout, gr.sdN, s.vt.get() + run.key0, s.ldk, false, dp + col, ld);
     }
     gemm_nn(p.b, lg, p.D, q, p.sqN, s.kgt.data(), s.ldg, false, prob + lx, ld);
     gemm_nn(p.b, lg, p.Dv, dout, gr.sdN, s.vgt.data(), s.ldg, false, dp + lx, ld);
@@ -633,9 +634,10 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       slope_grad += ds_row(dprow, row, cols, delta, p.scale, alibi, fi, key0, nullptr);
       std::fill(dprow + cols, dprow + lw, 0.f);
       slope_grad += ds_row(dprow + lw, row + lw, ls, delta, p.scale, alibi, fi, 0, range_pos);
-      for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count)
-        slope_grad += ds_row(dprow + col, row + col, s.runs[j].count, delta, p.scale, alibi, fi, s.runs[j].key0,
-                             nullptr);
+      for (const Run& run : s.runs) {
+        const int64_t col = lw + ls + run.offset;
+        slope_grad += ds_row(dprow + col, row + col, run.count, delta, p.scale, alibi, fi, run.key0, nullptr);
+      }
       slope_grad += ds_row(dprow + lx, row + lx, lg, delta, p.scale, alibi, fi, 0, s.pos.data());
     }
     if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
@@ -647,9 +649,8 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     // the listed blocks' dK and dV summed over the G heads in the scratch (after the gathered keys' rows), then added
     // to dk and dv once: one rounding of the running sums per query block, as for the gathered keys (the global
     // blocks' rows gather a term from every query block)
-    for (int64_t j = 0, col = lw + ls; j < static_cast<int64_t>(s.runs.size()); col += s.runs[j++].count) {
-      const Run& run = s.runs[j];
-      const int64_t part = lg + col - (lw + ls);  // the run's first row in dkg, dvg
+    for (const Run& run : s.runs) {
+      const int64_t col = lw + ls + run.offset, part = lg + run.offset;  // its first column; its first row in dkg
       gemm_nn(p.b, p.D, run.count, dp + col, ld, p.k + (bh_kv * p.n + run.key0) * p.D, p.D, true, dq, p.D);
       gemm(true, false, run.count, p.D, p.b, 1.f, dp + col, ld, q, p.sqN, g > 0 ? 1.f : 0.f, s.dkg.data() + part * p.D,
            p.D);
@@ -666,8 +667,8 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
   }
   // the listed blocks' and the gathered keys' gradients back where they came from (this thread owns the kv head)
   DANON_PHASE(3);
-  for (int64_t j = 0, part = lg; j < static_cast<int64_t>(s.runs.size()); part += s.runs[j++].count) {
-    const Run& run = s.runs[j];
+  for (const Run& run : s.runs) {
+    const int64_t part = lg + run.offset;
     float* dk_rows = gr.dk + (bh_kv * p.n + run.key0) * p.D;
     float* dv_rows = gr.dv + (bh_kv * p.n + run.key0) * p.Dv;
     at::vec::map2([](Vec a, Vec b) { return a + b; }, dk_rows, dk_rows, s.dkg.data() + part * p.D, run.count * p.D);
