@@ -244,6 +244,20 @@ def test_backward_equals_the_float64_reference(kind, causal, pad, Hkv, N):
     _check_backward_against_reference(a)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 1e-39, 0.3])
+def test_every_scale_equals_the_float64_reference_forward_and_backward(scale):
+    """The kernel softmaxes raw products in units of the scale (biases and ALiBi divided by it) when the scale is
+    positive with a finite inverse, and scales every key in place otherwise (a negative or zero scale, or one whose
+    inverse overflows fp32, 1e-39): both paths, with padding (key biases) and ALiBi slopes, hold to float64."""
+    q, k, v, kpm = _inputs(4, 2, 150, pad=True)
+    plan = danon.attention_plan(q, k, v, kind="msra", causal=True, key_padding_mask=kpm, block_size=16,
+                                **FAMILY_KW["msra"])
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(1)) * 0.5
+    a = attention_args(q, k, v, plan, scale=scale, key_padding_mask=kpm)._replace(slopes=slopes)
+    _check_against_reference(a)
+    _check_backward_against_reference(a)
+
+
 def _check_backward_against_reference(a):
     out, lse = fused_cpu.fused_forward(a)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
