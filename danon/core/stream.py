@@ -358,7 +358,7 @@ class PlanState:
         return self._table(keys, values, counts_, valid)
 
     def _dala_table(self, q, k, v, kpm, t_q, first, inputs) -> dict:
-        spec, b = self.spec, self.b
+        spec = self.spec
         B, H = q.shape[:2]
         Hkv = k.shape[1]
         acc = summary_dtype(k)
