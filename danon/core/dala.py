@@ -57,10 +57,14 @@ MAX_TREE_LEVELS = 32
 
 
 def _leaf_lists(values: Tensor, ids: Tensor, m: int) -> tuple:
-    """Each block's own top-m (value, token id), padded to width m with (-inf, -1)."""
+    """Each block's own top-m (value, token id), padded to width m with (-inf, -1); in no particular order (every
+    consumer takes a top-m of them again)."""
     width = min(m, values.shape[-1])
-    top_val, pos = torch.topk(values, width, dim=-1)
-    top_ids = torch.gather(ids, -1, pos)
+    if width == values.shape[-1]:   # the whole block (m >= b, the default 64 = 64): a topk would only sort it
+        top_val, top_ids = values, ids
+    else:
+        top_val, pos = torch.topk(values, width, dim=-1)
+        top_ids = torch.gather(ids, -1, pos)
     if width < m:   # keep one list width at every level
         top_val = F.pad(top_val, (0, m - width), value=float("-inf"))
         top_ids = F.pad(top_ids, (0, m - width), value=-1)
