@@ -287,7 +287,7 @@ def ucsa_plan_from_stats(qbar: Optional[Tensor], counts: Tensor, k_sums: Tensor,
     if selects:
         if gamma is None:
             score = qbar @ kbar.transpose(-1, -2)                              # [B, Hkv, Tq, Tk]
-            score.masked_fill_(~eligible, float("-inf"))   # in place: a fresh copy is 32 MB at N = 64k
+            score = score.masked_fill(~eligible, float("-inf"))
             top_val, top_idx = torch.topk(score, top_k, dim=-1)
             take = top_val > float("-inf")
         else:
