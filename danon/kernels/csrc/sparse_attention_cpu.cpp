@@ -95,6 +95,11 @@ struct Plan {
   int64_t window;  // -1: none
   bool causal;
   float scale;
+  // A row of logits is softmaxed in units of `unit` (x * unit is the scaled logit): the scale itself when it is
+  // positive with a finite inverse (raw products stay as they are; biases and ALiBi are added divided by it),
+  // otherwise 1 with every key scaled in place (a scale <= 0 is a caller's choice). Set once by make_plan.
+  bool raw_units;
+  float unit;
   const float *q, *k, *v, *key_bias, *slopes;
   int64_t sqB, sqH, sqN;
   const int32_t *block_idx, *token_idx, *summary_idx;  // int32: the plans' own dtype (no int64 copy)
@@ -127,11 +132,11 @@ int64_t max_keys(const Plan& p) {
   return max_window * p.b + max_listed(p);
 }
 
-// A row of logits' stride: its keys padded to the vector width (softmax_row's passes have no scalar tail).
-int64_t row_stride(const Plan& p) {
-  const int64_t w = at::vec::Vectorized<float>::size();
-  return (max_keys(p) + w - 1) / w * w;
-}
+// A count of keys rounded up to the vector width (softmax_row's passes over a padded row have no scalar tail).
+int64_t padded(int64_t count) { return (count + Vec::size() - 1) / Vec::size() * Vec::size(); }
+
+// A row of logits' stride: room for any key set, padded.
+int64_t row_stride(const Plan& p) { return padded(max_keys(p)); }
 
 // Consecutive listed key blocks (tokens key0 .. key0 + count), read in place like the window; `offset` is the run's
 // first key among the listed blocks' (its columns of a row of logits start at lw + ls + offset, its rows of the
@@ -365,18 +370,11 @@ int window_bands(const Plan& p, int64_t lw, Band* bands) {
 }
 
 
-// A row of logits is softmaxed in "units": x * unit is the scaled logit. With scale > 0 the unit is the scale and
-// the raw products stay as they are (the window's keys without a bias or ALiBi need no pass of their own); the
-// biases and ALiBi are added divided by the scale. Otherwise (scale <= 0, a caller's choice) every key is scaled
-// in place and the unit is 1 (also for a scale whose inverse is not finite).
-bool raw_units(const Plan& p) { return p.scale > 0.f && std::isfinite(p.scale) && std::isfinite(1.f / p.scale); }
-float row_unit(const Plan& p) { return raw_units(p) ? p.scale : 1.f; }
-
 // x <- x + (bias - slope |i - pos|) / unit over [0, count) (scaled by the scale first when unit is 1); keys at
 // positions pos0 + c (pos == nullptr) or pos[c]. Nothing to do for raw keys without bias or ALiBi.
 void add_key_terms(float* x, int64_t count, const Plan& p, const float* bias, bool alibi, float slope, float fi,
                    int64_t pos0, const float* pos) {
-  const bool scaled_here = !raw_units(p);
+  const bool scaled_here = !p.raw_units;
   if (count <= 0 || (bias == nullptr && !alibi && !scaled_here)) return;
   const float inv = scaled_here ? 1.f : 1.f / p.scale, mul = scaled_here ? p.scale : 1.f;
   const Vec vinv(inv), vmul(mul), vslope(slope * inv), vi(fi), iota = Vec::arange(0.f, 1.f);
@@ -396,8 +394,6 @@ void add_key_terms(float* x, int64_t count, const Plan& p, const float* bias, bo
     x[c] = y;
   }
 }
-
-int64_t padded(int64_t count) { return (count + Vec::size() - 1) / Vec::size() * Vec::size(); }
 
 // One row of logits [window | range | runs | gathered keys] -> unnormalised probabilities in place, in one pass
 // for the max and one for the exp over the whole row padded to a multiple of the vector width (the keys a row
@@ -421,7 +417,7 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
                   alibi, slope, fi, run.key0, nullptr);
   add_key_terms(row + ks.lx, ks.lg, p, s.any_bias ? s.bias.data() : nullptr, alibi, slope, fi, 0, s.pos.data());
   std::fill(row + L, row + Lp, kNegInf);
-  const float unit = row_unit(p);
+  const float unit = p.unit;
   float shift = lse;
   if (forward) {
     Vec vmax(kNegInf);
@@ -714,6 +710,8 @@ Plan make_plan(DANON_PLAN_ARGS) {
   p.b = block_size; p.tq = q.size(2) / block_size; p.tk = p.n / block_size; p.first = first;
   TORCH_CHECK(p.tq * p.b == q.size(2) && p.tk * p.b == p.n, "q and k rows must be whole blocks");
   p.window = window; p.causal = causal; p.scale = static_cast<float>(scale);
+  p.raw_units = p.scale > 0.f && std::isfinite(p.scale) && std::isfinite(1.f / p.scale);
+  p.unit = p.raw_units ? p.scale : 1.f;
   p.q = q.data_ptr<float>(); p.k = k.data_ptr<float>(); p.v = v.data_ptr<float>();
   p.key_bias = data_or_null(key_bias); p.slopes = data_or_null(slopes);
   p.sqB = q.stride(0); p.sqH = q.stride(1); p.sqN = q.stride(2);
