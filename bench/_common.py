@@ -16,11 +16,18 @@ def reset_peak() -> None:
         f.write("5")
 
 
+# process settings that change how fast fresh buffers are (glibc's malloc, a preloaded allocator): a run under them
+# is not comparable to one without, so the results file names them
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "LD_PRELOAD",
+                 "THP_MEM_ALLOC_ENABLE")
+
+
 def machine() -> str:
     import torch
     cpu = machine_info()["cpu"]
+    allocator = [f"{name}={os.environ[name]}" for name in ALLOCATOR_ENV if os.environ.get(name)]
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}")
+            f"Python {platform.python_version()}, allocator: {' '.join(allocator) or 'default (glibc malloc)'}")
 
 
 def results_header(title: str, command: str) -> list:

@@ -5,8 +5,9 @@ times every column round-robin (`--repeats` rounds after a warm-up, so that drif
 all alike) and measures the machine's fp32 matmul peak (2048^2 x 2048, best of 10, the faster of MKL's
 torch.mm and oneDNN's matmul) before the rounds, after each and after the last; the share of peak uses the
 highest of these (the machine drifts: a peak measured in a slow moment would inflate every share). oneDNN
-counts because danon's kernel runs its micro-kernel, and on this AMD machine it is about 15 % faster than
-MKL, which takes its AVX2 path there. Columns:
+counts because danon's kernel runs its micro-kernel (on an AMD EPYC about 15 % faster than MKL, which takes its
+AVX2 path there; on an Intel Xeon the two are even). The machine line names the allocator settings the run had
+(GLIBC_TUNABLES and the like change how fast fresh buffers are: docs/executors.md). Columns:
 
 - sdpa: F.scaled_dot_product_attention(is_causal=True), the anchor;
 - msra, dala, ucsa: danon.attention(kind=...) with the plan built in every call (what a user pays);
