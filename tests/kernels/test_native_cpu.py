@@ -266,10 +266,11 @@ def test_steep_alibi_holds_to_float64_and_leaves_the_callers_denormals_alone():
     q, k, v, _ = _inputs(4, 2, 150)
     plan = danon.attention_plan(q, k, v, kind="msra", causal=True, block_size=16, **FAMILY_KW["msra"])
     a = attention_args(q, k, v, plan, scale=0.3)._replace(slopes=torch.tensor([4.0, 3.0, 2.5, 1.0]))
-    _, ref_lse = reference.reference_forward(_float64(a))
+    a64 = _float64(a)
+    _, ref_lse = reference.reference_forward(a64)
     i = torch.arange(150, dtype=torch.float64)
-    logits = 0.3 * _float64(a).q[:, :, :, None, :].mul(_float64(a).k.repeat_interleave(2, 1)[:, :, None]).sum(-1)
-    logits = logits - a.slopes.double().view(1, 4, 1, 1) * (i[:, None] - i[None, :]).abs()
+    logits = 0.3 * a64.q[:, :, :, None, :].mul(a64.k.repeat_interleave(2, 1)[:, :, None]).sum(-1)
+    logits = logits - a64.slopes.view(1, 4, 1, 1) * (i[:, None] - i[None, :]).abs()
     seen = (i[None, :] <= i[:, None]) & (i[None, :] // 16 >= i[:, None] // 16 - 1)   # own and previous block
     p = (logits - ref_lse[..., None]).exp().masked_fill(~seen, 0)
     assert ((p > 0) & (p < torch.finfo(torch.float32).tiny)).sum() > 100, "no p in fp32's denormal range"

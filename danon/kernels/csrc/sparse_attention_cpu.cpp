@@ -99,12 +99,13 @@ void gemm_nn(int64_t rows, int64_t cols, int64_t inner, const float* a, int64_t 
 // p . V and dS^T Q accumulated from 0, fall below 1.2e-38: each such denormal result costs Intel CPUs a
 // microcode assist (DALA's backward at 16k: 225 against 260 ms with the flush; AMD's Zen 4 pays nothing).
 // Only results under 1.2e-38 in magnitude change (to 0), against outputs of order |v| (p's row sum is >= 1);
-// denormal inputs are still read as they are (no DAZ). Other architectures keep their default.
+// denormal inputs are still read as they are (no DAZ). Other architectures keep their default. By hand because
+// torch.set_flush_denormal is process-wide and never restored; this is scoped to the kernel's own loops.
 struct FlushDenormalResults {
 #if defined(__x86_64__) || defined(_M_X64)
-  unsigned int saved = _mm_getcsr();
-  FlushDenormalResults() { _mm_setcsr(saved | 0x8000); }
-  ~FlushDenormalResults() { _mm_setcsr(saved); }
+  unsigned int saved = _MM_GET_FLUSH_ZERO_MODE();
+  FlushDenormalResults() { _MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON); }
+  ~FlushDenormalResults() { _MM_SET_FLUSH_ZERO_MODE(saved); }
 #endif
 };
 
