@@ -200,10 +200,20 @@ def compact(mask: Tensor, capacity: int) -> Tensor:
     return torch.where(key < n, key, torch.full_like(key, -1)).to(torch.int32)
 
 
+def eager_tensor(x: Tensor) -> bool:
+    """A plain tensor outside any trace (no fake or functional tensor, no Dynamo, no export): what eager-only fast
+    paths (data-dependent shapes, C++ helpers) check.
+
+    Example:
+        >>> eager_tensor(torch.ones(2))
+        True
+    """
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def _eager_on_cpu(x: Tensor) -> bool:
     """A plain CPU tensor outside any trace: data-dependent shapes (nonzero) are fine."""
-    return (type(x) is torch.Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting())
+    return x.device.type == "cpu" and eager_tensor(x)
 
 
 def _compact_nonzero(mask: Tensor, capacity: int) -> Tensor:

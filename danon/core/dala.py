@@ -1,14 +1,14 @@
 """DALA: near blocks and routed important tokens exactly, the rest as one summary, ALiBi decay."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import (block_counts, block_sums, block_sums_backward, key_visibility, num_blocks, query_layout,
-                     summary_dtype, window_blocks)
+from .blocks import (block_counts, block_sums, block_sums_backward, eager_tensor, key_visibility, num_blocks,
+                     query_layout, summary_dtype, window_blocks)
 from .plan import Plan
 
 
@@ -135,14 +135,48 @@ def _prefix_lists(levels: list, length: Tensor, table: bool = False) -> tuple:
     return torch.cat(vals, -1), torch.cat(ids, -1)
 
 
+# Eager implementations of `_routed_tokens` by device type, registered by danon/kernels (core imports no kernel):
+# fn(scores, b, m, w, causal, first, count) -> the same lists, or None where it cannot run (no compiler).
+_ROUTING_KERNELS: Dict[str, Callable] = {}
+
+
+def register_routing_kernel(device_type: str, fn: Callable) -> None:
+    """Route DALA's tokens with `fn` for eager tensors on `device_type` (traces keep the tree of `_routed_tokens`).
+
+    fn(scores, block_size, m, window_blocks, causal, first, count) must return `_routed_tokens`'s lists, ranked the
+    same way, or None to fall back to the tree.
+
+    Example:
+        >>> from danon.core import dala
+        >>> sorted(dala._ROUTING_KERNELS)   # danon/kernels registers its C++ scan for CPU
+        ['cpu']
+    """
+    _ROUTING_KERNELS[device_type] = fn
+
+
 def _routed_tokens(scores: Tensor, b: int, m: int, w: int, causal: bool, first: int = 0,
                    count: Optional[int] = None) -> Tensor:
     """int32 [B, Hkv, count, m]: per query block first .. first + count - 1 (count: default Tk - first), the m
-    visible tokens outside the near blocks with the highest score.
+    visible tokens outside the near blocks with the highest score, ranked by descending score, -1 padded (equal
+    scores: the kernels rank the lower token first; the tree's topk in its own order).
 
     The candidates of query block t are the blocks [0, t - W) (and, without causal masking, [t + W + 1, Tk)).
-    A dyadic tree of per-run top-m lists answers every block's query from O(log Tk) lists instead of
-    scanning all N tokens per query block (which would cost O(N^2 / b)).
+    Eager tensors go to a registered kernel (danon/kernels: a C++ scan on CPU); traces and other devices build
+    `_routed_tokens_tree`.
+    """
+    kernel = _ROUTING_KERNELS.get(scores.device.type)
+    if kernel is not None and eager_tensor(scores):
+        tk = num_blocks(scores.shape[-1], b)
+        routed = kernel(scores, b, m, w, causal, first, tk - first if count is None else count)
+        if routed is not None:
+            return routed
+    return _routed_tokens_tree(scores, b, m, w, causal, first, count)
+
+
+def _routed_tokens_tree(scores: Tensor, b: int, m: int, w: int, causal: bool, first: int = 0,
+                        count: Optional[int] = None) -> Tensor:
+    """`_routed_tokens` in traceable torch ops: a dyadic tree of per-run top-m lists answers every block's query
+    from O(log Tk) lists instead of scanning all N tokens per query block (which would cost O(N^2 / b)).
     """
     B, Hkv, nk = scores.shape
     tk = num_blocks(nk, b)

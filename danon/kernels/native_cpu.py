@@ -31,6 +31,8 @@ from danon.core.torch_internals import cpu_vector_isa_flags
 __all__ = ["load", "available"]
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_attention_cpu.cpp"
+# DALA's routed tokens (core/dala.py's eager CPU path), built into the same extension
+ROUTING_SOURCE = SOURCE.with_name("routing_cpu.cpp")
 
 
 def _isa_flags():
@@ -61,7 +63,8 @@ def load(profile: bool = False):
         print("danon: loading the CPU sparse-attention kernel (compiled once per machine: about 15 s the first time)",
               file=sys.stderr, flush=True)
         suffix, extra = ("_profile", ["-DDANON_PROFILE"]) if profile else ("", [])
-        cpp_extension.load(name=f"danon_cpu{suffix}_{name}", sources=[str(SOURCE)], is_python_module=False,
+        cpp_extension.load(name=f"danon_cpu{suffix}_{name}", sources=[str(SOURCE), str(ROUTING_SOURCE)],
+                           is_python_module=False,
                            extra_cflags=["-O3", "-fopenmp", *arch, *macros, *extra],
                            extra_ldflags=["-fopenmp"], verbose=False)
         return torch.ops.danon_cpu_profile if profile else torch.ops.danon_cpu

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import danon
-from danon.core.dala import _routed_tokens
+from danon.core.dala import _routed_tokens, _routed_tokens_tree
 
 
 def _exact_members(plan, B, Hkv, nk):
@@ -93,10 +93,11 @@ def test_dala_with_compress_rest_drops_no_visible_key(n, b, window, memory, caus
     _check_partition("dala", n, b, causal, seed, window=window, memory_size=memory, compress_rest=True)
 
 
-def _routed_brute_force(scores, b, m, w, causal):
+def _routed_brute_force(scores, b, m, w, causal, first=0, count=None):
     nk = scores.shape[-1]
     tk = -(-nk // b)
-    d = torch.arange(tk)[:, None] - (torch.arange(nk) // b)[None, :]
+    t = torch.arange(first, tk if count is None else first + count)
+    d = t[:, None] - (torch.arange(nk) // b)[None, :]
     candidate = (d > w) if causal else (d.abs() > w)
     top = torch.topk(scores[:, :, None, :].masked_fill(~candidate, float("-inf")), m, -1)
     return torch.where(top.values > float("-inf"), top.indices, -1)
@@ -104,15 +105,20 @@ def _routed_brute_force(scores, b, m, w, causal):
 
 @settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 300), b=st.sampled_from([16, 32]), m=st.integers(1, 40), w=st.integers(0, 4),
-       causal=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_dala_routing_tree_equals_brute_force_top_k(n, b, m, w, causal, seed):
+       causal=st.booleans(), seed=st.integers(0, 2 ** 16), rows=st.sampled_from(["all", "last", "some"]))
+def test_dala_routing_tree_and_kernel_equal_brute_force_top_k(n, b, m, w, causal, seed, rows):
+    """Both ways of routing (the traceable tree, and what eager CPU calls run: danon/kernels' C++ scan) pick the
+    brute force's tokens, for every query block or a run of them (queries after a cache)."""
     g = torch.Generator().manual_seed(seed)
     scores = torch.randn(2, 2, n, generator=g)
     scores[0, :, : n // 3] = float("-inf")   # padding
     m = min(m, n)
-    fast = _routed_tokens(scores, b, m, w, causal).long().sort(-1).values
-    slow = _routed_brute_force(scores, b, m, w, causal).sort(-1).values
-    assert torch.equal(fast, slow)
+    tk = -(-n // b)
+    first, count = {"all": (0, None), "last": (tk - 1, 1), "some": (tk // 3, tk - tk // 3)}[rows]
+    slow = _routed_brute_force(scores, b, m, w, causal, first, count).sort(-1).values
+    for route in (_routed_tokens_tree, _routed_tokens):
+        fast = route(scores, b, m, w, causal, first, count).long().sort(-1).values
+        assert torch.equal(fast, slow), route.__name__
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 3, 5, 8, 13, 37])

@@ -33,12 +33,13 @@
 #include <xmmintrin.h>
 #endif
 
+#include "danon_library.h"
+
 // -DDANON_PROFILE (native_cpu.load(profile=True), bench/profile_cpu.py --kernel-phases): time spent per phase,
 // summed over the threads, read by danon_cpu_profile::phase_seconds. The default build has no timer.
 #ifdef DANON_PROFILE
 #include <atomic>
 #include <chrono>
-#define DANON_LIBRARY danon_cpu_profile
 namespace {
 std::atomic<int64_t> phase_ns[4];  // gather, gemm, softmax (and dS), scatter of the listed keys' gradients
 struct PhaseTimer {
@@ -53,7 +54,6 @@ struct PhaseTimer {
 }  // namespace
 #define DANON_PHASE(ph) PhaseTimer danon_phase_timer_(ph)
 #else
-#define DANON_LIBRARY danon_cpu
 #define DANON_PHASE(ph)
 #endif
 
