@@ -366,29 +366,6 @@ KeySet key_set(const Plan& p, int64_t bb, int64_t hk, int64_t t, Scratch& s) {
   return ks;
 }
 
-// Under causal masking a window ends with the own block, whose upper triangle no query row sees: the products
-// that write or read the window's logits run in up to four bands of rows, each over the keys its last row sees
-// (a quarter of the triangle is still computed; its logits are masked as before).
-struct Band {
-  int64_t r0, rows, cols;
-};
-constexpr int kMaxBands = 4;
-
-int window_bands(const Plan& p, int64_t lw, Band* bands) {
-  if (!p.causal || lw == 0) {
-    bands[0] = {0, p.b, lw};
-    return 1;
-  }
-  const int64_t rows = std::max<int64_t>(16, (p.b + kMaxBands - 1) / kMaxBands);
-  int n = 0;
-  for (int64_t r0 = 0; r0 < p.b; r0 += rows) {
-    const int64_t rn = std::min(rows, p.b - r0);
-    bands[n++] = {r0, rn, lw - p.b + r0 + rn};  // lw >= b: the window ends with the own block
-  }
-  return n;
-}
-
-
 // x <- x + (bias - slope |i - pos|) / unit over [0, count) (scaled by the scale first when unit is 1); keys at
 // positions pos0 + c (pos == nullptr) or pos[c]. Nothing to do for raw keys without bias or ALiBi.
 void add_key_terms(float* x, int64_t count, const Plan& p, const float* bias, bool alibi, float slope, float fi,
@@ -439,8 +416,19 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
   const float unit = p.unit;
   float shift = lse;
   if (forward) {
-    Vec vmax(kNegInf);
-    for (int64_t c = 0; c < Lp; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(row + c));
+    // four independent maxima, as the sums below are two: one chain waits for the instruction's latency on every
+    // vector (UCSA's rows of ~1700 keys at 16k: forward 3-4 % faster with both)
+    constexpr int64_t W = Vec::size();
+    Vec m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
+    int64_t c = 0;
+    for (; c + 4 * W <= Lp; c += 4 * W) {
+      m0 = at::vec::maximum(m0, Vec::loadu(row + c));
+      m1 = at::vec::maximum(m1, Vec::loadu(row + c + W));
+      m2 = at::vec::maximum(m2, Vec::loadu(row + c + 2 * W));
+      m3 = at::vec::maximum(m3, Vec::loadu(row + c + 3 * W));
+    }
+    for (; c < Lp; c += W) m0 = at::vec::maximum(m0, Vec::loadu(row + c));
+    Vec vmax = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
     const float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
     row_max = mx == kNegInf ? kNegInf : mx * unit;
     shift = row_max;
@@ -452,12 +440,23 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
     return;
   }
   const Vec vunit(unit), vshift(shift);
-  Vec vsum(0.f);
-  for (int64_t c = 0; c < Lp; c += Vec::size()) {
+  constexpr int64_t W = Vec::size();
+  Vec s0(0.f), s1(0.f);
+  int64_t c = 0;
+  for (; c + 2 * W <= Lp; c += 2 * W) {
+    const Vec e0 = at::vec::fmsub(Vec::loadu(row + c), vunit, vshift).exp_u20();
+    const Vec e1 = at::vec::fmsub(Vec::loadu(row + c + W), vunit, vshift).exp_u20();
+    e0.store(row + c);
+    e1.store(row + c + W);
+    s0 = s0 + e0;
+    s1 = s1 + e1;
+  }
+  for (; c < Lp; c += W) {
     const Vec e = at::vec::fmsub(Vec::loadu(row + c), vunit, vshift).exp_u20();
     e.store(row + c);
-    vsum = vsum + e;
+    s0 = s0 + e;
   }
+  Vec vsum = s0 + s1;
   row_sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
 
@@ -470,8 +469,6 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
   if (lw > 0) transpose_key_blocks(p, s, ks.bh_kv, key0 / p.b, (key0 + lw) / p.b - 1);
   float* logits = s.logits.data();
   const int64_t ld = row_stride(p);  // one row stride for every tile: brgemm compiles a kernel per shape and ld
-  Band bands[kMaxBands];
-  const int nbands = window_bands(p, lw, bands);
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t h = hk * p.G + g;
     const float* q = p.q + bb * p.sqB + h * p.sqH + t * p.b * p.sqN;
@@ -482,9 +479,9 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       std::fill(lse, lse + p.b, kNegInf);
       continue;
     }
-    for (int j = 0; j < nbands; ++j)
-      gemm_nn(bands[j].rows, bands[j].cols, p.D, q + bands[j].r0 * p.sqN, p.sqN, s.kt.get() + key0, s.ldk, false,
-              logits + bands[j].r0 * ld, ld);
+    // The whole window in one product, the own block's upper triangle included (masked in softmax_row): four
+    // 16-row bands that skipped most of the triangle ran 1-3 % slower (more, smaller calls; docs/executors.md).
+    gemm_nn(p.b, lw, p.D, q, p.sqN, s.kt.get() + key0, s.ldk, false, logits, ld);
     gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, logits + lw, ld);
     for (const Run& run : s.runs)
       gemm_nn(p.b, run.count, p.D, q, p.sqN, s.kt.get() + run.key0, s.ldk, false, logits + lw + ls + run.offset, ld);
@@ -497,9 +494,7 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
       lse[r] = mx == kNegInf ? kNegInf : mx + std::log(sum);
       inv[r] = sum > 0.f ? 1.f / sum : 0.f;
     }
-    for (int j = 0; j < nbands; ++j)
-      gemm_nn(bands[j].rows, p.Dv, bands[j].cols, logits + bands[j].r0 * ld, ld, vw, p.Dv, false,
-              out + bands[j].r0 * p.Dv, p.Dv);
+    gemm_nn(p.b, p.Dv, lw, logits, ld, vw, p.Dv, false, out, p.Dv);
     gemm_nn(p.b, p.Dv, ls, logits + lw, ld, sv, p.Dv, true, out, p.Dv);
     for (const Run& run : s.runs)
       gemm_nn(p.b, p.Dv, run.count, logits + lw + ls + run.offset, ld, p.v + (ks.bh_kv * p.n + run.key0) * p.Dv, p.Dv,
@@ -584,9 +579,6 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
   const bool alibi = p.slopes != nullptr;
   float* prob = s.logits.data();
   float* dp = s.dp.data();
-  Band bands[kMaxBands];
-  const int nbands = window_bands(p, lw, bands);
-  const int64_t band_rows = bands[0].rows;  // every band but the last has as many rows
   for (int64_t g = 0; g < p.G; ++g) {
     const int64_t h = hk * p.G + g;
     const float* q = p.q + bb * p.sqB + h * p.sqH + t * p.b * p.sqN;
@@ -595,13 +587,8 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     const float* lse = p.lse + (bb * p.H + h) * p.tq * p.b + t * p.b;
     float* dq = gr.dq + ((bb * p.H + h) * p.tq * p.b + t * p.b) * p.D;
     const float slope = alibi ? p.slopes[h] : 0.f;
-    for (int j = 0; j < nbands; ++j) {
-      const Band& bd = bands[j];
-      gemm_nn(bd.rows, bd.cols, p.D, q + bd.r0 * p.sqN, p.sqN, s.kt.get() + key0, s.ldk, false, prob + bd.r0 * ld,
-              ld);
-      gemm_nn(bd.rows, bd.cols, p.Dv, dout + bd.r0 * gr.sdN, gr.sdN, s.vt.get() + key0, s.ldk, false,
-              dp + bd.r0 * ld, ld);
-    }
+    gemm_nn(p.b, lw, p.D, q, p.sqN, s.kt.get() + key0, s.ldk, false, prob, ld);  // the whole window, as forward
+    gemm_nn(p.b, lw, p.Dv, dout, gr.sdN, s.vt.get() + key0, s.ldk, false, dp, ld);
     gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, prob + lw, ld);
     gemm_nn(p.b, ls, p.Dv, dout, gr.sdN, s.svt.get() + ks.s0, s.lds, false, dp + lw, ld);
     for (const Run& run : s.runs) {
@@ -627,17 +614,14 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
           [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + r * gr.sdN, o + r * gr.soN,
           p.Dv);
       float* dprow = dp + r * ld;
-      // dS over the keys the row's band computed (0 past the row's last visible key, where p is 0), then 0 up to
-      // the window's end, which dK and dV read whole. Without ALiBi one pass over the padded row (dp's columns the
-      // band did not compute and the padding set to 0 first: p is 0 there); with it, per segment (positions).
-      const int64_t cols = bands[r / band_rows].cols;
-      std::fill(dprow + cols, dprow + lw, 0.f);
+      // dS = p (dp - delta): 0 past the row's last visible key, where p is 0. Without ALiBi one pass over the
+      // padded row (the padding's dp set to 0 first: p is 0 there); with it, per segment (positions).
       if (!alibi) {
         std::fill(dprow + L, dprow + padded(L), 0.f);
         ds_row(dprow, row, padded(L), delta, p.scale, false, fi, 0, nullptr);
         continue;
       }
-      slope_grad += ds_row(dprow, row, cols, delta, p.scale, alibi, fi, key0, nullptr);
+      slope_grad += ds_row(dprow, row, lw, delta, p.scale, alibi, fi, key0, nullptr);
       slope_grad += ds_row(dprow + lw, row + lw, ls, delta, p.scale, alibi, fi, 0, range_pos);
       for (const Run& run : s.runs) {
         const int64_t col = lw + ls + run.offset;
@@ -647,9 +631,7 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
     }
     if (alibi) gr.dslopes[bb * p.H + h] -= slope_grad;
     // dq = (scale dS) . K;  dK += (scale dS)^T . Q;  dV += p^T . dout
-    for (int j = 0; j < nbands; ++j)
-      gemm_nn(bands[j].rows, p.D, bands[j].cols, dp + bands[j].r0 * ld, ld, kw, p.D, false, dq + bands[j].r0 * p.D,
-              p.D);
+    gemm_nn(p.b, p.D, lw, dp, ld, kw, p.D, false, dq, p.D);
     gemm_nn(p.b, p.D, ls, dp + lw, ld, sk, p.D, true, dq, p.D);
     // the listed blocks' dK and dV summed over the G heads in the scratch (after the gathered keys' rows), then added
     // to dk and dv once: one rounding of the running sums per query block, as for the gathered keys (the global
