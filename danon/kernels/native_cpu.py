@@ -1,4 +1,5 @@
-"""danon's own CPU forward kernel (csrc/sparse_attention_cpu.cpp): built on first use, loaded as torch ops.
+"""danon's own CPU kernel (csrc/sparse_attention_cpu.cpp, forward and backward) and DALA's routing scan
+(csrc/routing_cpu.cpp): one C++ extension, built on first use, loaded as torch ops.
 
 The kernel runs one query block and one head against all its keys in one tile (the window read in place,
 listed blocks, tokens and summaries gathered beside it, one softmax), instead of one aten flash call per
