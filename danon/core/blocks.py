@@ -201,14 +201,15 @@ def compact(mask: Tensor, capacity: int) -> Tensor:
 
 
 def eager_tensor(x: Tensor) -> bool:
-    """A plain tensor outside any trace (no fake or functional tensor, no Dynamo, no export): what eager-only fast
-    paths (data-dependent shapes, C++ helpers) check.
+    """A plain tensor outside any trace (no fake or functional tensor, no Dynamo, no export, no torch.jit.trace):
+    what eager-only fast paths (data-dependent shapes, C++ helpers) check.
 
     Example:
         >>> eager_tensor(torch.ones(2))
         True
     """
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not torch.jit.is_tracing())
 
 
 def _eager_on_cpu(x: Tensor) -> bool:

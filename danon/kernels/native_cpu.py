@@ -71,7 +71,8 @@ def load(profile: bool = False):
         return torch.ops.danon_cpu_profile if profile else torch.ops.danon_cpu
     except Exception as e:  # no compiler, ninja or BLAS symbol: the aten path gives the same results
         warnings.warn(f"danon: the CPU sparse-attention kernel is unavailable ({type(e).__name__}: {e}); "
-                      f"using the aten flash path instead", RuntimeWarning, stacklevel=2)
+                      f"using the aten flash path (and for DALA's routing the torch tree) instead", RuntimeWarning,
+                      stacklevel=2)
         return None
 
 

@@ -29,8 +29,17 @@ def routed_tokens(scores: Tensor, block_size: int, m: int, window: int, causal: 
                   count: int) -> Optional[Tensor]:
     """The m highest-scoring tokens outside each query block's window ([0, t - window) and, without causal
     masking, [t + window + 1, Tk) in blocks), ranked: int32 [B, Hkv, count, m]. None where the C++ extension is
-    unavailable or the scores are not float32/float64 (the caller then builds the tree)."""
-    if scores.dtype not in (torch.float32, torch.float64):
+    unavailable, the scores are not float32/float64 or the window is negative (the caller then builds the tree).
+
+    Example:
+        >>> import torch
+        >>> routed_tokens(torch.tensor([[[3.0, 1.0, 2.0, 0.0]]]), 1, 2, 0, True, 0, 4)   # blocks of one token
+        tensor([[[[-1, -1],
+                  [ 0, -1],
+                  [ 0,  1],
+                  [ 0,  2]]]], dtype=torch.int32)
+    """
+    if scores.dtype not in (torch.float32, torch.float64) or window < 0:
         return None
     ops = native_cpu.load()
     if ops is None:

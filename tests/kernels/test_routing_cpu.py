@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import danon
 from danon.core import dala
-from danon.kernels import routing_cpu
+from danon.kernels import native_cpu, routing_cpu
 
 
 def _scores(n, seed, dtype=torch.float32, heads=3):
@@ -79,8 +79,11 @@ def test_eager_cpu_calls_take_the_scan_and_traces_the_tree(monkeypatch):
 
 def test_bad_arguments_name_what_is_allowed():
     scores = torch.randn(1, 2, 64)
+    ops = native_cpu.load()
     with pytest.raises(RuntimeError, match=r"scores must be \[B, Hkv, Nk\]"):
-        torch.ops.danon_cpu.routed_tokens(scores[0], 16, 4, 1, True, 0, 4)
+        ops.routed_tokens(scores[0], 16, 4, 1, True, 0, 4)
     with pytest.raises(RuntimeError, match="block_size >= 1"):
-        torch.ops.danon_cpu.routed_tokens(scores, 0, 4, 1, True, 0, 4)
-    assert routing_cpu.routed_tokens(scores.half(), 16, 4, 1, True, 0, 4) is None   # the caller builds the tree
+        ops.routed_tokens(scores, 0, 4, 1, True, 0, 4)
+    # what the C++ scan does not take goes back to the caller, which builds the tree
+    assert routing_cpu.routed_tokens(scores.half(), 16, 4, 1, True, 0, 4) is None
+    assert routing_cpu.routed_tokens(scores, 16, 4, -1, True, 0, 4) is None

@@ -481,6 +481,7 @@ void run_item(const Plan& p, int64_t item, Scratch& s) {
     }
     // The whole window in one product, the own block's upper triangle included (masked in softmax_row): four
     // 16-row bands that skipped most of the triangle ran 1-3 % slower (more, smaller calls; docs/executors.md).
+    // As in aten's flash kernel, p . V then multiplies p = 0 by later rows' values: finite values add nothing.
     gemm_nn(p.b, lw, p.D, q, p.sqN, s.kt.get() + key0, s.ldk, false, logits, ld);
     gemm_nn(p.b, ls, p.D, q, p.sqN, s.skt.get() + ks.s0, s.lds, false, logits + lw, ld);
     for (const Run& run : s.runs)
@@ -614,8 +615,11 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
           [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, dout + r * gr.sdN, o + r * gr.soN,
           p.Dv);
       float* dprow = dp + r * ld;
-      // dS = p (dp - delta): 0 past the row's last visible key, where p is 0. Without ALiBi one pass over the
-      // padded row (the padding's dp set to 0 first: p is 0 there); with it, per segment (positions).
+      // dS = p (dp - delta): 0 past the row's last visible key, where p is 0; dp there (later keys' values) is set
+      // to 0 first, so that a value that is not finite cannot make it NaN. Without ALiBi one pass over the padded
+      // row (the padding's dp set to 0 too); with it, per segment (positions).
+      const int64_t visible = p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
+      std::fill(dprow + visible, dprow + lw, 0.f);
       if (!alibi) {
         std::fill(dprow + L, dprow + padded(L), 0.f);
         ds_row(dprow, row, padded(L), delta, p.scale, false, fi, 0, nullptr);
