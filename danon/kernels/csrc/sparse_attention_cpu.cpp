@@ -391,6 +391,12 @@ void add_key_terms(float* x, int64_t count, const Plan& p, const float* bias, bo
   }
 }
 
+// How many of the window's lw keys (from key0 on) query row i sees: under causal masking those up to its own
+// position; the forward masks the rest, the backward zeroes their dp.
+int64_t visible_window_keys(const Plan& p, int64_t lw, int64_t key0, int64_t i) {
+  return p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
+}
+
 // One row of logits [window | range | runs | gathered keys] -> unnormalised probabilities in place, in one pass
 // for the max and one for the exp over the whole row padded to a multiple of the vector width (the keys a row
 // must not see, the own block's triangle and the padding, are set to -inf first: their exp is 0). Per-segment
@@ -403,7 +409,7 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
   const float fi = static_cast<float>(i);
   const bool alibi = p.slopes != nullptr;
   const int64_t lw = ks.lw, key0 = ks.key0, L = ks.L, Lp = padded(L);
-  const int64_t visible = p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
+  const int64_t visible = visible_window_keys(p, lw, key0, i);
   add_key_terms(row, visible, p, ks.kbias != nullptr ? ks.kbias + key0 : nullptr, alibi, slope, fi, key0, nullptr);
   std::fill(row + visible, row + lw, kNegInf);
   add_key_terms(row + lw, ks.ls, p, s.range_bias.data(), alibi, slope, fi, 0,
@@ -414,11 +420,11 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
   add_key_terms(row + ks.lx, ks.lg, p, s.any_bias ? s.bias.data() : nullptr, alibi, slope, fi, 0, s.pos.data());
   std::fill(row + L, row + Lp, kNegInf);
   const float unit = p.unit;
+  constexpr int64_t W = Vec::size();
   float shift = lse;
   if (forward) {
     // four independent maxima, as the sums below are two: one chain waits for the instruction's latency on every
     // vector (UCSA's rows of ~1700 keys at 16k: forward 3-4 % faster with both)
-    constexpr int64_t W = Vec::size();
     Vec m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
     int64_t c = 0;
     for (; c + 4 * W <= Lp; c += 4 * W) {
@@ -440,7 +446,6 @@ void softmax_row(const Plan& p, float* row, const KeySet& ks, int64_t i, float s
     return;
   }
   const Vec vunit(unit), vshift(shift);
-  constexpr int64_t W = Vec::size();
   Vec s0(0.f), s1(0.f);
   int64_t c = 0;
   for (; c + 2 * W <= Lp; c += 2 * W) {
@@ -618,7 +623,7 @@ void backward_block(const Plan& p, const Grads& gr, int64_t bb, int64_t hk, int6
       // dS = p (dp - delta): 0 past the row's last visible key, where p is 0; dp there (later keys' values) is set
       // to 0 first, so that a value that is not finite cannot make it NaN. Without ALiBi one pass over the padded
       // row (the padding's dp set to 0 too); with it, per segment (positions).
-      const int64_t visible = p.causal ? std::max<int64_t>(0, std::min<int64_t>(lw, i - key0 + 1)) : lw;
+      const int64_t visible = visible_window_keys(p, lw, key0, i);
       std::fill(dprow + visible, dprow + lw, 0.f);
       if (!alibi) {
         std::fill(dprow + L, dprow + padded(L), 0.f);
