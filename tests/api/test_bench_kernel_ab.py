@@ -21,9 +21,12 @@ def test_the_working_trees_source_is_renamed_to_its_own_library():
     assert '#include "danon_library.h"' not in text and "TORCH_LIBRARY(DANON_LIBRARY" in text
 
 
-def test_a_source_that_names_its_library_directly_is_renamed_too():
-    text = 'TORCH_LIBRARY(danon_cpu, m) {\n  m.def("f(Tensor x) -> Tensor");\n}\n'
-    assert kernel_ab_cpu.renamed_source(text, "danon_cpu_ab_base").startswith("TORCH_LIBRARY(danon_cpu_ab_base, m)")
+def test_a_source_from_before_the_shared_header_is_renamed_too():
+    """Before fef6b1a the kernel defined its library name itself (the profiling build another one)."""
+    text = kernel_ab_cpu._source("fef6b1a~1")
+    assert "danon_library.h" not in text
+    renamed = kernel_ab_cpu.renamed_source(text, "danon_cpu_ab_base")
+    assert "#define DANON_LIBRARY danon_cpu_ab_base\n" in renamed and "#define DANON_LIBRARY danon_cpu\n" not in renamed
 
 
 def test_a_source_without_a_known_library_name_is_refused():
@@ -46,3 +49,5 @@ def test_a_whole_run_reports_both_builds(tmp_path):
                         "--build-dir", str(tmp_path), "--out", str(out)])
     text = out.read_text()
     assert "| base |" in text and "| tree |" in text and "tree / base (medians):" in text
+    from danon.kernels import fused_cpu, native_cpu
+    assert fused_cpu.native_cpu is native_cpu, "the A/B left its switch in place of the working tree's build"

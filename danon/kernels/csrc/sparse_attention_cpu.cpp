@@ -69,7 +69,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // exp(x) for the softmax, x <= 0 (-inf: 0; NaN stays NaN). With AVX-512 by hand: e^x = 2^n e^r with n = round(x
 // log2 e), r = x - n ln 2 (ln 2 in two parts, Cody and Waite), e^r by Cephes' expf polynomial and 2^n by vscalefps,
 // which also gives 0 far below the range: 13 vector operations where at::vec's exp_u20 (aten's flash kernel's)
-// takes 22 (the scale instruction replaces its clamps, range mask and integer exponent build). Relative error
+// takes 22 (the scale instruction replaces all but one of its clamps, its range mask and integer exponent build). Relative error
 // under 1e-7 down to e^-80 (exp_u20: 4e-7). Other ISAs: exp_u20.
 inline Vec softmax_exp(const Vec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -362,7 +362,7 @@ struct KeySet {
   const float *kw, *vw, *kbias;
 };
 
-// The listed blocks as runs of consecutive blocks (UCSA lists them ascending), their columns of kt (vt) made
+// The listed blocks as runs of consecutive blocks (UCSA lists them ascending), their tiles of kt (vt) made
 // ready: their products read k, v and kt in place, as the window's do (a gather of UCSA's 16 selected blocks
 // per query block cost more than a tenth of its forward at N = 64k). Returns their key count.
 int64_t listed_runs(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) {
