@@ -28,14 +28,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _source(revision):
-    """The kernel's source at `revision` (None: the working tree), under its own library namespace."""
+    """The kernel's source at git `revision` (None: the working tree's file)."""
     if revision is None:
         with open(os.path.join(REPO, KERNEL)) as f:
-            text = f.read()
-    else:
-        text = subprocess.run(["git", "-C", REPO, "show", f"{revision}:{KERNEL}"], capture_output=True, text=True,
-                              check=True).stdout
-    return text
+            return f.read()
+    return subprocess.run(["git", "-C", REPO, "show", f"{revision}:{KERNEL}"], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def renamed_source(text, namespace):
@@ -55,22 +53,27 @@ def renamed_source(text, namespace):
     return renamed
 
 
+def _read(path):
+    """A file's text, or None when there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
 def _build(label, text, build_dir):
-    """Compile `text` as library danon_cpu_ab_<label> (flags as native_cpu.load's); returns its torch.ops namespace."""
+    """Compile `text` as library danon_cpu_ab_<label> (as native_cpu.load compiles the kernel); returns its
+    torch.ops namespace."""
     import torch
-    from torch.utils import cpp_extension
 
     from danon.kernels import native_cpu
 
     namespace = f"danon_cpu_ab_{label}"
-    text = renamed_source(text, namespace)
-    path = os.path.join(build_dir, f"{namespace}.cpp")
-    if not os.path.exists(path) or open(path).read() != text:
+    path, text = os.path.join(build_dir, f"{namespace}.cpp"), renamed_source(text, namespace)
+    if _read(path) != text:   # rewritten only when it changed: a new mtime makes ninja compile it again (~40 s)
         with open(path, "w") as f:
             f.write(text)
-    isa, arch, macros = native_cpu._isa_flags()
-    cpp_extension.load(name=f"{namespace}_{isa}", sources=[path], is_python_module=False,
-                       extra_cflags=["-O3", "-fopenmp", *arch, *macros], extra_ldflags=["-fopenmp"], verbose=False)
+    native_cpu.compile_sources(namespace, [path])
     return getattr(torch.ops, namespace)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from danon.core.torch_internals import cpu_vector_isa_flags
 
-__all__ = ["load", "available"]
+__all__ = ["load", "available", "compile_sources"]
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_attention_cpu.cpp"
 # DALA's routed tokens (core/dala.py's eager CPU path), built into the same extension
@@ -43,6 +43,23 @@ def _isa_flags():
         return "scalar", [], []
     name, flags, macros = isa
     return re.sub(r"\W+", "_", name), flags, [f"-D{m}" for m in macros]
+
+
+def compile_sources(name: str, sources: list, extra_cflags: tuple = ()) -> None:
+    """Compile and load C++ `sources` as extension `name` + this CPU's ISA suffix, with the flags the kernel needs:
+    the ISA Inductor picks (at::vec's width), -O3 and OpenMP (without it at::parallel_for runs serially).
+
+    bench/kernel_ab_cpu.py builds other versions of the kernel with it, so that both builds match load()'s.
+    Example (builds the kernel the first time, about 15 s):
+        >>> from danon.kernels.native_cpu import SOURCE, ROUTING_SOURCE, compile_sources
+        >>> compile_sources("danon_cpu", [str(SOURCE), str(ROUTING_SOURCE)])
+    """
+    from torch.utils import cpp_extension
+
+    isa, arch, macros = _isa_flags()
+    cpp_extension.load(name=f"{name}_{isa}", sources=sources, is_python_module=False,
+                       extra_cflags=["-O3", "-fopenmp", *arch, *macros, *extra_cflags],
+                       extra_ldflags=["-fopenmp"], verbose=False)
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,14 +77,10 @@ def load(profile: bool = False):
 
         if not cpp_extension.is_ninja_available():
             raise RuntimeError("ninja is not installed")
-        name, arch, macros = _isa_flags()
         print("danon: loading the CPU sparse-attention kernel (compiled once per machine: about 15 s the first time)",
               file=sys.stderr, flush=True)
-        suffix, extra = ("_profile", ["-DDANON_PROFILE"]) if profile else ("", [])
-        cpp_extension.load(name=f"danon_cpu{suffix}_{name}", sources=[str(SOURCE), str(ROUTING_SOURCE)],
-                           is_python_module=False,
-                           extra_cflags=["-O3", "-fopenmp", *arch, *macros, *extra],
-                           extra_ldflags=["-fopenmp"], verbose=False)
+        suffix, extra = ("_profile", ("-DDANON_PROFILE",)) if profile else ("", ())
+        compile_sources(f"danon_cpu{suffix}", [str(SOURCE), str(ROUTING_SOURCE)], extra)
         return torch.ops.danon_cpu_profile if profile else torch.ops.danon_cpu
     except Exception as e:  # no compiler, ninja or BLAS symbol: the aten path gives the same results
         warnings.warn(f"danon: the CPU sparse-attention kernel is unavailable ({type(e).__name__}: {e}); "
