@@ -8,7 +8,8 @@
 // consecutive listed blocks are read in place, the other listed tokens and summaries are gathered next to them
 // (key_set), and one softmax covers them all.
 //
-// Forward work item: (batch, kv head, query block); its G query heads reuse the gathered keys. Per head:
+// Forward work item: (batch, kv head, query block), handed to the threads in runs of consecutive query blocks (see
+// StealableRanges); its G query heads reuse the gathered keys. Per head:
 //   logits [b, L] = q_block . [window | range | runs | gathered keys]^T   (brgemm on K^T, kept transposed)
 //   scale, key biases (padding, log n_s), ALiBi -slope |i - pos|, the causal triangle of the own block
 //   p = exp(logits - max), lse = max + log(sum p)                   (at::vec; exp by softmax_exp)
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -32,13 +34,16 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "danon_library.h"
 
 // -DDANON_PROFILE (native_cpu.load(profile=True), bench/profile_cpu.py --kernel-phases): time spent per phase,
 // summed over the threads, read by danon_cpu_profile::phase_seconds. The default build has no timer.
 #ifdef DANON_PROFILE
-#include <atomic>
 #include <chrono>
 namespace {
 std::atomic<int64_t> phase_ns[4];  // gather, gemm, softmax (and dS), scatter of the listed keys' gradients
@@ -95,6 +100,26 @@ inline Vec softmax_exp(const Vec& x) {
 #endif
 }
 
+// dst[N x M] (ld_dst) = src[M x N] (ld_src) transposed. at::vec's transpose_mxn with run-time sizes is vectorized
+// for AVX-512 only (16 x 16 tiles); elsewhere it is a scalar double loop, which took 4 % of MSRA's forward on an
+// AVX2 machine: there, 8 x 8 tiles through its AVX2 transpose_mxn<float, 8, 8>, the edges by the scalar loop.
+void transpose(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const int64_t M8 = M / 8 * 8, N8 = N / 8 * 8;
+  for (int64_t i = 0; i < M8; i += 8)
+    for (int64_t j = 0; j < N8; j += 8)
+      at::vec::transpose_mxn<float, 8, 8>(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+  if (N8 < N)  // the last columns, every row
+    at::vec::transpose_mxn<float>(src + N8, ld_src, dst + N8 * ld_dst, ld_dst, static_cast<int>(M),
+                                  static_cast<int>(N - N8));
+  if (M8 < M)  // the last rows, the columns of whole tiles
+    at::vec::transpose_mxn<float>(src + M8 * ld_src, ld_src, dst + M8, ld_dst, static_cast<int>(M - M8),
+                                  static_cast<int>(N8));
+#else
+  at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+#endif
+}
+
 // Row-major C[rows x cols] (ld ldc) = alpha op(A) . op(B) + beta C with column-major BLAS: C^T = op(B)^T op(A)^T,
 // so the operands swap. A is [rows x inner] row-major ([inner x rows] when trans_a), B [inner x cols] ([cols x
 // inner] when trans_b).
@@ -107,10 +132,17 @@ void gemm(bool trans_a, bool trans_b, int rows, int cols, int inner, float alpha
 }
 
 // Row-major C[rows x cols] (+)= A[rows x inner] . B[inner x cols], neither transposed, through aten's
-// cpublas::brgemm: oneDNN's JIT micro-kernel (AVX-512 here) where aten has it, sgemm otherwise. On the project's
+// cpublas::brgemm: oneDNN's JIT micro-kernel (AVX-512 or AVX2) where aten has it, sgemm otherwise. On the project's
 // first machine (AMD Zen 4) MKL's sgemm ran its AVX2 path, about 20 % slower on these tile shapes; on an Intel
 // Xeon the two are even (docs/executors.md). A new
 // (rows, cols, inner, ld) shape costs one JIT compile (about 0.1 ms), cached per thread.
+//
+// A long inner dimension (p . V over all of a row's keys, dS . K) runs as products of kInnerChunk keys added
+// into C: B's chunk (64 x 64 fp32, 16 KiB) stays in L1 while brgemm streams it, where one call over 384-1600
+// keys read B from L2. One core, 64-row tiles, 64 wide, on an AMD EPYC (Zen 3, AVX2): 53-71 GFLOP/s in chunks
+// against 39-62 in one call (docs/executors.md).
+constexpr int64_t kInnerChunk = 64;
+
 void gemm_nn(int64_t rows, int64_t cols, int64_t inner, const float* a, int64_t lda, const float* b, int64_t ldb,
              bool accumulate, float* c, int64_t ldc) {
   if (rows == 0 || cols == 0) return;
@@ -120,7 +152,9 @@ void gemm_nn(int64_t rows, int64_t cols, int64_t inner, const float* a, int64_t 
     return;
   }
   DANON_PHASE(1);
-  at::native::cpublas::brgemm(rows, cols, inner, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+  for (int64_t k0 = 0; k0 < inner; k0 += kInnerChunk)
+    at::native::cpublas::brgemm(rows, cols, std::min(kInnerChunk, inner - k0), lda, ldb, ldc, accumulate || k0 > 0,
+                                a + k0, b + k0 * ldb, c, /*is_vnni=*/false);
 }
 
 // Flush-to-zero (MXCSR.FTZ) on the calling thread for the life of the guard, then the thread's own setting back.
@@ -137,6 +171,26 @@ struct FlushDenormalResults {
   ~FlushDenormalResults() { _MM_SET_FLUSH_ZERO_MODE(saved); }
 #endif
 };
+
+// Maps a fresh tensor's pages before the kernel writes it: one madvise(MADV_POPULATE_WRITE) per thread over its
+// share, instead of a page fault per 4 KiB on first touch. Outputs of 32 MiB and more come from a fresh mmap
+// under glibc's malloc (docs/executors.md), and on this project's VMs a fault costs about 1 ms per MiB;
+// populating costs about 0.7. Contents are unchanged; pages already mapped are left as they are; kernels older
+// than Linux 5.14 refuse the advice (EINVAL) and the pages fault in as before. By hand: torch's CPU allocator
+// has no such option.
+void populate(const at::Tensor& t) {
+#if defined(__linux__)
+  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, which older libc headers lack
+  const int64_t page = sysconf(_SC_PAGESIZE), bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  if (page <= 0 || bytes < (int64_t{1} << 21)) return;  // under 2 MiB: not worth the calls
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (start + page - 1) / page * page, hi = (start + bytes) / page * page;
+  const int64_t pages = static_cast<int64_t>((hi - lo) / page);
+  at::parallel_for(0, pages, 256, [&](int64_t begin, int64_t end) {
+    madvise(reinterpret_cast<void*>(lo + begin * page), (end - begin) * page, kPopulateWrite);
+  });
+#endif
+}
 
 struct Plan {
   int64_t B, H, Hkv, G, b, D, Dv, n, tq, tk, first;
@@ -230,11 +284,9 @@ void transpose_key_blocks(const Plan& p, Scratch& s, int64_t bh_kv, int64_t lo, 
   for (int64_t j = lo; j <= hi; ++j) {
     if (s.kt_ready[j]) continue;
     s.kt_ready[j] = 1;
-    at::vec::transpose_mxn<float>(kbase + j * p.b * p.D, p.D, s.kt.get() + j * p.D * p.b, p.b,
-                                  static_cast<int>(p.b), static_cast<int>(p.D));
+    transpose(kbase + j * p.b * p.D, p.D, s.kt.get() + j * p.D * p.b, p.b, p.b, p.D);
     if (s.backward)
-      at::vec::transpose_mxn<float>(p.v + (bh_kv * p.n + j * p.b) * p.Dv, p.Dv, s.vt.get() + j * p.Dv * p.b, p.b,
-                                    static_cast<int>(p.b), static_cast<int>(p.Dv));
+      transpose(p.v + (bh_kv * p.n + j * p.b) * p.Dv, p.Dv, s.vt.get() + j * p.Dv * p.b, p.b, p.b, p.Dv);
   }
 }
 
@@ -290,11 +342,9 @@ SummaryRange summary_range(const Plan& p, int64_t bh_kv, int64_t t, Scratch& s) 
   if (listed < kMinRange || span > 2 * listed || span + total - listed > p.ks) return r;
   if (s.st_head != bh_kv) {
     s.st_head = bh_kv;
-    at::vec::transpose_mxn<float>(p.sk + bh_kv * p.S * p.D, p.D, s.skt.get(), s.lds, static_cast<int>(p.S),
-                                  static_cast<int>(p.D));
+    transpose(p.sk + bh_kv * p.S * p.D, p.D, s.skt.get(), s.lds, p.S, p.D);
     if (s.backward)
-      at::vec::transpose_mxn<float>(p.sv + bh_kv * p.S * p.Dv, p.Dv, s.svt.get(), s.lds, static_cast<int>(p.S),
-                                    static_cast<int>(p.Dv));
+      transpose(p.sv + bh_kv * p.S * p.Dv, p.Dv, s.svt.get(), s.lds, p.S, p.Dv);
   }
   std::fill_n(s.range_bias.data(), span, kNegInf);
   for (int64_t j = 0; j < p.ks; ++j) {
@@ -816,6 +866,45 @@ Scratch make_scratch(const Plan& p, bool backward) {
   return s;
 }
 
+// The forward's work, runs of kBlocksPerRun consecutive query blocks of one (batch, kv head), split into one
+// contiguous range per thread as at::parallel_for would, except that a thread done with its own range takes runs
+// from the end of another's. A static split left a core idle whenever the VM slowed the other (OpenMP's wait: 3-4 %
+// of the forward's samples at 16k); a shared counter instead would put every head on both threads, each
+// transposing the head's keys. By hand: at::parallel_for splits statically and has no work stealing.
+constexpr int64_t kBlocksPerRun = 8;
+
+class StealableRanges {
+ public:
+  StealableRanges(int64_t runs, int64_t threads) : ranges_(std::max<int64_t>(1, std::min(runs, threads))) {
+    const int64_t n = count();
+    for (int64_t i = 0; i < n; ++i) ranges_[i].pack(runs * i / n, runs * (i + 1) / n);
+  }
+  int64_t count() const { return static_cast<int64_t>(ranges_.size()); }
+  // owner's next run: from the front of its own range, then from the back of the others'; -1 when all are taken
+  int64_t next(int64_t owner) {
+    int64_t run = ranges_[owner].take(true);
+    for (int64_t i = 1; run < 0 && i < count(); ++i) run = ranges_[(owner + i) % count()].take(false);
+    return run;
+  }
+
+ private:
+  struct alignas(64) Range {  // [front, back) in one word, so that the owner and a thief never take the same run
+    std::atomic<uint64_t> word{0};
+    void pack(int64_t front, int64_t back) { word = static_cast<uint64_t>(front) << 32 | static_cast<uint64_t>(back); }
+    int64_t take(bool front_end) {
+      uint64_t w = word.load();
+      for (;;) {
+        const int64_t front = static_cast<int64_t>(w >> 32), back = static_cast<int64_t>(w & 0xffffffffu);
+        if (front >= back) return -1;
+        const uint64_t taken = front_end ? (static_cast<uint64_t>(front + 1) << 32 | static_cast<uint64_t>(back))
+                                         : (static_cast<uint64_t>(front) << 32 | static_cast<uint64_t>(back - 1));
+        if (word.compare_exchange_weak(w, taken)) return front_end ? front : back - 1;
+      }
+    }
+  };
+  std::vector<Range> ranges_;
+};
+
 // q [B, H, Tq*b, D] (last dim contiguous); k [B, Hkv, n, D], v [B, Hkv, n, Dv] contiguous, n = tk*b;
 // key_bias [B, n] (0 or -inf; -inf past the real keys; None: every key is real); block_idx / token_idx / summary_idx
 // int32 [B, Hkv, Tq, K];
@@ -825,12 +914,19 @@ std::tuple<at::Tensor, at::Tensor> sparse_forward(DANON_PLAN_ARGS) {
   Plan p = make_plan(q, k, v, key_bias, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_bias,
                      summary_pos, slopes, scale, causal, block_size, window, first);
   auto out = at::empty({p.B, p.H, p.tq * p.b, p.Dv}, q.options());
+  populate(out);
   auto lse = at::empty({p.B, p.H, p.tq * p.b}, q.options());
   p.out = out.data_ptr<float>(); p.lse = lse.data_ptr<float>();
-  at::parallel_for(0, p.B * p.Hkv * p.tq, 1, [&](int64_t begin, int64_t end) {
+  const int64_t runs_per_head = (p.tq + kBlocksPerRun - 1) / kBlocksPerRun;
+  StealableRanges ranges(p.B * p.Hkv * runs_per_head, at::get_num_threads());
+  at::parallel_for(0, ranges.count(), 1, [&](int64_t begin, int64_t end) {
     FlushDenormalResults flush;
     Scratch s = make_scratch(p, false);
-    for (int64_t item = begin; item < end; ++item) run_item(p, item, s);
+    for (int64_t owner = begin; owner < end; ++owner)
+      for (int64_t run; (run = ranges.next(owner)) >= 0;) {
+        const int64_t head = run / runs_per_head, t0 = run % runs_per_head * kBlocksPerRun;
+        for (int64_t t = t0; t < std::min(p.tq, t0 + kBlocksPerRun); ++t) run_item(p, head * p.tq + t, s);
+      }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
   return {out, lse};
@@ -872,6 +968,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dsk = per_part({p.B, p.Hkv, p.S, p.D}, at::kFloat, true);
   auto dsv = per_part({p.B, p.Hkv, p.S, p.Dv}, at::kFloat, true);
   auto dslopes = per_part({p.B, p.H}, at::kDouble, true);
+  for (const at::Tensor* t : {&dq, &dk, &dv}) populate(*t);  // every row is written (dk, dv: claim_key_blocks)
   gr.dq = dq.data_ptr<float>();
   const int64_t pairs = p.B * p.Hkv;
   at::parallel_for(0, parts * pairs, 1, [&](int64_t begin, int64_t end) {
