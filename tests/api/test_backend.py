@@ -285,6 +285,7 @@ def test_explain_names_a_keyword_that_is_neither_an_option_nor_an_input_or_is_bo
     assert len(report.sites) == 1
 
 
+@pytest.mark.slow   # about 46 s (an ONNX export and a sharded run); export and sharding have fast tests of their own
 def test_backend_export_and_shard_plan_run_one_pass_list(monkeypatch, tmp_path):
     """danon_backend, danon.export and danon.shard_plan all run danon/passes/pipeline.py's PASSES through one
     driver: the options a pass reads reach it from each of them (export once ran the attention pass alone

@@ -108,6 +108,7 @@ def test_variants_change_only_what_they_name():
         build_model("dala-nodecay", seed=0)
 
 
+@pytest.mark.slow   # about 14 s of training (bench/quality.py measures learning; -m slow runs this)
 def test_dense_learns_a_small_copy_instance():
     """A few hundred steps on N = 32 (spans of 4): dense attention must get most answers right
     (chance is 1/64); an untrained model must not, so the check can fail."""

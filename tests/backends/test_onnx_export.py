@@ -79,7 +79,8 @@ class _DALASite(torch.nn.Module):
         return danon.dala_attention(q, k, v, causal=self.causal, block_size=16, window=16, memory_size=8)
 
 
-@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])   # 38 s more: -m slow
+@pytest.mark.slow   # 35-38 s each; DALA's export at other lengths (up to 2,500) stays in the default run
+@pytest.mark.parametrize("causal", [True, False])
 def test_dala_export_holds_at_lengths_far_beyond_the_export_length(tmp_path, causal):
     """DALA's routed tokens exported at N = 128 (8 blocks): ONNX Runtime at shorter lengths and at many
     times longer ones, none a multiple of the block or a power of two. Before the fix the capture kept
@@ -119,6 +120,7 @@ def test_ucsa_selection_by_attention_mass_exports_and_runs_in_onnx_runtime():
         assert relative_error(run_session(sess, [q, k, v])[0], module(q, k, v)) < TOL, n
 
 
+@pytest.mark.slow   # about 38 s; the family exports at other lengths cover MSRA's levels in the default run
 def test_export_with_a_plan_level_of_one_span_runs_where_that_level_has_more(tmp_path):
     """MSRA with 3 levels exported at N = 128: its two coarsest levels hold one span there, and torch.export
     annotated the output of an Add on them with a literal 1; ONNX Runtime then re-used a 1-wide buffer for
@@ -373,7 +375,7 @@ def test_export_prints_the_attention_report_when_asked(tmp_path, capsys):
     assert "site" in capsys.readouterr().out.lower()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])   # qwen2: -m slow
 def test_transformers_causal_lm_with_its_default_config_exports_logits_with_dynamic_batch_and_length(tmp_path, arch):
     """The default config has use_cache=True: the capture failed on the DynamicCache output. Now the file
     returns the logits, and holds at other batch sizes and lengths."""

@@ -133,6 +133,7 @@ def _bytes_per_token(kind: str, n: int) -> float:
     return float(r.stdout.split()[-1])
 
 
+@pytest.mark.slow   # about 15 s: it checks the checker; the constant-per-token tests run by default
 def test_peak_memory_check_sees_quadratic_growth():
     small, large = (_bytes_per_token("dense-scores", n) for n in (1024, 8192))
     assert large > 4 * small, (small, large)

@@ -30,7 +30,8 @@ def _spawn(tmp_path, world: int, which: str, timeout: float) -> list:
     return spawn_ranks(_cp_workers.run_checks, world, (which,), tmp_path, timeout)
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
+# 4 ranks (the full check set) take about 65 s to spawn and run: -m slow; the default run checks 2 ranks
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=["2 ranks", "4 ranks"])
 def ranks(request, tmp_path_factory):
     world = request.param
     return world, _spawn(tmp_path_factory.mktemp(f"cp{world}"), world, "full" if world == 4 else "quick", 300)

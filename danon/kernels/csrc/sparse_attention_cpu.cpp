@@ -135,11 +135,11 @@ void gemm(bool trans_a, bool trans_b, int rows, int cols, int inner, float alpha
 // cpublas::brgemm: oneDNN's JIT micro-kernel (AVX-512 or AVX2) where aten has it, sgemm otherwise. On the project's
 // first machine (AMD Zen 4) MKL's sgemm ran its AVX2 path, about 20 % slower on these tile shapes; on an Intel
 // Xeon the two are even (docs/executors.md). A new
-// (rows, cols, inner, ld) shape costs one JIT compile (about 0.1 ms), cached per thread.
+// (rows, cols, inner, ld, accumulate) combination costs one JIT compile (about 0.1 ms), cached per thread.
 //
-// A long inner dimension (p . V over all of a row's keys, dS . K) runs as products of kInnerChunk keys added
-// into C: B's chunk (64 x 64 fp32, 16 KiB) stays in L1 while brgemm streams it, where one call over 384-1600
-// keys read B from L2. One core, 64-row tiles, 64 wide, on an AMD EPYC (Zen 3, AVX2): 53-71 GFLOP/s in chunks
+// A long inner dimension (p . V over all of a row's keys, dS . K: more than 2 kInnerChunk) runs as products of
+// kInnerChunk keys added into C: B's chunk (64 x 64 fp32, 16 KiB) stays in L1 while brgemm streams it, where one
+// call over 384-1600 keys read B from L2. Products over D <= 128 (q K^T, dO V^T) stay whole. One core, 64-row tiles, 64 wide, on an AMD EPYC (Zen 3, AVX2): 53-71 GFLOP/s in chunks
 // against 39-62 in one call (docs/executors.md).
 constexpr int64_t kInnerChunk = 64;
 
@@ -152,8 +152,9 @@ void gemm_nn(int64_t rows, int64_t cols, int64_t inner, const float* a, int64_t 
     return;
   }
   DANON_PHASE(1);
-  for (int64_t k0 = 0; k0 < inner; k0 += kInnerChunk)
-    at::native::cpublas::brgemm(rows, cols, std::min(kInnerChunk, inner - k0), lda, ldb, ldc, accumulate || k0 > 0,
+  const int64_t chunk = inner > 2 * kInnerChunk ? kInnerChunk : inner;
+  for (int64_t k0 = 0; k0 < inner; k0 += chunk)
+    at::native::cpublas::brgemm(rows, cols, std::min(chunk, inner - k0), lda, ldb, ldc, accumulate || k0 > 0,
                                 a + k0, b + k0 * ldb, c, /*is_vnni=*/false);
 }
 
@@ -176,8 +177,9 @@ struct FlushDenormalResults {
 // share, instead of a page fault per 4 KiB on first touch. Outputs of 32 MiB and more come from a fresh mmap
 // under glibc's malloc (docs/executors.md), and on this project's VMs a fault costs about 1 ms per MiB;
 // populating costs about 0.7. Contents are unchanged; pages already mapped are left as they are; kernels older
-// than Linux 5.14 refuse the advice (EINVAL) and the pages fault in as before. By hand: torch's CPU allocator
-// has no such option.
+// than Linux 5.14 refuse the advice (EINVAL) and the pages fault in as before. The pages are split over the
+// threads statically, not by who writes them later: on a multi-socket host some may land on the other node. By
+// hand: torch's CPU allocator has no such option.
 void populate(const at::Tensor& t) {
 #if defined(__linux__)
   constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, which older libc headers lack
@@ -187,7 +189,8 @@ void populate(const at::Tensor& t) {
   const uintptr_t lo = (start + page - 1) / page * page, hi = (start + bytes) / page * page;
   const int64_t pages = static_cast<int64_t>((hi - lo) / page);
   at::parallel_for(0, pages, 256, [&](int64_t begin, int64_t end) {
-    madvise(reinterpret_cast<void*>(lo + begin * page), (end - begin) * page, kPopulateWrite);
+    // the result is not needed: where the advice is refused, the kernel's writes fault the pages in
+    (void)madvise(reinterpret_cast<void*>(lo + begin * page), (end - begin) * page, kPopulateWrite);
   });
 #endif
 }
@@ -271,8 +274,8 @@ struct Scratch {
 
 // q K^T (and the backward's dO V^T) run through brgemm (gemm_nn), which takes K^T untransposed: a kv head's key
 // (and value) blocks are transposed into s.kt (s.vt) when first used and kept for its next query blocks (a
-// thread runs consecutive query blocks of one head, which share most of their window), so each block is
-// transposed about once per call. Each block's [D, b] tile is contiguous (kt is [tk, D, b]), not a column range
+// thread mostly runs consecutive query blocks of one head, which share most of their window; see
+// StealableRanges), so each block is transposed about once per call per thread that runs the head. Each block's [D, b] tile is contiguous (kt is [tk, D, b]), not a column range
 // of one [D, n] matrix: brgemm reads B row after row, and rows n floats apart (64 KiB at N = 16k) are 64 streams
 // in as many pages, which ran q K^T at about 60 % of the rate on compact tiles (one core, UCSA's key sets).
 void transpose_key_blocks(const Plan& p, Scratch& s, int64_t bh_kv, int64_t lo, int64_t hi) {
@@ -866,7 +869,8 @@ Scratch make_scratch(const Plan& p, bool backward) {
   return s;
 }
 
-// The forward's work, runs of kBlocksPerRun consecutive query blocks of one (batch, kv head), split into one
+// The forward's work, runs of up to kBlocksPerRun consecutive query blocks of one (batch, kv head; fewer when there
+// would be under four runs per thread, so that a short call still uses every thread), split into one
 // contiguous range per thread as at::parallel_for would, except that a thread done with its own range takes runs
 // from the end of another's. A static split left a core idle whenever the VM slowed the other (OpenMP's wait: 3-4 %
 // of the forward's samples at 16k); a shared counter instead would put every head on both threads, each
@@ -917,15 +921,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_forward(DANON_PLAN_ARGS) {
   populate(out);
   auto lse = at::empty({p.B, p.H, p.tq * p.b}, q.options());
   p.out = out.data_ptr<float>(); p.lse = lse.data_ptr<float>();
-  const int64_t runs_per_head = (p.tq + kBlocksPerRun - 1) / kBlocksPerRun;
-  StealableRanges ranges(p.B * p.Hkv * runs_per_head, at::get_num_threads());
+  const int64_t threads = at::get_num_threads();
+  const int64_t blocks_per_run = std::clamp<int64_t>(p.B * p.Hkv * p.tq / (4 * threads), 1, kBlocksPerRun);
+  const int64_t runs_per_head = (p.tq + blocks_per_run - 1) / blocks_per_run;
+  StealableRanges ranges(p.B * p.Hkv * runs_per_head, threads);
   at::parallel_for(0, ranges.count(), 1, [&](int64_t begin, int64_t end) {
     FlushDenormalResults flush;
     Scratch s = make_scratch(p, false);
     for (int64_t owner = begin; owner < end; ++owner)
       for (int64_t run; (run = ranges.next(owner)) >= 0;) {
-        const int64_t head = run / runs_per_head, t0 = run % runs_per_head * kBlocksPerRun;
-        for (int64_t t = t0; t < std::min(p.tq, t0 + kBlocksPerRun); ++t) run_item(p, head * p.tq + t, s);
+        const int64_t head = run / runs_per_head, t0 = run % runs_per_head * blocks_per_run;
+        for (int64_t t = t0; t < std::min(p.tq, t0 + blocks_per_run); ++t) run_item(p, head * p.tq + t, s);
       }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
