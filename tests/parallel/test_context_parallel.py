@@ -211,6 +211,7 @@ def test_model_position_ids_equal_the_default_positions():
         model(ids, position_ids=torch.arange(40) + (1 << 20))
 
 
+@pytest.mark.slow   # it needs the 4-rank spawn (about 55 s): -m slow, with the other 4-rank checks
 @pytest.mark.parametrize("ranks", [4], indirect=True, ids=["4 ranks"])
 def test_two_dimensional_mesh_with_tensor_parallel_shard(ranks):
     world, results = ranks
