@@ -29,7 +29,7 @@ import torch
 
 from danon.core.torch_internals import cpu_vector_isa_flags
 
-__all__ = ["load", "available", "compile_sources"]
+__all__ = ["load", "available", "compile_sources", "recycled_bytes", "release_recycled"]
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_attention_cpu.cpp"
 # DALA's routed tokens (core/dala.py's eager CPU path), built into the same extension
@@ -92,3 +92,43 @@ def load(profile: bool = False):
 def available() -> bool:
     """Whether the kernel is loaded (building it if needed)."""
     return load() is not None
+
+
+
+def _loaded_ops():
+    """torch.ops.danon_cpu when the kernel is loaded in this process (without building or loading it), else None."""
+    ops = torch.ops.danon_cpu
+    try:
+        ops.recycled_bytes
+    except AttributeError:  # not registered: the kernel was never loaded here, so it keeps nothing
+        return None
+    return ops
+
+
+def recycled_bytes() -> int:
+    """Bytes of freed kernel outputs (out; dq, dk, dv) the kernel keeps, pages mapped, for its next calls' outputs of
+    the same sizes: at most 256 MiB, or ``DANON_CPU_KEEP_MIB`` from the environment (read once; 0 keeps nothing).
+    0 where the kernel is not loaded. torch's CPU allocator keeps nothing, and a fresh 32 MiB buffer costs several ms
+    of page faults on first touch (docs/executors.md).
+
+    Example:
+        >>> from danon.kernels import native_cpu
+        >>> native_cpu.recycled_bytes() >= 0
+        True
+    """
+    ops = _loaded_ops()
+    return 0 if ops is None else int(ops.recycled_bytes())
+
+
+def release_recycled() -> None:
+    """Give the memory `recycled_bytes` counts back to the system (as ``torch.cuda.empty_cache`` does for CUDA's
+    caching allocator); nothing to do where the kernel is not loaded.
+
+    Example:
+        >>> from danon.kernels import native_cpu
+        >>> native_cpu.release_recycled(); native_cpu.recycled_bytes()
+        0
+    """
+    ops = _loaded_ops()
+    if ops is not None:
+        ops.release_recycled()

@@ -9,6 +9,7 @@ import itertools
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -597,3 +598,67 @@ def test_forward_gives_the_same_bits_however_its_work_is_split_over_threads(kind
         torch.set_num_threads(threads_before)
     for threads in (3, 5):
         assert torch.equal(results[threads][0], results[1][0]) and torch.equal(results[threads][1], results[1][1])
+
+
+# --- the outputs' memory is recycled (RecyclingAllocator in the kernel) -------------------------------------------
+def _storage_ptr(x):
+    return x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kind", ["msra", "dala", "ucsa"])
+def test_a_freed_output_is_reused_and_every_value_computed_again(kind):
+    """The forward's out and the backward's dq, dk, dv come from memory the kernel keeps after a freed call: the
+    next call of the same sizes gets the same buffers back. They are poisoned with NaN before they are freed, so
+    a value the second call did not write again shows as NaN or against the float64 reference of its own, fresh
+    inputs."""
+    ops = native_cpu.load()
+    calls = []
+    for seed in (3, 4):
+        q, k, v, _ = _inputs(4, 4, 1024, D=32, seed=seed)   # out, dq, dk, dv [2, 4, 1024, 32] fp32: 1 MiB, kept
+        plan = danon.attention_plan(q, k, v, kind=kind, causal=True, block_size=64, **{
+            "msra": dict(window=128), "dala": dict(window=128, memory_size=16),
+            "ucsa": dict(local_window_size=128, top_k_blocks=2, global_tokens=64)}[kind])
+        calls.append(attention_args(q, k, v, plan, scale=0.2))
+    out, lse = fused_cpu.fused_forward(calls[0])
+    grads = fused_cpu.fused_backward(calls[0], torch.randn(out.shape), out, lse)
+    first = [_storage_ptr(x) for x in (out, *grads[:3])]
+    for x in (out, *grads[:3]):
+        x.fill_(float("nan"))
+    kept_before = ops.recycled_bytes()
+    del out, lse, grads, x
+    assert ops.recycled_bytes() >= kept_before + 4 * 2 ** 20
+    _, _, ref_out, _ = _check_against_reference(calls[1])      # the same sizes: out's buffer back, every value new
+    out, lse = fused_cpu.fused_forward(calls[1])
+    assert _storage_ptr(out) in first
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    fast = fused_cpu.fused_backward(calls[1], grad_out, out, lse)
+    assert {_storage_ptr(x) for x in fast[:3]} <= set(first)
+    slow = _reference_gradients(calls[1], grad_out)
+    for name, x, y in zip(["dq", "dk", "dv"], fast[:3], slow[:3]):
+        assert not x.isnan().any() and torch.allclose(x.double(), y, atol=1e-5, rtol=0), name
+
+
+KEEP_SCRIPT = textwrap.dedent(r"""
+    import sys
+    import torch
+    import danon
+    from danon.kernels import native_cpu
+    ops = native_cpu.load()
+    q = torch.randn(1, 2, 4096, 64)   # out [1, 2, 4096, 64] fp32: 2 MiB
+    outs = [danon.attention(q + i, q, q, kind="msra", causal=True) for i in range(3)]
+    del outs
+    kept = ops.recycled_bytes()
+    ops.release_recycled()
+    print(kept, ops.recycled_bytes())
+""")
+
+
+@pytest.mark.parametrize("limit_mib,expected_mib", [(5, 4), pytest.param(0, 0, marks=pytest.mark.slow)])
+def test_the_memory_kept_stays_under_its_limit_and_can_be_given_back(limit_mib, expected_mib):
+    """Three freed 2 MiB outputs (the default limit, 256 MiB, keeps them all: the test above): the two newest under
+    a limit of 5 MiB, none under 0; release_recycled gives everything back."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", DANON_CPU_KEEP_MIB=str(limit_mib))
+    r = subprocess.run([sys.executable, "-c", KEEP_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kept, after_release = (int(x) for x in r.stdout.split())
+    assert kept == expected_mib * 2 ** 20 and after_release == 0, r.stdout

@@ -28,8 +28,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <list>
 #include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <xmmintrin.h>
@@ -173,19 +177,19 @@ struct FlushDenormalResults {
 #endif
 };
 
-// Maps a fresh tensor's pages before the kernel writes it: one madvise(MADV_POPULATE_WRITE) per thread over its
-// share, instead of a page fault per 4 KiB on first touch. Outputs of 32 MiB and more come from a fresh mmap
+// Maps a fresh buffer's pages before the kernel writes it: one madvise(MADV_POPULATE_WRITE) per thread over its
+// share, instead of a page fault per 4 KiB on first touch. Buffers of 32 MiB and more come from a fresh mmap
 // under glibc's malloc (docs/executors.md), and on this project's VMs a fault costs about 1 ms per MiB;
 // populating costs about 0.7. Contents are unchanged; pages already mapped are left as they are; kernels older
 // than Linux 5.14 refuse the advice (EINVAL) and the pages fault in as before. The pages are split over the
 // threads statically, not by who writes them later: on a multi-socket host some may land on the other node. By
 // hand: torch's CPU allocator has no such option.
-void populate(const at::Tensor& t) {
+void populate(void* data, int64_t bytes) {
 #if defined(__linux__)
   constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, which older libc headers lack
-  const int64_t page = sysconf(_SC_PAGESIZE), bytes = t.numel() * static_cast<int64_t>(t.element_size());
+  const int64_t page = sysconf(_SC_PAGESIZE);
   if (page <= 0 || bytes < (int64_t{1} << 21)) return;  // under 2 MiB: not worth the calls
-  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const auto start = reinterpret_cast<uintptr_t>(data);
   const uintptr_t lo = (start + page - 1) / page * page, hi = (start + bytes) / page * page;
   const int64_t pages = static_cast<int64_t>((hi - lo) / page);
   at::parallel_for(0, pages, 256, [&](int64_t begin, int64_t end) {
@@ -193,6 +197,99 @@ void populate(const at::Tensor& t) {
     (void)madvise(reinterpret_cast<void*>(lo + begin * page), (end - begin) * page, kPopulateWrite);
   });
 #endif
+}
+
+// The memory of the kernel's large outputs (out; dq, dk, dv), recycled: a freed buffer of 1 MiB or more is kept,
+// pages mapped, and handed to the next output of the same byte size; what is kept stays under a limit (default
+// 256 MiB; DANON_CPU_KEEP_MIB in the environment, read once; 0 keeps nothing), the oldest buffers given back to
+// the system first. Under glibc's malloc every buffer of 32 MiB or more is a fresh mmap whose pages each call
+// maps again (populate), about a tenth of MSRA's forward at N = 16k on this project's VMs (docs/executors.md). A
+// training loop frees each step's outputs before the next step makes the same ones, so they come back here. By
+// hand: torch's CPU allocator keeps nothing (its caching allocator is CUDA's), and a process-wide malloc setting
+// (GLIBC_TUNABLES) is the user's to choose, not a library's.
+class RecyclingAllocator final : public c10::Allocator {
+ public:
+  static RecyclingAllocator& get() {
+    static auto* allocator = new RecyclingAllocator();  // never destroyed: tensors may outlive static destructors
+    return *allocator;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+    void* base = take(bytes);
+    const bool recycled = base != nullptr;
+    if (!recycled) {
+      if (posix_memalign(&base, kHeader, kHeader + std::max<size_t>(bytes, 1)) != 0) base = nullptr;
+      TORCH_CHECK(base != nullptr, "danon_cpu: out of memory allocating ", bytes, " bytes");
+      *static_cast<size_t*>(base) = bytes;
+    }
+    void* data = static_cast<char*>(base) + kHeader;
+    if (!recycled) populate(data, static_cast<int64_t>(bytes));
+    return {data, base, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  // Bytes kept now; release_all gives them back to the system.
+  int64_t kept_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(kept_);
+  }
+  void release_all() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [bytes, base] : free_) std::free(base);
+    free_.clear();
+    kept_ = 0;
+  }
+
+ private:
+  static constexpr size_t kHeader = 64;          // the buffer's byte size, and the data's 64-byte alignment
+  static constexpr size_t kMinKept = size_t{1} << 20;  // smaller ones malloc recycles itself
+
+  RecyclingAllocator() {
+    const char* env = std::getenv("DANON_CPU_KEEP_MIB");
+    limit_ = (env != nullptr ? static_cast<size_t>(std::max(0L, std::strtol(env, nullptr, 10))) : 256) << 20;
+  }
+
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = free_.rbegin(); it != free_.rend(); ++it)  // the most recently freed first: likely in cache
+      if (it->first == bytes) {
+        void* base = it->second;
+        free_.erase(std::next(it).base());
+        kept_ -= bytes;
+        return base;
+      }
+    return nullptr;
+  }
+
+  static void give_back(void* base) {
+    RecyclingAllocator& self = get();
+    const size_t bytes = *static_cast<size_t*>(base);
+    std::lock_guard<std::mutex> lock(self.mutex_);
+    if (bytes < kMinKept || bytes > self.limit_) {
+      std::free(base);
+      return;
+    }
+    while (self.kept_ + bytes > self.limit_) {  // the oldest go first
+      self.kept_ -= self.free_.front().first;
+      std::free(self.free_.front().second);
+      self.free_.pop_front();
+    }
+    self.free_.emplace_back(bytes, base);
+    self.kept_ += bytes;
+  }
+
+  std::mutex mutex_;
+  std::list<std::pair<size_t, void*>> free_;  // (byte size, base), oldest first
+  size_t kept_ = 0, limit_ = 0;
+};
+
+// A contiguous fp32 (or other dtype) CPU tensor whose memory comes from RecyclingAllocator.
+at::Tensor recycled_empty(at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat) {
+  return at::detail::empty_generic(sizes, &RecyclingAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   dtype, std::nullopt);
 }
 
 struct Plan {
@@ -917,9 +1014,8 @@ class StealableRanges {
 std::tuple<at::Tensor, at::Tensor> sparse_forward(DANON_PLAN_ARGS) {
   Plan p = make_plan(q, k, v, key_bias, block_idx, token_idx, summary_idx, summary_k, summary_v, summary_bias,
                      summary_pos, slopes, scale, causal, block_size, window, first);
-  auto out = at::empty({p.B, p.H, p.tq * p.b, p.Dv}, q.options());
-  populate(out);
-  auto lse = at::empty({p.B, p.H, p.tq * p.b}, q.options());
+  auto out = recycled_empty({p.B, p.H, p.tq * p.b, p.Dv});
+  auto lse = recycled_empty({p.B, p.H, p.tq * p.b});
   p.out = out.data_ptr<float>(); p.lse = lse.data_ptr<float>();
   const int64_t threads = at::get_num_threads();
   const int64_t blocks_per_run = std::clamp<int64_t>(p.B * p.Hkv * p.tq / (4 * threads), 1, kBlocksPerRun);
@@ -965,16 +1061,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // one copy of each key-side gradient per part (no leading dim with one part: no sum, no view)
   auto per_part = [&](std::vector<int64_t> shape, at::ScalarType dtype, bool zero) {
     if (parts > 1) shape.insert(shape.begin(), parts);
-    auto options = q.options().dtype(dtype);
-    return zero ? at::zeros(shape, options) : at::empty(shape, options);
+    return zero ? at::zeros(shape, q.options().dtype(dtype)) : recycled_empty(shape, dtype);
   };
-  auto dq = at::empty({p.B, p.H, p.tq * p.b, p.D}, q.options());
+  auto dq = recycled_empty({p.B, p.H, p.tq * p.b, p.D});
   auto dk = per_part({p.B, p.Hkv, p.n, p.D}, at::kFloat, false);  // zeroed block by block (claim_key_blocks)
   auto dv = per_part({p.B, p.Hkv, p.n, p.Dv}, at::kFloat, false);
   auto dsk = per_part({p.B, p.Hkv, p.S, p.D}, at::kFloat, true);
   auto dsv = per_part({p.B, p.Hkv, p.S, p.Dv}, at::kFloat, true);
   auto dslopes = per_part({p.B, p.H}, at::kDouble, true);
-  for (const at::Tensor* t : {&dq, &dk, &dv}) populate(*t);  // every row is written (dk, dv: claim_key_blocks)
+  // every row of dq, dk and dv is written (dk, dv: claim_key_blocks): recycled memory needs no clearing
   gr.dq = dq.data_ptr<float>();
   const int64_t pairs = p.B * p.Hkv;
   at::parallel_for(0, parts * pairs, 1, [&](int64_t begin, int64_t end) {
@@ -1001,6 +1096,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
+namespace {
+int64_t recycled_bytes() { return RecyclingAllocator::get().kept_bytes(); }
+void release_recycled() { RecyclingAllocator::get().release_all(); }
+}  // namespace
+
 #ifdef DANON_PROFILE
 namespace {
 std::vector<double> phase_seconds() {  // and reset
@@ -1023,6 +1123,9 @@ DANON_TORCH_LIBRARY(DANON_LIBRARY, m) {
         "Tensor? block_idx, Tensor? token_idx, Tensor? summary_idx, Tensor? summary_k, Tensor? summary_v, "
         "Tensor? summary_bias, Tensor? summary_pos, Tensor? slopes, float scale, bool causal, int block_size, "
         "int window, int first, int splits) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // the freed outputs' memory the kernel keeps for its next calls (RecyclingAllocator), and giving it back
+  m.def("recycled_bytes() -> int", &recycled_bytes);
+  m.def("release_recycled() -> ()", &release_recycled);
 #ifdef DANON_PROFILE
   m.def("phase_seconds() -> float[]", &phase_seconds);
 #endif
