@@ -1058,10 +1058,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   gr.soB = out.stride(0); gr.soH = out.stride(1); gr.soN = out.stride(2);
   TORCH_CHECK(splits >= 1, "splits must be >= 1");
   const int64_t parts = std::min(splits, std::max<int64_t>(p.tq, 1));
-  // one copy of each key-side gradient per part (no leading dim with one part: no sum, no view)
+  // one copy of each key-side gradient per part (no leading dim with one part: no sum, no view). The parts' copies
+  // are summed and dropped before the call returns: kept, they would stay resident through the rest of the
+  // backward (a higher peak), so only what the call returns comes from the recycled memory.
   auto per_part = [&](std::vector<int64_t> shape, at::ScalarType dtype, bool zero) {
-    if (parts > 1) shape.insert(shape.begin(), parts);
-    return zero ? at::zeros(shape, q.options().dtype(dtype)) : recycled_empty(shape, dtype);
+    if (zero) {
+      if (parts > 1) shape.insert(shape.begin(), parts);
+      return at::zeros(shape, q.options().dtype(dtype));
+    }
+    if (parts == 1) return recycled_empty(shape, dtype);
+    shape.insert(shape.begin(), parts);
+    auto copies = at::empty(shape, q.options().dtype(dtype));
+    populate(copies.data_ptr(), copies.numel() * static_cast<int64_t>(copies.element_size()));
+    return copies;
   };
   auto dq = recycled_empty({p.B, p.H, p.tq * p.b, p.D});
   auto dk = per_part({p.B, p.Hkv, p.n, p.D}, at::kFloat, false);  // zeroed block by block (claim_key_blocks)
