@@ -94,7 +94,6 @@ def available() -> bool:
     return load() is not None
 
 
-
 def _loaded_ops():
     """torch.ops.danon_cpu when the kernel is loaded in this process (without building or loading it), else None."""
     ops = torch.ops.danon_cpu

@@ -1062,15 +1062,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // are summed and dropped before the call returns: kept, they would stay resident through the rest of the
   // backward (a higher peak), so only what the call returns comes from the recycled memory.
   auto per_part = [&](std::vector<int64_t> shape, at::ScalarType dtype, bool zero) {
-    if (zero) {
-      if (parts > 1) shape.insert(shape.begin(), parts);
-      return at::zeros(shape, q.options().dtype(dtype));
-    }
-    if (parts == 1) return recycled_empty(shape, dtype);
-    shape.insert(shape.begin(), parts);
-    auto copies = at::empty(shape, q.options().dtype(dtype));
-    populate(copies.data_ptr(), copies.numel() * static_cast<int64_t>(copies.element_size()));
-    return copies;
+    if (parts == 1 && !zero) return recycled_empty(shape, dtype);  // returned as it is
+    if (parts > 1) shape.insert(shape.begin(), parts);
+    auto t = zero ? at::zeros(shape, q.options().dtype(dtype)) : at::empty(shape, q.options().dtype(dtype));
+    if (!zero) populate(t.data_ptr(), static_cast<int64_t>(t.nbytes()));
+    return t;
   };
   auto dq = recycled_empty({p.B, p.H, p.tq * p.b, p.D});
   auto dk = per_part({p.B, p.Hkv, p.n, p.D}, at::kFloat, false);  // zeroed block by block (claim_key_blocks)
